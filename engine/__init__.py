@@ -1,0 +1,2 @@
+"""Skyloc engine."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Geography helpers: exact Web-Mercator XYZ tile geometry and CRS transforms through pyproj."""

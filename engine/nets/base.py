@@ -1,0 +1,29 @@
+"""The contract between encoders and the rest of the engine."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class ImageEncoder(Protocol):
+    """Turns RGB images into L2-normalised global descriptors.
+
+    ``model_id`` names architecture *and* weights (e.g. ``effnet-lite0-gem/sha256:1a2b3c4d``): an index
+    stores it and refuses queries from an encoder with another id. ``backend`` is "torch" or "onnx";
+    both give the same descriptors (cosine >= 0.999), so it is not part of the id.
+    """
+
+    name: str
+    model_id: str
+    dim: int
+    input_size: int
+    backend: str
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 RGB, any H, W -> (B, dim) float32, rows L2-normalised.
+
+        The encoder resizes to its input size and applies its own normalisation.
+        """
+        ...
