@@ -34,15 +34,15 @@ class SearchArea:
         if self.near is not None:
             lat, lon = self.near
             if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-                raise InputError(f"--near {lat},{lon}: expected LAT,LON in degrees (lat -90..90, lon -180..180)")
+                raise InputError(
+                    f"--near {lat},{lon}: expected LAT,LON in degrees (lat -90..90, lon -180..180)"
+                )
             if self.radius_km is None or not (self.radius_km > 0):
                 raise InputError("--near needs a positive --radius-km")
         if self.bbox is not None:
             x0, y0, x1, y1 = self.bbox
             if not (-90 <= y0 < y1 <= 90 and -180 <= x0 <= 180 and -180 <= x1 <= 180):
-                raise InputError(
-                    f"--bbox {self.bbox}: expected MIN_LON,MIN_LAT,MAX_LON,MAX_LAT in degrees"
-                )
+                raise InputError(f"--bbox {self.bbox}: expected MIN_LON,MIN_LAT,MAX_LON,MAX_LAT in degrees")
 
     def describe(self) -> str:
         if self.near is not None:
@@ -86,8 +86,10 @@ def _select_near(geoms: np.ndarray, near: tuple[float, float], radius_km: float)
     aeqd = Transformer.from_crs(
         "EPSG:4326", f"+proj=aeqd +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m", always_xy=True
     )
-    projected = [shapely.transform(geoms[i], lambda xy: np.column_stack(aeqd.transform(xy[:, 0], xy[:, 1])))
-                 for i in candidates]
+    projected = [
+        shapely.transform(geoms[i], lambda xy: np.column_stack(aeqd.transform(xy[:, 0], xy[:, 1])))
+        for i in candidates
+    ]
     dist_m = shapely.distance(np.asarray(projected, dtype=object), shapely.Point(0, 0))
     return candidates[dist_m <= radius_km * 1000.0]
 

@@ -53,13 +53,22 @@ def write_polygons(
         return _write_shapefile(path, geometry, field_data, fields, layer, crs, geometry_type)
     with atomic_path(path, suffix=path.suffix) as tmp:
         pyogrio.raw.write(
-            tmp, geometry, field_data, fields, layer=layer, driver=driver, geometry_type=geometry_type, crs=crs,
+            tmp,
+            geometry,
+            field_data,
+            fields,
+            layer=layer,
+            driver=driver,
+            geometry_type=geometry_type,
+            crs=crs,
             promote_to_multi=geometry_type == "MultiPolygon",
         )
     return path
 
 
-def _write_shapefile(path: Path, geometry, field_data, fields, layer: str, crs: str, geometry_type: str) -> Path:
+def _write_shapefile(
+    path: Path, geometry, field_data, fields, layer: str, crs: str, geometry_type: str
+) -> Path:
     """A Shapefile is several files: write them all under a temporary stem, then rename each one."""
     stem_tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.shp")
     parts = [".shp", ".shx", ".dbf", ".prj", ".cpg"]

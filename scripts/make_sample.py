@@ -40,7 +40,9 @@ def main() -> None:
     photo.save(SAMPLE / "photo_2009_oblique.jpg", quality=90)
 
     to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-    corners = [transform * (c, r) for c, r in [(0, 0), (CROP.width, 0), (CROP.width, CROP.height), (0, CROP.height)]]
+    corners = [
+        transform * (c, r) for c, r in [(0, 0), (CROP.width, 0), (CROP.width, CROP.height), (0, CROP.height)]
+    ]
     truth = {
         "source": "naip_2009.tif",
         "window": [CROP.col_off, CROP.row_off, CROP.width, CROP.height],

@@ -15,8 +15,9 @@ def polys(n):
 
 @pytest.mark.parametrize("name", ["out.gpkg", "out.shp"])
 def test_round_trip_with_crs(tmp_path, name):
-    path = write_polygons(tmp_path / name, polys(3), {"photo_name": ["a", "b", "c"], "rank": np.arange(3)},
-                          layer="candidates")
+    path = write_polygons(
+        tmp_path / name, polys(3), {"photo_name": ["a", "b", "c"], "rank": np.arange(3)}, layer="candidates"
+    )
     info = pyogrio.read_info(path)
     assert info["crs"] == "EPSG:4326"
     assert info["features"] == 3
@@ -33,7 +34,9 @@ def test_failed_write_keeps_previous_file(tmp_path):
     with pytest.raises(ValueError):
         write_polygons(path, polys(2), {"rank": np.arange(3)}, layer="x")  # inconsistent attributes
     with pytest.raises(ValueError):
-        write_polygons(path, [shapely.Point(0, 0), shapely.box(0, 0, 1, 1)], {"rank": np.arange(2)}, layer="x")
+        write_polygons(
+            path, [shapely.Point(0, 0), shapely.box(0, 0, 1, 1)], {"rank": np.arange(2)}, layer="x"
+        )
     with pytest.raises(Exception):  # noqa: B017 - OGR fails mid-write on a column type it cannot store
         write_polygons(path, polys(2), {"rank": np.array([1 + 1j, 2j])}, layer="x")
     assert path.read_bytes() == before

@@ -1,0 +1,270 @@
+"""One function per user action. The CLI, the HTTP service and the tests all call these.
+
+Long actions take ``progress(fraction, message)`` and a ``CancelToken``; they return typed results with a
+``to_json()`` for the CLI's ``--json`` and the service.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import retrieval
+from .errors import EmptyInputError, InputError, SkylocError
+from .imageio import read_image
+from .index_store import TileIndex, build_index, open_index
+from .nets.base import ImageEncoder
+from .nets.registry import load_encoder
+from .progress import CancelToken, ProgressFn, no_progress
+from .search_area import SearchArea
+from .tiles import open_source
+from .vector_io import write_polygons
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp"}
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+@functools.lru_cache(maxsize=4)
+def get_encoder(
+    model: str = "default",
+    weights: str | None = None,
+    backend: str = "torch",
+    input_size: int | None = None,
+) -> ImageEncoder:
+    """Encoders are expensive to build: keep the last few (the service reuses them across requests)."""
+    return load_encoder(model, weights=weights, backend=backend, input_size=input_size)
+
+
+# ----------------------------------------------------------------------------------------------- index
+
+
+def index(
+    sources: Sequence[str],
+    out: str,
+    *,
+    model: str = "default",
+    weights: str | None = None,
+    backend: str = "torch",
+    input_size: int | None = None,
+    factory: str = "Flat",
+    tile_sizes: Sequence[int] = (256, 512),
+    overlap: float = 0.5,
+    bands: Sequence[int] | None = None,
+    span: int = 4,
+    exclude: Sequence[str] | None = None,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> dict[str, Any]:
+    """Build a tile database from GeoTIFFs and/or XYZ mosaic folders. Returns the index manifest."""
+    if not sources:
+        raise EmptyInputError("no source given: name GeoTIFF files and/or folders of XYZ mosaics")
+    if not 0 <= overlap < 1:
+        raise InputError(f"overlap must be in [0, 1), got {overlap}")
+    encoder = get_encoder(model, weights, backend, input_size)
+    opened = [
+        open_source(s, tile_sizes=tuple(tile_sizes), overlap=overlap, bands=bands, span=span, exclude=exclude)
+        for s in sources
+    ]
+    try:
+        params = {
+            "tile_sizes": list(tile_sizes),
+            "overlap": overlap,
+            "bands": list(bands) if bands else None,
+            "span": span,
+            "exclude": list(exclude) if exclude else None,
+            "weights": str(weights) if weights else None,
+        }
+        return build_index(
+            opened, encoder, out, factory=factory, build_params=params, progress=progress, cancel=cancel
+        )
+    finally:
+        for src in opened:
+            src.close()
+
+
+# -------------------------------------------------------------------------------------------- localize
+
+
+@dataclass
+class Candidate:
+    rank: int
+    tile_id: int
+    score: float
+    rotation_deg: int
+    source: str
+    kind: str
+    scale: int
+    zoom: int | None
+    bounds_lonlat: tuple[float, float, float, float]  # (lon_min, lat_min, lon_max, lat_max)
+
+
+@dataclass
+class PhotoResult:
+    photo: str
+    status: str  # "ok" | "error"
+    candidates: list[Candidate] = field(default_factory=list)
+    error_code: str | None = None
+    message: str | None = None
+    encode_ms: float | None = None
+    search_ms: float | None = None
+
+
+@dataclass
+class LocalizeResult:
+    index: str
+    model_id: str
+    top_k: int
+    area: str | None
+    photos: list[PhotoResult]
+    out: str | None = None
+
+    @property
+    def n_failed(self) -> int:
+        return sum(p.status != "ok" for p in self.photos)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def expand_photos(paths: Sequence[str]) -> list[Path]:
+    """Files as given; folders give their image files (sorted). Nothing at all is an error."""
+    photos: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in PHOTO_SUFFIXES and f.is_file())
+            if not found:
+                raise EmptyInputError(f"folder {p} holds no photo ({', '.join(sorted(PHOTO_SUFFIXES))})")
+            photos.extend(found)
+        else:
+            photos.append(p)
+    if not photos:
+        raise EmptyInputError("no photo given")
+    return photos
+
+
+def localize(
+    photos: Sequence[str],
+    index: str | TileIndex,
+    *,
+    out: str | None = None,
+    top_k: int = 10,
+    area: SearchArea | None = None,
+    model: str | None = None,
+    weights: str | None = None,
+    backend: str = "torch",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> LocalizeResult:
+    """Retrieve the ``top_k`` most similar tiles for each photo; optionally write their footprints.
+
+    A photo that cannot be read is reported with ``status="error"`` and the others go on; if none succeeds
+    nothing is written and the first error is raised.
+    """
+    if top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {top_k}")
+    idx = index if isinstance(index, TileIndex) else open_index(index)
+    built_with = idx.manifest["model"]
+    encoder = get_encoder(
+        model or built_with["name"],
+        weights or idx.manifest["build"].get("weights"),
+        backend,
+        built_with["input_size"] if model in (None, built_with["name"]) else None,
+    )
+    idx.check_encoder(encoder)
+    tiles = retrieval.allowed_tiles(idx, area)
+    paths = expand_photos(photos)
+
+    results: list[PhotoResult] = []
+    first_error: SkylocError | None = None
+    for i, path in enumerate(paths):
+        if cancel is not None:
+            cancel.check()
+        progress(i / len(paths), f"photo {i + 1} of {len(paths)}: {path.name}")
+        try:
+            results.append(_localize_one(path, idx, encoder, top_k, tiles, max_pixels))
+        except SkylocError as exc:
+            first_error = first_error or exc
+            results.append(
+                PhotoResult(photo=str(path), status="error", error_code=exc.code, message=exc.message)
+            )
+    if first_error is not None and all(r.status != "ok" for r in results):
+        raise first_error
+    result = LocalizeResult(
+        index=str(idx.path),
+        model_id=idx.model_id,
+        top_k=top_k,
+        area=area.describe() if area else None,
+        photos=results,
+    )
+    if out is not None:
+        result.out = str(write_candidates(out, result, idx))
+    progress(1.0, "done")
+    return result
+
+
+def _localize_one(
+    path: Path, idx: TileIndex, encoder: ImageEncoder, top_k: int, tiles: np.ndarray | None, max_pixels: int
+) -> PhotoResult:
+    image = read_image(path, max_pixels=max_pixels)
+    t0 = time.perf_counter()
+    desc = encoder.encode(image[None])
+    t1 = time.perf_counter()
+    hits = retrieval.search(idx, desc, top_k, tiles)[0]
+    t2 = time.perf_counter()
+    table = idx.tiles
+    cands = [
+        Candidate(
+            rank=r + 1,
+            tile_id=h.tile_id,
+            score=round(h.score, 6),
+            rotation_deg=h.rotation_deg,
+            source=str(table.source[h.tile_id]),
+            kind=str(table.kind[h.tile_id]),
+            scale=int(table.scale[h.tile_id]),
+            zoom=None if table.zoom[h.tile_id] < 0 else int(table.zoom[h.tile_id]),
+            bounds_lonlat=tuple(round(v, 8) for v in table.footprints[h.tile_id].bounds),
+        )
+        for r, h in enumerate(hits)
+    ]
+    return PhotoResult(
+        photo=str(path),
+        status="ok",
+        candidates=cands,
+        encode_ms=round((t1 - t0) * 1000, 2),
+        search_ms=round((t2 - t1) * 1000, 2),
+    )
+
+
+def write_candidates(out: str, result: LocalizeResult, idx: TileIndex) -> Path:
+    """One polygon per (photo, candidate): the candidate tile's footprint, EPSG:4326."""
+    rows = [(p, c) for p in result.photos for c in p.candidates]
+    return write_polygons(
+        out,
+        [idx.tiles.footprints[c.tile_id] for _, c in rows],
+        {
+            "photo": [p.photo for p, _ in rows],
+            "photo_name": [Path(p.photo).name for p, _ in rows],
+            "rank": np.array([c.rank for _, c in rows], dtype=np.int32),
+            "score": np.array([c.score for _, c in rows], dtype=np.float64),
+            "rotation": np.array([c.rotation_deg for _, c in rows], dtype=np.int32),
+            "tile_id": np.array([c.tile_id for _, c in rows], dtype=np.int64),
+            "source": [c.source for _, c in rows],
+            "scale": np.array([c.scale for _, c in rows], dtype=np.int32),
+            "zoom": np.array([-1 if c.zoom is None else c.zoom for _, c in rows], dtype=np.int32),
+        },
+        layer="candidates",
+    )
+
+
+def models() -> list[dict[str, Any]]:
+    """The encoders this engine can run, and what each can do."""
+    from .nets.registry import available_models
+
+    return available_models()

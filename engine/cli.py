@@ -1,0 +1,234 @@
+"""`skyloc` command line: the same engine.api functions as the HTTP service and the plugin.
+
+Exit codes: 0 success; 1 internal error (a bug: please report it); 2 bad command line; 3 unreadable or
+unusable input (missing/corrupt file, raster without CRS, empty folder, image too large, bad weights, some
+photos failed); 4 index built with another model; 5 search area or point outside the index/raster;
+130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import InputError, SkylocError
+from .search_area import SearchArea
+
+EXIT_CODES = __doc__.split("Exit codes: ", 1)[1].strip()
+
+
+class StderrProgress:
+    """Progress on stderr: a redrawn bar on a terminal, a line every 10% otherwise (logs, CI)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last_decile = -1
+        self.t0 = time.monotonic()
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.quiet:
+            return
+        pct = int(round(100 * max(0.0, min(1.0, fraction))))
+        if self.tty:
+            bar = "#" * (pct // 4) + "-" * (25 - pct // 4)
+            end = "\n" if fraction >= 1 else ""
+            sys.stderr.write(f"\r[{bar}] {pct:3d}% {message[:70]:<70}{end}")
+            sys.stderr.flush()
+        elif pct // 10 != self.last_decile or fraction >= 1:
+            self.last_decile = pct // 10
+            sys.stderr.write(f"[{pct:3d}% {time.monotonic() - self.t0:6.1f}s] {message}\n")
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise InputError(f"{what}: expected {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise InputError(f"{what}: expected comma-separated integers, got {text!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skyloc",
+        description="Where was this photo taken from above? Index satellite imagery, localize photos.",
+        epilog="exit codes: " + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"skyloc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser, default: str | None) -> None:
+        p.add_argument(
+            "--model",
+            default=default,
+            help="encoder name (see `skyloc models`)"
+            + (f"; default {default}" if default else "; default: the index's model"),
+        )
+        p.add_argument("--weights", help="checkpoint file for models that need one (astroloc)")
+        p.add_argument(
+            "--backend",
+            choices=("torch", "onnx"),
+            default="torch",
+            help="run the encoder with PyTorch or ONNX Runtime (same descriptors)",
+        )
+        p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+        if default:
+            p.add_argument(
+                "--input-size", type=int, help="encoder input side in pixels (default: the model's)"
+            )
+
+    p = sub.add_parser("index", help="build a tile database from GeoTIFFs and/or XYZ mosaic folders")
+    p.add_argument(
+        "sources", nargs="+", metavar="SOURCE", help="GeoTIFF file or folder of *Z_ROW_COL.jpg|png"
+    )
+    p.add_argument("--out", required=True, metavar="INDEX_DIR")
+    p.add_argument(
+        "--tile-sizes", default="256,512", help="GeoTIFF tile sides in source pixels (default 256,512)"
+    )
+    p.add_argument(
+        "--overlap", type=float, default=0.5, help="overlap between neighbouring tiles (default 0.5)"
+    )
+    p.add_argument("--bands", help="1-based bands to use as R,G,B (default: from colour interpretation)")
+    p.add_argument("--span", type=int, default=4, help="XYZ mosaics: tiles per side (default 4)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="XYZ folders: skip file names matching GLOB (repeatable), e.g. 'surrounding_*'",
+    )
+    p.add_argument(
+        "--factory",
+        default="Flat",
+        help="FAISS index factory string: Flat (exact, default), IVF1024,PQ64, HNSW32, ...",
+    )
+    model_args(p, "default")
+
+    p = sub.add_parser("localize", help="retrieve the satellite tiles most similar to each photo")
+    p.add_argument("photos", nargs="+", metavar="PHOTO", help="photo files or folders of photos")
+    p.add_argument("--index", required=True, metavar="INDEX_DIR")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--near", metavar="LAT,LON", help="search only near this point (e.g. the nadir point)")
+    p.add_argument("--radius-km", type=float, help="radius for --near, in km")
+    p.add_argument("--bbox", metavar="MIN_LON,MIN_LAT,MAX_LON,MAX_LAT", help="search only inside this box")
+    p.add_argument("--out", metavar="OUT.gpkg", help="write candidate footprints (.gpkg, or .shp)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger photos (default 1e8)")
+    model_args(p, None)
+
+    p = sub.add_parser("models", help="list the encoders and what they can do")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _area(args: argparse.Namespace) -> SearchArea | None:
+    if args.near and args.bbox:
+        raise InputError("give --near/--radius-km or --bbox, not both")
+    if args.near:
+        lat, lon = _floats(args.near, 2, "--near")
+        return SearchArea(near=(lat, lon), radius_km=args.radius_km)
+    if args.radius_km is not None:
+        raise InputError("--radius-km needs --near LAT,LON")
+    if args.bbox:
+        return SearchArea(bbox=_floats(args.bbox, 4, "--bbox"))  # type: ignore[arg-type]
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import api  # heavy imports (torch, faiss) only once the command line is valid
+
+    if args.command == "models":
+        rows = api.models()
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            for m in rows:
+                print(f"{m['name']:<20} {m.get('dim', '?'):>5}-d  {m.get('description', '')}")
+        return 0
+
+    progress = StderrProgress(quiet=args.quiet)
+    if args.command == "index":
+        manifest = api.index(
+            args.sources,
+            args.out,
+            model=args.model,
+            weights=args.weights,
+            backend=args.backend,
+            input_size=args.input_size,
+            factory=args.factory,
+            tile_sizes=_ints(args.tile_sizes, "--tile-sizes"),
+            overlap=args.overlap,
+            bands=_ints(args.bands, "--bands") if args.bands else None,
+            span=args.span,
+            exclude=args.exclude,
+            progress=progress,
+        )
+        c = manifest["counts"]
+        print(
+            f"index {args.out}: {c['tiles']} tiles x {len(manifest['rotations'])} rotations = {c['vectors']} "
+            f"vectors, model {manifest['model']['model_id']}, factory {manifest['factory']}"
+        )
+        return 0
+
+    result = api.localize(
+        args.photos,
+        args.index,
+        out=args.out,
+        top_k=args.top_k,
+        area=_area(args),
+        model=args.model,
+        weights=args.weights,
+        backend=args.backend,
+        max_pixels=args.max_pixels,
+        progress=progress,
+    )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        for photo in result.photos:
+            if photo.status != "ok":
+                print(f"{photo.photo}: ERROR {photo.error_code}: {photo.message}")
+                continue
+            print(f"{photo.photo}  (encode {photo.encode_ms:.0f} ms, search {photo.search_ms:.1f} ms)")
+            for c in photo.candidates:
+                where = f"z{c.zoom}" if c.zoom is not None else f"{c.scale}px"
+                print(
+                    f"  {c.rank:>3}  score {c.score:.4f}  rot {c.rotation_deg:>3}  tile {c.tile_id:<7} "
+                    f"{where:<6} {c.source}"
+                )
+        if result.out:
+            print(f"candidate footprints: {result.out}")
+    for photo in result.photos:
+        if photo.status != "ok":
+            print(f"skyloc: {photo.photo}: {photo.message}", file=sys.stderr)
+    return 3 if result.n_failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except SkylocError as exc:
+        print(f"skyloc: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("skyloc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,570 @@
+"""Vector-search layer: FAISS indexes over L2-normalised descriptors, scored by inner product (= cosine).
+
+Retrieval logic (rotation dedup, area filters as id sets) lives above this module; here we only build, store
+and search indexes, so that the choice of index is one factory string and every index type is searched the
+same way. Ids are positions in the array given to :func:`build` (0 .. n-1), unless the factory says ``IDMap``.
+
+Index choice (figures: ``bench/search_scale.py`` on this 2-core machine, 2048-d, recall@100 vs exact):
+
+- ``"Flat"``: exact; 8 KiB per 2048-d vector (1M vectors = 8.2 GB; 1M tiles x 4 rotations = 32.8 GB). The
+  right choice while it fits in memory and a query scan of it (memory bound, ~10 GB/s) is fast enough.
+- ``"IVF{nlist},PQ{m}"`` (e.g. ``IVF4096,PQ256``: 256 B per vector, 32x smaller) or
+  ``"OPQ{m}_{d'},IVF{nlist},PQ{m}"``: compressed, approximate; for databases that do not fit as Flat.
+- ``"IVF{nlist},SQ8"``: 1 byte per dimension (4x smaller), recall close to exact.
+- ``"IVF{nlist},Flat"``: as big as Flat, only faster; ``"HNSW32"``: bigger than Flat (graph), fastest
+  single-query latency, slow to build at 2048-d.
+
+Search parameters (nprobe, efSearch, id filter) are passed per call as ``faiss.SearchParameters`` objects,
+never by mutating the index, so concurrent searches on one index are safe (FAISS releases the GIL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+import weakref
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import IndexNotFoundError, InputError
+from .progress import CancelToken, ProgressFn, no_progress
+
+__all__ = [
+    "FACTORY_EXAMPLES",
+    "FLAT_MAX_VECTORS",
+    "add_vectors",
+    "build",
+    "index_nbytes",
+    "make_index",
+    "min_train_size",
+    "read_index",
+    "search",
+    "suggest_factory",
+    "write_index",
+]
+
+#: Factory strings worth knowing (``nlist`` ~ 4 sqrt(N) rounded to a power of two; ``m`` divides the dim).
+FACTORY_EXAMPLES = (
+    "Flat",
+    "IVF4096,Flat",
+    "IVF4096,SQ8",
+    "IVF4096,PQ256",
+    "OPQ64_256,IVF4096,PQ64",
+    "HNSW32",
+)
+
+#: Below this many vectors, :func:`suggest_factory` says "Flat": exact search over 200k x 2048-d is a 1.6 GB
+#: scan, ~0.1-0.2 s per query on 2 cores, and needs no training; IVF/PQ only pays off beyond that.
+FLAT_MAX_VECTORS = 200_000
+
+#: k-means wants at least this many training points per centroid (FAISS warns below it).
+POINTS_PER_CENTROID = 39
+
+#: Defaults written into an index by :func:`build` (FAISS's own defaults, nprobe=1 and efSearch=16, give
+#: poor recall@100). A per-call ``nprobe`` / ``ef_search`` overrides them.
+DEFAULT_NPROBE_FRACTION = 1 / 64  # nprobe = nlist / 64 (64 for IVF4096)
+DEFAULT_EF_SEARCH = 128
+
+# Rows per add() chunk: 256 MiB of float32, whatever the dim.
+_CHUNK_BYTES = 1 << 28
+
+# Indexes read with mmap=True: their storage is a read-only view of the file, and FAISS *aborts the process*
+# (C++ assertion, no Python exception) on add() to them, so add_vectors() refuses them.
+_READ_ONLY: weakref.WeakSet = weakref.WeakSet()
+
+
+# --------------------------------------------------------------------------------------------- creation
+
+
+def _faiss_reason(exc: BaseException) -> str:
+    """The useful part of a FAISS C++ exception text (drops the function signature and source location)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    m = re.search(r"\bat \S+:\d+: (?:Error: )?(.*)$", text)
+    return m.group(1) if m else text
+
+
+def make_index(dim: int, factory: str = "Flat") -> faiss.Index:
+    """An empty index for ``dim``-d vectors scored by inner product; InputError on a bad factory string."""
+    if not isinstance(dim, (int, np.integer)) or dim <= 0:
+        raise InputError(f"descriptor dimension must be a positive integer, got {dim!r}")
+    if not isinstance(factory, str) or not factory.strip():
+        raise InputError(f"index factory must be a non-empty string such as {', '.join(FACTORY_EXAMPLES)}")
+    factory = factory.strip()
+    if factory.lower() == "auto":
+        raise InputError(
+            "factory 'auto' depends on the database size: call build(vectors, 'auto') or "
+            "suggest_factory(n_vectors, dim)"
+        )
+    try:
+        return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise InputError(
+            f"cannot make a FAISS index from factory string {factory!r} for {dim}-d vectors "
+            f"({_faiss_reason(exc)}). Examples that work: {', '.join(FACTORY_EXAMPLES)} "
+            "(PQ{m} needs m to divide the dimension)"
+        ) from None
+
+
+def suggest_factory(n_vectors: int, dim: int) -> str:
+    """The factory string for ``"auto"``: exact Flat for small databases, IVF + PQ beyond ``FLAT_MAX_VECTORS``.
+
+    Why (bench/search_scale.py, 2048-d, 1M vectors): Flat costs 8 KiB a vector (8.2 GB per 1M, 32.8 GB for
+    1M tiles x 4 rotations, which does not fit this class of machine) and ~0.5 s per single query at 1M;
+    ``IVF4096,PQ256`` stores 256 B a vector (32x less) and answers in milliseconds, at the recall@100 the
+    benchmark prints. Below ~200k vectors Flat is exact, needs no training and is fast enough.
+    """
+    if n_vectors < 0 or dim <= 0:
+        raise InputError(f"need n_vectors >= 0 and dim > 0, got n_vectors={n_vectors}, dim={dim}")
+    if n_vectors < FLAT_MAX_VECTORS:
+        return "Flat"
+    # nlist ~ 4 sqrt(N) as a power of two, with >= 39 training points per list.
+    nlist = 1 << max(8, round(math.log2(4 * math.sqrt(n_vectors))))
+    while nlist > 256 and nlist * POINTS_PER_CENTROID > n_vectors:
+        nlist //= 2
+    nlist = min(nlist, 65536)
+    # 8 dims per PQ sub-quantizer (2048-d -> PQ256, 256 bytes a vector): the benchmark's best recall per byte
+    # among the PQ settings; m must divide dim.
+    m = max(1, dim // 8)
+    while dim % m:
+        m -= 1
+    return f"IVF{nlist},PQ{m}"
+
+
+def _unwrap(index: faiss.Index) -> faiss.Index:
+    return faiss.downcast_index(index)
+
+
+def min_train_size(index: faiss.Index) -> int:
+    """How many training vectors ``index`` needs (0 when it is trained or needs no training).
+
+    The rules are the ones FAISS's k-means asks for (39 points per centroid): IVF{nlist} needs 39 * nlist,
+    PQ (and OPQ) with 8-bit codes 39 * 256 = 9,984; SQ needs any non-empty sample.
+    """
+    idx = _unwrap(index)
+    need = 0
+    if isinstance(idx, faiss.IndexPreTransform):
+        for i in range(idx.chain.size()):
+            vt = faiss.downcast_VectorTransform(idx.chain.at(i))
+            if vt.is_trained:
+                continue
+            if isinstance(vt, faiss.OPQMatrix):
+                need = max(need, POINTS_PER_CENTROID * 256)
+            elif isinstance(vt, faiss.PCAMatrix):
+                need = max(need, vt.d_out + 1)
+            else:
+                need = max(need, 1)
+        return max(need, min_train_size(idx.index))
+    if isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return min_train_size(idx.index)
+    if isinstance(idx, faiss.IndexRefine):
+        return max(min_train_size(idx.base_index), min_train_size(idx.refine_index))
+    if idx.is_trained:
+        return 0
+    if isinstance(idx, faiss.IndexIVF):
+        if not (idx.quantizer.is_trained and idx.quantizer.ntotal == idx.nlist):
+            need = POINTS_PER_CENTROID * idx.nlist
+        if isinstance(idx, faiss.IndexIVFPQ):
+            need = max(need, POINTS_PER_CENTROID * idx.pq.ksub)
+        return max(need, 1)
+    if isinstance(idx, faiss.IndexHNSW):
+        return max(1, min_train_size(idx.storage))
+    if isinstance(idx, faiss.IndexPQ):
+        return POINTS_PER_CENTROID * idx.pq.ksub
+    return 1
+
+
+def _set_default_search_knobs(index: faiss.Index) -> None:
+    """Give IVF/HNSW indexes a recall-worthy default nprobe/efSearch (stored in the file by FAISS)."""
+    idx = _unwrap(index)
+    if isinstance(idx, faiss.IndexPreTransform | faiss.IndexIDMap | faiss.IndexIDMap2):
+        _set_default_search_knobs(idx.index)
+    elif isinstance(idx, faiss.IndexRefine):
+        _set_default_search_knobs(idx.base_index)
+    elif isinstance(idx, faiss.IndexIVF):
+        idx.nprobe = max(1, min(idx.nlist, round(idx.nlist * DEFAULT_NPROBE_FRACTION)))
+    elif isinstance(idx, faiss.IndexHNSW):
+        idx.hnsw.efSearch = max(idx.hnsw.efSearch, DEFAULT_EF_SEARCH)
+
+
+def _check_vectors(vectors: np.ndarray, what: str, dim: int | None = None) -> np.ndarray:
+    arr = np.asarray(vectors)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InputError(f"{what} must be a non-empty 2-d array (n, dim), got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InputError(f"{what} must be numeric, got dtype {arr.dtype}")
+    if dim is not None and arr.shape[1] != dim:
+        raise InputError(f"{what} have dimension {arr.shape[1]} but the index holds {dim}-d vectors")
+    return arr
+
+
+def build(
+    vectors: np.ndarray,
+    factory: str = "Flat",
+    *,
+    train_size: int | None = None,
+    progress: ProgressFn | None = None,
+    seed: int = 0,
+    cancel: CancelToken | None = None,
+    ids: np.ndarray | None = None,
+) -> faiss.Index:
+    """Make, train (on a random sample) and fill an inner-product index; ids are row numbers of ``vectors``.
+
+    ``vectors`` (n, dim), L2-normalised, is read in chunks: a float32 C-contiguous array (or np.memmap) is
+    never copied whole. ``train_size`` defaults to max(what the index needs, 100k), capped at n; a sample
+    is enough for k-means/PQ and keeps training time independent of n. ``factory="auto"`` picks
+    :func:`suggest_factory`. Progress: training takes the first 30 % of the bar when the index needs it.
+    ``ids`` (int64, one per row) gives other ids than row numbers: with ``IDMap,...`` factories or IVF.
+    """
+    arr = _check_vectors(vectors, "database vectors")
+    n, dim = arr.shape
+    report = progress or no_progress
+    if isinstance(factory, str) and factory.strip().lower() == "auto":
+        factory = suggest_factory(n, dim)
+    index = make_index(dim, factory)
+
+    train_share = 0.0
+    if not index.is_trained:
+        train_share = 0.3
+        need = min_train_size(index)
+        if train_size is not None and train_size < 1:
+            raise InputError(f"train_size must be positive, got {train_size}")
+        n_train = min(n, train_size if train_size is not None else max(need, 100_000))
+        if n_train < need:
+            raise InputError(_too_small_message(factory, need, n_train, n, dim))
+        report(0.0, f"training {factory} on {n_train:,} of {n:,} vectors")
+        if n_train == n:
+            sample = np.ascontiguousarray(arr, dtype=np.float32)
+        else:
+            rows = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
+            sample = np.ascontiguousarray(arr[rows], dtype=np.float32)
+        try:
+            index.train(sample)
+        except RuntimeError as exc:
+            raise InputError(f"cannot train index {factory!r}: {_faiss_reason(exc)}") from None
+        del sample
+        if cancel is not None:
+            cancel.check()
+        report(train_share, f"trained {factory}")
+    _set_default_search_knobs(index)
+
+    def sub_report(fraction: float, message: str) -> None:
+        report(train_share + (1.0 - train_share) * fraction, message)
+
+    add_vectors(index, arr, ids=ids, progress=sub_report, cancel=cancel)
+    return index
+
+
+def _too_small_message(factory: str, need: int, n_train: int, n: int, dim: int) -> str:
+    if n_train < n:
+        return (
+            f"index {factory!r} needs at least {need:,} training vectors but train_size is {n_train:,}; "
+            f"raise train_size (the database has {n:,})"
+        )
+    fits = max(1, 1 << int(math.log2(max(1, n // POINTS_PER_CENTROID))))
+    return (
+        f"index {factory!r} needs at least {need:,} training vectors (39 per k-means centroid) but the "
+        f"database has only {n:,}. Use 'Flat' (exact; right for fewer than {FLAT_MAX_VECTORS:,} vectors), "
+        f"or 'auto' (suggests {suggest_factory(n, dim)!r}), or fewer IVF lists (IVF{fits} fits {n:,} vectors)"
+    )
+
+
+def add_vectors(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    *,
+    ids: np.ndarray | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> None:
+    """Append ``vectors`` to a trained index in 256 MiB chunks (progress and cancellation between chunks).
+
+    Ids continue from ``index.ntotal`` (row numbers), or are ``ids`` (IVF and ``IDMap,...`` indexes only;
+    an ``IDMap`` index without ``ids`` gets the running row numbers too).
+    """
+    if index in _READ_ONLY:
+        raise InputError(
+            "this index was read with mmap=True and is read-only (FAISS would abort on add); "
+            "read it with mmap=False to add vectors"
+        )
+    if not index.is_trained:
+        raise InputError("the index must be trained before vectors are added (use build())")
+    arr = _check_vectors(vectors, "vectors to add", index.d)
+    report = progress or no_progress
+    n = arr.shape[0]
+    if ids is not None:
+        ids = np.asarray(ids)
+        if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"ids must be {n} integers (one per vector), got shape {ids.shape} {ids.dtype}")
+        ids = ids.astype(np.int64, copy=False)
+    elif isinstance(_unwrap(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        ids = np.arange(index.ntotal, index.ntotal + n, dtype=np.int64)
+    chunk = max(1, _CHUNK_BYTES // (4 * arr.shape[1]))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        part = np.ascontiguousarray(arr[start:stop], dtype=np.float32)
+        if ids is None:
+            index.add(part)
+        else:
+            try:
+                index.add_with_ids(part, np.ascontiguousarray(ids[start:stop]))
+            except RuntimeError as exc:
+                raise InputError(
+                    f"this index cannot take explicit ids ({_faiss_reason(exc)}): use an 'IDMap,<factory>' "
+                    "factory or an IVF index"
+                ) from None
+        report(stop / n, f"added {stop:,} / {n:,} vectors")
+        if cancel is not None:
+            cancel.check()
+
+
+# ----------------------------------------------------------------------------------------------- search
+
+
+def _selector(allowed: np.ndarray) -> tuple[faiss.IDSelector, object, int]:
+    """(selector, buffer it points into (keep alive during the search), number of distinct allowed ids).
+
+    A bitmap (1 bit per id up to the largest allowed id) is the cheapest membership test and costs less
+    memory than IDSelectorBatch's hash set (4M ids: 0.5 MB vs ~100 MB); used unless the ids are sparse
+    and huge (IDMap with arbitrary 64-bit ids), where IDSelectorBatch is used.
+    """
+    top = int(allowed.max())
+    if top < max(64 * allowed.size, 1 << 24):
+        mask = np.zeros(top + 1, dtype=bool)
+        mask[allowed] = True
+        bitmap = np.packbits(mask, bitorder="little")
+        return faiss.IDSelectorBitmap(bitmap.size, faiss.swig_ptr(bitmap)), bitmap, int(mask.sum())
+    uniq = np.unique(allowed)
+    return faiss.IDSelectorBatch(uniq), uniq, int(uniq.size)
+
+
+def _params(
+    index: faiss.Index,
+    sel: faiss.IDSelector | None,
+    nprobe: int | None,
+    ef_search: int | None,
+    fraction: float,
+) -> faiss.SearchParameters | None:
+    """Search parameters of the right class for ``index`` (FAISS rejects a base-class object for IVF/PQ).
+
+    Wrappers: IndexPreTransform (OPQ/PCA) takes SearchParametersPreTransform(index_params=<inner params>);
+    IndexIDMap passes its params to the inner index, translating ``sel`` to external ids; IndexRefine takes
+    IndexRefineSearchParameters(base_index_params=...). Unset knobs keep the index's own values (a fresh
+    SearchParametersIVF would otherwise mean nprobe=1). ``fraction`` (allowed / total) widens nprobe and
+    efSearch by 1/fraction so that a filter still sees ~as many allowed candidates as an unfiltered search.
+    """
+    idx = _unwrap(index)
+    if isinstance(idx, faiss.IndexPreTransform):
+        inner = _params(idx.index, sel, nprobe, ef_search, fraction)
+        if inner is None:
+            return None
+        p = faiss.SearchParametersPreTransform()
+        p.index_params = inner
+        return p
+    if isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return _params(idx.index, sel, nprobe, ef_search, fraction)
+    if isinstance(idx, faiss.IndexRefine):
+        base = _params(idx.base_index, sel, nprobe, ef_search, fraction)
+        if base is None:
+            return None
+        p = faiss.IndexRefineSearchParameters()
+        p.k_factor = idx.k_factor
+        p.base_index_params = base
+        return p
+    if isinstance(idx, faiss.IndexIVF):
+        if sel is None and nprobe is None:
+            return None
+        probe = nprobe if nprobe is not None else idx.nprobe
+        probe = min(idx.nlist, math.ceil(probe / fraction))
+        p = faiss.SearchParametersIVF()
+        p.nprobe = max(1, probe)
+        p.max_codes = idx.max_codes
+    elif isinstance(idx, faiss.IndexHNSW):
+        if sel is None and ef_search is None:
+            return None
+        ef = ef_search if ef_search is not None else idx.hnsw.efSearch
+        p = faiss.SearchParametersHNSW()
+        p.efSearch = max(1, min(1 << 16, math.ceil(ef / fraction)))
+        p.check_relative_distance = idx.hnsw.check_relative_distance
+        p.bounded_queue = idx.hnsw.search_bounded_queue
+    elif isinstance(idx, faiss.IndexPQ):
+        if sel is None:
+            return None
+        p = faiss.SearchParametersPQ()
+        p.search_type = idx.search_type
+        p.polysemous_ht = idx.polysemous_ht
+    else:
+        if sel is None:
+            return None
+        p = faiss.SearchParameters()
+    if sel is not None:
+        p.sel = sel
+    return p
+
+
+#: With a filter this selective (allowed / total) or less, an HNSW index with exact storage is searched by a
+#: filtered exact scan of its storage instead of the graph: graph search under a tight filter returns too few
+#: or wrong neighbours, and the filtered scan costs only ~the allowed vectors' dot products.
+HNSW_EXACT_FRACTION = 0.05
+
+
+def search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    *,
+    allowed_ids: np.ndarray | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` by inner product: (scores float32 (nq, k), ids int64 (nq, k)); missing hits: id -1, -inf.
+
+    ``allowed_ids`` restricts results to those ids (an area filter) inside FAISS (IDSelector via search
+    parameters), for Flat, IVF*, HNSW, PQ and wrapped (OPQ/PCA, IDMap, Refine) indexes. A filter keeping a
+    fraction f of the database multiplies nprobe / efSearch by 1/f (capped at nlist) so that the search still
+    meets ~as many allowed candidates as without a filter: IVF's extra lists are scanned with a bitmap test
+    per entry and distances only for allowed ids, so this costs little. HNSW over exact storage with f <=
+    ``HNSW_EXACT_FRACTION`` is answered by an exact filtered scan of its storage. ``nprobe`` / ``ef_search``
+    apply per call (ignored by index types without them) and leave the index untouched.
+    """
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
+    for name, val in (("nprobe", nprobe), ("ef_search", ef_search)):
+        if val is not None and (not isinstance(val, (int, np.integer)) or val < 1):
+            raise InputError(f"{name} must be a positive integer, got {val!r}")
+    q = np.asarray(queries)
+    if q.ndim == 1:
+        q = q[None, :]
+    q = np.ascontiguousarray(_check_vectors(q, "queries", index.d), dtype=np.float32)
+    nq, k = q.shape[0], int(k)
+
+    def empty() -> tuple[np.ndarray, np.ndarray]:
+        return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
+
+    if index.ntotal == 0:
+        return empty()
+
+    sel, keep, fraction = None, None, 1.0
+    target = index
+    if allowed_ids is not None:
+        allowed = np.asarray(allowed_ids).ravel()
+        if allowed.size and not np.issubdtype(allowed.dtype, np.integer):
+            raise InputError(f"allowed_ids must be integers, got dtype {allowed.dtype}")
+        allowed = allowed.astype(np.int64, copy=False)
+        if allowed.size == 0:
+            return empty()
+        if allowed.min() < 0:
+            raise InputError("allowed_ids must be non-negative ids")
+        sel, keep, count = _selector(allowed)
+        fraction = min(1.0, count / index.ntotal)
+        idx = _unwrap(index)
+        sequential = not isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2))
+        if sequential and count >= index.ntotal and int(allowed.max()) < index.ntotal:
+            sel, keep = None, None  # every id allowed: the unfiltered search is the same and faster (BLAS)
+        elif (
+            isinstance(idx, faiss.IndexHNSW)
+            and fraction <= HNSW_EXACT_FRACTION
+            and isinstance(_unwrap(idx.storage), faiss.IndexFlat)
+        ):
+            target, fraction = idx.storage, 1.0
+
+    params = _params(target, sel, nprobe, ef_search, fraction)
+    try:
+        scores, ids = target.search(q, k, params=params)
+    except RuntimeError as exc:
+        hint = " (allowed_ids works with Flat, SQ, IVF*, HNSW* and their OPQ/IDMap wrappers)" if sel else ""
+        raise InputError(
+            f"FAISS cannot search a {type(_unwrap(index)).__name__} with these parameters: "
+            f"{_faiss_reason(exc)}{hint}"
+        ) from None
+    del keep  # the selector's buffer must outlive the search call
+    scores[ids < 0] = -np.inf
+    return scores, ids
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def write_index(index: faiss.Index, path: str | os.PathLike) -> Path:
+    """Write atomically: a temp file beside ``path``, fsync, rename over ``path``, fsync the directory.
+
+    An interrupted or failed write leaves the previous file (or nothing) at ``path``, never a truncated
+    index, and removes its temp file. An index read with mmap=True may be rewritten to its own path: the
+    mapping keeps the old inode alive.
+    """
+    final = Path(path)
+    folder = final.parent if str(final.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"cannot write index {final}: folder {folder} does not exist")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise InputError(f"cannot write index {final}: {exc.strerror or exc}") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, RuntimeError):
+            raise InputError(f"cannot write index {final}: {_faiss_reason(exc)}") from None
+        raise
+    with contextlib.suppress(OSError):  # not every platform/filesystem can fsync a directory
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return final
+
+
+def read_index(path: str | os.PathLike, mmap: bool = False) -> faiss.Index:
+    """Read an index; ``mmap=True`` maps its storage from the file instead of loading it (read-only).
+
+    FAISS 1.15's IO_FLAG_MMAP_IFC maps the vectors/codes of Flat, SQ, PQ, HNSW storage and IVF inverted
+    lists zero-copy: reading an 8 GB index costs ~no RAM, the OS pages vectors in on first use (first
+    searches are slower) and shares them between processes. Such an index must not be added to (FAISS
+    aborts the process); :func:`add_vectors` refuses it.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise IndexNotFoundError(f"no index file at {p}")
+    flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
+    try:
+        index = faiss.read_index(str(p), flags)
+    except RuntimeError as exc:
+        raise InputError(f"{p} is not a readable FAISS index: {_faiss_reason(exc)}") from None
+    if mmap:
+        _READ_ONLY.add(index)
+    return index
+
+
+def index_nbytes(index: faiss.Index, path: str | os.PathLike | None = None) -> int:
+    """Serialised size of ``index`` in bytes (what write_index writes, ~ what it takes in RAM).
+
+    With ``path`` of the written file, its size on disk (free). Otherwise the index is streamed through a
+    byte-counting writer, which never holds the serialised copy: ``faiss.serialize_index`` would allocate
+    a second 8 GB array for an 8 GB index.
+    """
+    if path is not None:
+        return os.path.getsize(path)
+    total = 0
+
+    def count(chunk: bytes) -> None:
+        nonlocal total
+        total += len(chunk)
+
+    writer = faiss.PyCallbackIOWriter(count)
+    try:
+        faiss.write_index(index, writer)
+    finally:
+        del writer  # flushes its buffer through count()
+    return total

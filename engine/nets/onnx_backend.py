@@ -1,0 +1,214 @@
+"""Runtime backends for our image networks: torch and ONNX Runtime, sharing one preprocessing.
+
+Every network here maps a normalised float tensor (B, 3, S, S) to L2-normalised descriptors. What
+turns user images into that tensor (validation, resize, normalisation) is :class:`Preprocess`, used by
+both :class:`TorchEncoder` and :class:`OnnxEncoder`, so the two backends cannot drift apart.
+
+ONNX files are exported once per (model id, input size) and cached under ``$SKYLOC_CACHE/onnx``
+(default ``~/.cache/skyloc/onnx``). The export is written beside its final name and renamed, so an
+interrupted export never leaves a truncated model that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from engine.errors import EmptyInputError, InputError, WeightsError
+
+if TYPE_CHECKING:
+    from engine.nets.checkpoints import LoadReport
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EXPORT_VERSION = 1  # bump when the exported graph of an existing model id changes
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """(B, H, W, 3) uint8 RGB -> (B, 3, size, size) float32, normalised with mean/std (0-1 scale).
+
+    Images are resized to a square without keeping the aspect ratio (as EarthLoc/AstroLoc do for their
+    queries), bilinear with antialiasing when shrinking.
+    """
+
+    size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = check_images(images)
+        resized = np.stack([self._resize(img) for img in images]) if len(images) else images
+        x = resized.astype(np.float32) / np.float32(255.0)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def _resize(self, img: np.ndarray) -> np.ndarray:
+        if img.shape[0] == self.size and img.shape[1] == self.size:
+            return img
+        return np.asarray(Image.fromarray(img).resize((self.size, self.size), Image.BILINEAR))
+
+
+def check_images(images: np.ndarray) -> np.ndarray:
+    """Reject anything but a (B, H, W, 3) uint8 array with a clear InputError."""
+    if not isinstance(images, np.ndarray):
+        raise InputError(f"images must be a numpy array, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise InputError(f"images must have shape (B, H, W, 3), got {images.shape}")
+    if images.dtype != np.uint8:
+        raise InputError(f"images must be uint8 RGB, got dtype {images.dtype}")
+    if images.shape[1] < 1 or images.shape[2] < 1:
+        raise EmptyInputError(f"images have no pixels: shape {images.shape}")
+    return images
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
+
+
+class TorchEncoder:
+    """An ImageEncoder running a torch network in eval mode under inference_mode (batch as given)."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        name: str,
+        model_id: str,
+        dim: int,
+        preprocess: Preprocess,
+        load_report: LoadReport | None = None,
+    ):
+        self.net = net.eval()
+        self.load_report = load_report  # what a checkpoint load matched, when built from one
+        self.name = name
+        self.model_id = model_id
+        self.dim = dim
+        self.input_size = preprocess.size
+        self.preprocess = preprocess
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        x = self.preprocess(images)
+        if len(x) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        with torch.inference_mode():
+            out = self.net(torch.from_numpy(x)).float().numpy()
+        return _l2n(out)
+
+
+class OnnxEncoder:
+    """An ImageEncoder running an exported network with onnxruntime on CPU."""
+
+    backend = "onnx"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        name: str,
+        model_id: str,
+        dim: int,
+        preprocess: Preprocess,
+        threads: int | None = None,
+    ):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise WeightsError(f"cannot open ONNX model {path}: {exc}") from exc
+        self.path = Path(path)
+        self.name = name
+        self.model_id = model_id
+        self.dim = dim
+        self.input_size = preprocess.size
+        self.preprocess = preprocess
+        self._input = self.session.get_inputs()[0].name
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        x = self.preprocess(images)
+        if len(x) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        (out,) = self.session.run(None, {self._input: x})
+        return _l2n(out)
+
+
+def onnx_cache_dir() -> Path:
+    """Where exported models live: ``$SKYLOC_CACHE/onnx``, else ``~/.cache/skyloc/onnx``."""
+    root = os.environ.get("SKYLOC_CACHE") or os.path.join("~", ".cache", "skyloc")
+    return Path(root).expanduser() / "onnx"
+
+
+def onnx_path_for(net: nn.Module, model_id: str, size: int, cache_dir: Path | None = None) -> Path:
+    """Cache file name: readable model id and size, plus a short hash of everything that shapes the graph.
+
+    The hash covers the architecture's repr (variant, SALAD shape ...) and EXPORT_VERSION, so a code
+    change that alters the network never reuses a stale export; the weights are named by model_id.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")
+    key = f"{model_id}|{size}|{EXPORT_VERSION}|{net!r}".encode()
+    return (cache_dir or onnx_cache_dir()) / f"{safe}-{size}-{hashlib.sha256(key).hexdigest()[:8]}.onnx"
+
+
+def export_onnx(net: nn.Module, size: int, path: str | os.PathLike) -> Path:
+    """Export ``net`` ((B,3,size,size) -> (B,D)) to ONNX with a dynamic batch axis, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        net = net.eval()
+        dummy = torch.zeros(2, 3, size, size)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about python ints are expected here
+            torch.onnx.export(
+                net,
+                (dummy,),
+                tmp,
+                input_names=["image"],
+                output_names=["descriptor"],
+                dynamic_axes={"image": {0: "batch"}, "descriptor": {0: "batch"}},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared $SKYLOC_CACHE must stay readable
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    return path
+
+
+def to_onnx(encoder: TorchEncoder, cache_dir: Path | None = None, threads: int | None = None) -> OnnxEncoder:
+    """The ONNX Runtime twin of a torch encoder (same id, size, preprocessing), exporting if not cached."""
+    path = onnx_path_for(encoder.net, encoder.model_id, encoder.input_size, cache_dir)
+    if not path.exists():
+        export_onnx(encoder.net, encoder.input_size, path)
+    return OnnxEncoder(
+        path,
+        name=encoder.name,
+        model_id=encoder.model_id,
+        dim=encoder.dim,
+        preprocess=encoder.preprocess,
+        threads=threads,
+    )

@@ -1,0 +1,164 @@
+"""Retrieval end to end on real imagery: index the bundled raster, localize warped crops of it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+from imagery import SAMPLE, perspective_photo, read_window
+from PIL import Image
+
+from engine import api
+from engine.errors import CancelledError, IndexNotFoundError, ModelMismatchError, OutsideAreaError
+from engine.index_store import build_index, open_index
+from engine.progress import CancelToken
+from engine.search_area import SearchArea
+from engine.tiles.geotiff import GeoTiffSource
+from engine.vector_io import read_layer
+
+WINDOW = (192, 192, 384)  # col, row, size: one of the indexed 384-px tiles
+
+
+def window_footprint(idx, col, row, size):
+    (tile,) = [
+        i
+        for i, b in enumerate(idx.tiles.native_bounds)
+        if idx.tiles.scale[i] == size and np.allclose(b, _native_bounds(col, row, size))
+    ]
+    return tile, idx.tiles.footprints[tile]
+
+
+def _native_bounds(col, row, size):
+    import rasterio
+    from rasterio.windows import Window, bounds
+
+    with rasterio.open(SAMPLE / "naip_2018.tif") as ds:
+        return bounds(Window(col, row, size, size), ds.transform)
+
+
+def test_index_folder_is_complete_and_consistent(sample_index):
+    idx = open_index(sample_index)
+    m = idx.manifest
+    assert m["model"]["model_id"].startswith("effnet-lite0-gem")
+    assert m["rotations"] == [0, 90, 180, 270]
+    assert m["counts"]["vectors"] == idx.faiss.ntotal == 4 * len(idx.tiles) == 4 * m["counts"]["tiles"]
+    geoms, cols = read_layer(sample_index / "tiles.gpkg", "tiles")
+    assert cols["__crs__"] == "EPSG:4326"
+    assert set(cols["native_crs"]) == {"EPSG:26914"}
+    assert not (sample_index.parent / "naip2018.partial").exists()
+
+
+@pytest.mark.parametrize("rot_k", [0, 1, 2, 3])
+def test_warped_crop_comes_back_with_its_rotation(sample_index, tmp_path, rot_k):
+    idx = open_index(sample_index)
+    tile, truth = window_footprint(idx, *WINDOW)
+    photo = perspective_photo(read_window(SAMPLE / "naip_2018.tif", *WINDOW), squeeze=0.1, rot_k=rot_k)
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=90)
+    res = api.localize([str(tmp_path / "photo.jpg")], idx, top_k=3)
+    cands = res.photos[0].candidates
+    assert tile in [c.tile_id for c in cands], cands
+    best = next(c for c in cands if c.tile_id == tile)
+    assert best.rotation_deg == 90 * rot_k
+
+
+def test_exif_rotated_photo_is_read_upright(sample_index, tmp_path):
+    idx = open_index(sample_index)
+    photo = perspective_photo(read_window(SAMPLE / "naip_2018.tif", *WINDOW), squeeze=0.0, rot_k=0)
+    upright = tmp_path / "upright.jpg"
+    Image.fromarray(photo).save(upright, quality=95)
+    # Store the pixels turned 90 degrees clockwise, with EXIF orientation 6 ("rotate 90 CW to display"):
+    # a viewer (and Skyloc) shows the upright image.
+    tagged = tmp_path / "tagged.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(photo, 1).copy()).save(tagged, quality=95, exif=exif)
+    a = api.localize([str(upright)], idx, top_k=1).photos[0].candidates[0]
+    b = api.localize([str(tagged)], idx, top_k=1).photos[0].candidates[0]
+    assert (a.tile_id, a.rotation_deg) == (b.tile_id, b.rotation_deg)
+
+
+def test_search_area_restricts_and_outside_is_an_error(sample_index, tmp_path):
+    idx = open_index(sample_index)
+    tile, truth = window_footprint(idx, *WINDOW)
+    photo = tmp_path / "p.jpg"
+    Image.fromarray(read_window(SAMPLE / "naip_2018.tif", *WINDOW)).save(photo)
+    c = truth.centroid
+    near = SearchArea(near=(c.y, c.x), radius_km=0.5)
+    res = api.localize([str(photo)], idx, top_k=50, area=near)
+    ids = [x.tile_id for x in res.photos[0].candidates]
+    allowed = set(near.select(idx.tiles.footprints))
+    assert tile in ids and set(ids) <= allowed and len(allowed) < len(idx.tiles)
+    with pytest.raises(OutsideAreaError, match="covers"):
+        api.localize([str(photo)], idx, area=SearchArea(near=(0.0, 0.0), radius_km=10))
+
+
+def test_top_k_is_deduplicated_per_tile(sample_index, tmp_path):
+    photo = tmp_path / "p.jpg"
+    Image.fromarray(read_window(SAMPLE / "naip_2018.tif", *WINDOW)).save(photo)
+    idx = open_index(sample_index)
+    res = api.localize([str(photo)], idx, top_k=len(idx.tiles))
+    ids = [c.tile_id for c in res.photos[0].candidates]
+    assert len(ids) == len(set(ids)) == len(idx.tiles)
+    scores = [c.score for c in res.photos[0].candidates]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_other_model_is_refused(sample_index, tmp_path):
+    photo = tmp_path / "p.jpg"
+    Image.fromarray(read_window(SAMPLE / "naip_2018.tif", *WINDOW)).save(photo)
+    with pytest.raises(ModelMismatchError, match="was built with model effnet-lite0-gem"):
+        api.localize([str(photo)], str(sample_index), model="astroloc-random")
+
+
+def test_interrupted_build_leaves_no_index_and_resumes(tmp_path):
+    out = tmp_path / "idx"
+    encoder = api.get_encoder("default", None, "torch", 128)
+    src = GeoTiffSource(str(SAMPLE / "naip_2018.tif"), tile_sizes=(512,))  # 6 tiles
+    token = CancelToken()
+
+    def cancel_after_first_chunk(fraction, message):
+        if message.startswith("encoded 2 of"):
+            token.cancel()
+
+    small = dict(batch_tiles=2, chunk_tiles=2)
+    with pytest.raises(CancelledError):
+        build_index([src], encoder, out, progress=cancel_after_first_chunk, cancel=token, **small)
+    assert not out.exists()
+    with pytest.raises(IndexNotFoundError, match="interrupted build"):
+        open_index(out)
+    partial = tmp_path / "idx.partial"
+    assert len(list((partial / "chunks").glob("*.npy"))) == 1
+
+    messages = []
+    manifest = build_index([src], encoder, out, progress=lambda f, m: messages.append(m), **small)
+    assert "resumed tiles 0-2 of 6" in messages
+    assert not any(m.startswith("encoded 2 of") for m in messages)
+    assert manifest["counts"]["tiles"] == 6 and not partial.exists()
+    # Resumed descriptors are the same as freshly computed ones.
+    fresh = build_index([src], encoder, tmp_path / "fresh", **small)
+    a, b = open_index(out).faiss, open_index(tmp_path / "fresh").faiss
+    assert np.allclose(a.reconstruct_n(0, a.ntotal), b.reconstruct_n(0, b.ntotal), atol=1e-6)
+    assert fresh["counts"] == manifest["counts"]
+
+    # Rebuilding over an existing index replaces it only when the new one is complete.
+    before = (out / "manifest.json").read_text()
+    token2 = CancelToken()
+    token2.cancel()
+    with pytest.raises(CancelledError):
+        build_index([src], encoder, out, cancel=token2, **small)
+    assert (out / "manifest.json").read_text() == before
+    src.close()
+
+
+def test_candidates_geopackage(sample_index, tmp_path):
+    photo = tmp_path / "p.jpg"
+    Image.fromarray(read_window(SAMPLE / "naip_2018.tif", *WINDOW)).save(photo)
+    out = tmp_path / "cands.gpkg"
+    res = api.localize([str(photo)], str(sample_index), top_k=4, out=str(out))
+    geoms, cols = read_layer(out, "candidates")
+    assert cols["__crs__"] == "EPSG:4326" and len(geoms) == 4
+    assert list(cols["rank"]) == [1, 2, 3, 4]
+    idx = open_index(sample_index)
+    for g, tid in zip(geoms, cols["tile_id"], strict=True):
+        assert shapely.equals_exact(g, idx.tiles.footprints[tid], tolerance=1e-9)
+    assert res.out == str(out)

@@ -1,0 +1,242 @@
+"""Encoders: SALAD against a plain reference, descriptor contract, a retrieval property, ONNX parity."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import InputError, WeightsError
+from engine.nets.astroloc import AstroLocNet
+from engine.nets.effnet_gem import wheel_weights_path
+from engine.nets.registry import available_models, load_encoder
+from engine.nets.salad import SALAD, SaladConfig, sinkhorn_log_assignment
+
+NAIP = (
+    Path(__file__).resolve().parents[2] / "shared/data/rasters/opengeos_naip_m_4709963_se_14_1_20180716.tif"
+)
+
+
+def _real_rgb() -> np.ndarray:
+    """A real aerial image (H, W, 3) uint8: the bundled 2018 NAIP sample, else the shared copy, else any sample."""
+    rasterio = pytest.importorskip("rasterio")
+    root = Path(__file__).resolve().parents[1]
+    preferred = [str(root / "sample" / "naip_2018.tif"), str(NAIP)]
+    for path in [*preferred, *sorted(glob.glob(str(root / "sample" / "*.tif")))]:
+        if not os.path.exists(path):
+            continue
+        with rasterio.open(path) as ds:
+            if ds.count >= 3 and ds.dtypes[0] == "uint8" and min(ds.width, ds.height) >= 700:
+                return np.ascontiguousarray(ds.read([1, 2, 3]).transpose(1, 2, 0))
+    pytest.skip("no real aerial image: need sample/*.tif (>= 700 px, RGB) or ../shared/data/rasters")
+
+
+@pytest.fixture(scope="module")
+def real() -> np.ndarray:
+    return _real_rgb()
+
+
+@pytest.fixture(scope="module")
+def default_encoder():
+    return load_encoder()
+
+
+def _crops(img: np.ndarray, size: int, corners: list[tuple[int, int]]) -> np.ndarray:
+    return np.stack([img[r : r + size, c : c + size] for r, c in corners])
+
+
+# ---------------------------------------------------------------------------------------------- SALAD
+
+
+def _naive_salad(salad: SALAD, fmap: torch.Tensor, token: torch.Tensor) -> np.ndarray:
+    """SALAD from its equations, float64 numpy, exp-domain Sinkhorn and explicit loops."""
+    cfg = salad.config
+    with torch.no_grad():
+        local = salad.cluster_features(fmap).flatten(2).double().numpy()
+        scores = salad.score(fmap).flatten(2).double().numpy()
+        glob_tok = salad.token_features(token).double().numpy()
+    dust = float(salad.dust_bin.detach())
+    out = []
+    for b in range(fmap.shape[0]):
+        m, n = scores.shape[1:]
+        kernel = np.exp(np.vstack([scores[b], np.full((1, n), dust)]))
+        a = np.array([1 / (n + m)] * m + [(n - m) / (n + m)])
+        col = np.full(n, 1 / (n + m))
+        u, v = np.ones(m + 1), np.ones(n)
+        for _ in range(3):
+            u = a / (kernel @ v)
+            v = col / (kernel.T @ u)
+        plan = (u[:, None] * kernel * v[None, :] * (n + m))[:m]
+        agg = np.zeros((cfg.cluster_dim, m))
+        for k in range(m):
+            for d in range(cfg.cluster_dim):
+                agg[d, k] = np.sum(local[b, d] * plan[k])
+        agg /= np.linalg.norm(agg, axis=0, keepdims=True)
+        desc = np.concatenate([glob_tok[b] / np.linalg.norm(glob_tok[b]), agg.reshape(-1)])
+        out.append(desc / np.linalg.norm(desc))
+    return np.stack(out)
+
+
+def test_salad_matches_naive_reference():
+    torch.manual_seed(0)
+    salad = SALAD(SaladConfig(num_channels=16, num_clusters=5, cluster_dim=6, token_dim=4, mlp_dim=12)).eval()
+    with torch.no_grad():
+        salad.dust_bin.fill_(0.3)
+    fmap, token = torch.randn(2, 16, 4, 3), torch.randn(2, 16)
+    with torch.no_grad():
+        ours = salad(fmap, token).numpy()
+    assert ours.shape == (2, 4 + 5 * 6)
+    np.testing.assert_allclose(ours, _naive_salad(salad, fmap, token), atol=1e-5)
+
+
+def test_sinkhorn_assigns_each_token_a_unit_mass():
+    scores = torch.randn(3, 8, 20) * 3
+    plan = sinkhorn_log_assignment(scores, torch.tensor(1.0)).exp()
+    assert plan.shape == (3, 9, 20)
+    np.testing.assert_allclose(plan.sum(dim=1).numpy(), 1.0, atol=1e-5)
+    # the dustbin row receives about (n - m) tokens' worth of mass, each cluster about one
+    assert 8 < float(plan[:, -1].sum(dim=-1).mean()) < 16
+
+
+def test_salad_needs_more_patches_than_clusters():
+    salad = SALAD(SaladConfig(num_channels=8, num_clusters=16, cluster_dim=4, token_dim=4, mlp_dim=8)).eval()
+    with pytest.raises(ValueError, match="more patches"):
+        salad(torch.randn(1, 8, 4, 4), torch.randn(1, 8))
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_models_and_rejects_unknown():
+    models = {m["name"]: m for m in available_models()}
+    assert set(models) == {"effnet-lite0-gem", "astroloc", "astroloc-random"}
+    assert (
+        "default" in models["effnet-lite0-gem"]["aliases"] and not models["effnet-lite0-gem"]["needs_weights"]
+    )
+    assert models["astroloc"]["needs_weights"] and models["astroloc"]["dim"] == 2048
+    with pytest.raises(InputError, match="unknown model"):
+        load_encoder("resnet")
+    with pytest.raises(InputError, match="backend"):
+        load_encoder("default", backend="tensorrt")
+    with pytest.raises(InputError, match="takes no weights"):
+        load_encoder("astroloc-random", weights="x.pth")
+    with pytest.raises(InputError, match="multiple of 14"):
+        load_encoder("astroloc-random", input_size=320)
+    with pytest.raises(InputError, match="between 126"):
+        load_encoder("astroloc-random", input_size=112)  # 8x8 patches = 64 clusters: SALAD's dustbin breaks
+    with pytest.raises(WeightsError, match="not shipped"):
+        load_encoder("astroloc", backend="onnx")
+
+
+# ------------------------------------------------------------------------------------ default encoder
+
+
+def test_default_encoder_contract(default_encoder, real):
+    enc = default_encoder
+    digest = hashlib.sha256(wheel_weights_path().read_bytes()).hexdigest()
+    assert enc.model_id == f"effnet-lite0-gem/sha256:{digest[:8]}"
+    assert (enc.name, enc.dim, enc.input_size, enc.backend) == ("effnet-lite0-gem", 1280, 384, "torch")
+    batch = np.stack([real[:300, :420], real[300:600, 400:820], real[100:400, 0:420]])  # non-square input
+    desc = enc.encode(batch)
+    assert desc.shape == (3, 1280) and desc.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(enc.encode(batch[1:2])[0], desc[1], atol=1e-5)  # batch-independent
+    assert enc.encode(batch[:0]).shape == (0, 1280)
+    for bad in (batch.astype(np.float32), batch[0], np.zeros((1, 8, 8, 4), np.uint8)):
+        with pytest.raises(InputError):
+            enc.encode(bad)
+
+
+def test_default_rotation_is_closer_than_another_place(default_encoder, real):
+    """A rotated copy is not the same image, but far more similar to it than other places of the scene."""
+    grid = [(r, c) for r in (0, 400) for c in (0, 300, 600)]  # 6 non-overlapping 300-px crops
+    crops = _crops(real, 300, grid)
+    anchors = range(len(grid))
+    rotated = np.stack([np.rot90(crops[i]) for i in anchors])
+    desc = default_encoder.encode(np.concatenate([crops, rotated]))
+    for j, i in enumerate(anchors):
+        sims = desc @ desc[i]
+        rot_sim, others = sims[len(grid) + j], np.delete(sims[: len(grid)], i)
+        assert rot_sim < 0.99, "rotation should change the descriptor"
+        assert rot_sim > others.max() + 0.02, (grid[i], rot_sim, others)
+
+
+def test_effnet_variants():
+    enc = load_encoder("default", variant="gem-s16", input_size=256)
+    assert enc.dim == 1392 and re.fullmatch(r"effnet-lite0-gem-s16@256/sha256:[0-9a-f]{8}", enc.model_id)
+    desc = enc.encode(np.full((1, 100, 100, 3), 90, np.uint8))
+    assert desc.shape == (1, 1392)
+    with pytest.raises(InputError, match="variant"):
+        load_encoder("default", variant="max")
+
+
+# ------------------------------------------------------------------------------------------- astroloc
+
+
+def test_astroloc_tokens_equal_timm_at_training_size():
+    """At 518 px no resampling happens: our token path must be exactly timm's forward_features."""
+    torch.manual_seed(0)
+    net = AstroLocNet(init_weights=False).eval()
+    net.backbone.blocks = net.backbone.blocks[:2]  # the token path is under test, not the depth
+    with torch.no_grad():
+        net.backbone.pos_embed.normal_(0, 0.5)
+        net.backbone.cls_token.normal_(0, 0.5)
+    x = torch.randn(1, 3, 518, 518)
+    with torch.inference_mode():
+        ours, grid_h, grid_w = net.tokens(x)
+        theirs = net.backbone.forward_features(x)
+    assert (grid_h, grid_w) == (37, 37)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def astroloc_random():
+    return load_encoder("astroloc-random", input_size=126)
+
+
+def test_astroloc_random_is_seeded(astroloc_random, real):
+    assert "random" in astroloc_random.model_id and astroloc_random.dim == 2048
+    again = load_encoder("astroloc-random", input_size=126)
+    crops = _crops(real, 200, [(0, 0), (300, 500)])
+    np.testing.assert_array_equal(astroloc_random.encode(crops), again.encode(crops))
+
+
+# ----------------------------------------------------------------------------------------------- ONNX
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_onnx_default_matches_torch_and_is_cached(default_encoder, real, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKYLOC_CACHE", str(tmp_path))
+    onnx_enc = load_encoder("default", backend="onnx")
+    assert onnx_enc.backend == "onnx" and onnx_enc.model_id == default_encoder.model_id
+    crops = _crops(real, 400, [(0, 0), (300, 500), (100, 250)])
+    cos = _cosines(default_encoder.encode(crops), onnx_enc.encode(crops))
+    assert cos.min() >= 0.999, cos
+    files = list((tmp_path / "onnx").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".onnx"  # no temp file left behind
+    mtime = files[0].stat().st_mtime_ns
+    assert load_encoder("default", backend="onnx").path == files[0]
+    assert files[0].stat().st_mtime_ns == mtime  # reused, not re-exported
+
+
+def test_onnx_astroloc_random_matches_torch(astroloc_random, real, tmp_path, monkeypatch):
+    from engine.nets.onnx_backend import to_onnx
+
+    monkeypatch.setenv("SKYLOC_CACHE", str(tmp_path))
+    onnx_enc = to_onnx(astroloc_random)
+    crops = _crops(real, 300, [(0, 0), (300, 500), (100, 250), (400, 100)])
+    a, b = astroloc_random.encode(crops), onnx_enc.encode(crops)
+    assert a.shape == b.shape == (4, 2048)
+    cos = _cosines(a, b)
+    assert cos.min() >= 0.999, cos
+    assert not math.isclose(float(a[0] @ a[1]), 1.0, abs_tol=1e-4)  # the crops really differ
