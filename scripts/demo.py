@@ -45,9 +45,20 @@ def main() -> None:
     true_poly = shapely.Polygon(truth["ground_corners_lonlat"])
     geoms, cols = read_layer(cands)
     print(f"\ncandidate footprints ({cols['__crs__']}), checked against the sample's true footprint:")
+    first = None
     for g, rank, score, rot in zip(geoms, cols["rank"], cols["score"], cols["rotation"], strict=True):
         iou = g.intersection(true_poly).area / g.union(true_poly).area
+        first = first or (rank if iou > 0.25 else None)
         print(f"  rank {rank}: score {score:.3f}, rotation {rot:3d} deg, IoU with truth {iou:.2f}")
+    if first:
+        print(
+            f"  -> the true place (IoU > 0.25) is at rank {first}. The photo is from 2009 and the index from 2018:"
+        )
+        print("     the lakes flooded in between, so this is a hard case for the untrained default model.")
+    else:
+        print(
+            "  -> the true place is not in the top 5 (2009 photo vs 2018 index: the lakes flooded in between)."
+        )
     print("\nResults:")
     print(f"  index (FAISS + tile footprints + manifest): {index_dir.resolve()}")
     print(f"  candidate footprints (open in QGIS):        {cands.resolve()}")
