@@ -174,3 +174,16 @@ def test_models_lists_the_default(capsys):
     code, out, _ = run_cli(["models", "--json"], capsys)
     names = [m["name"] for m in json.loads(out)]
     assert code == 0 and "effnet-lite0-gem" in names and "astroloc" in names
+
+
+def test_factory_string_choices(tmp_path, capsys):
+    raster = SAMPLE / "naip_2018.tif"
+    args = ["index", raster, "--tile-sizes", 512, "--input-size", 128, "--quiet"]
+    code, _, err = run_cli([*args, "--out", tmp_path / "ivf", "--factory", "IVF1024,PQ64"], capsys)
+    assert code == 3 and "IVF1024,PQ64" in err  # 24 vectors cannot train 1024 lists: said clearly
+    assert not (tmp_path / "ivf").exists()
+    code, _, err = run_cli([*args, "--out", tmp_path / "bad", "--factory", "NoSuchIndex"], capsys)
+    assert code == 3 and not (tmp_path / "bad").exists()
+    code, out, err = run_cli([*args, "--out", tmp_path / "hnsw", "--factory", "HNSW32"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "hnsw" / "manifest.json").read_text())["factory"] == "HNSW32"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import shapely
@@ -162,3 +164,21 @@ def test_candidates_geopackage(sample_index, tmp_path):
     for g, tid in zip(geoms, cols["tile_id"], strict=True):
         assert shapely.equals_exact(g, idx.tiles.footprints[tid], tolerance=1e-9)
     assert res.out == str(out)
+
+
+def test_xyz_mosaic_index_from_real_candidates(shared_data, tmp_path):
+    """An ISS photo folder as an XYZ source: footprints from z/x/y, zoom kept, surrounding_* excluded."""
+    folder = shared_data / "iss" / "ISS052-E-10192"
+    meta = json.loads((folder / "meta.json").read_text())
+    out = tmp_path / "xyz"
+    manifest = api.index([str(folder)], str(out), exclude=["surrounding_*"], input_size=224)
+    assert manifest["counts"]["tiles"] == len({c["tile_zyx"] for c in meta["candidates"]})  # one listed twice
+    idx = open_index(out)
+    by_name = {c["file"]: c for c in meta["candidates"]}
+    for i, source in enumerate(idx.tiles.source):
+        cand = by_name[source.rsplit("/", 1)[-1]]
+        lat_min, lon_min, lat_max, lon_max = cand["bbox_latlon"]
+        assert np.allclose(idx.tiles.footprints[i].bounds, (lon_min, lat_min, lon_max, lat_max), atol=1e-4)
+        assert idx.tiles.zoom[i] == int(cand["tile_zyx"].split("_")[0])
+    res = api.localize([str(folder / meta["query_file"])], idx, top_k=3)
+    assert len(res.photos[0].candidates) == 3 and res.photos[0].candidates[0].zoom is not None
