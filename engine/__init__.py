@@ -1,2 +1,3 @@
 """Skyloc engine."""
+
 __version__ = "0.1.0"

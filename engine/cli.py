@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--factory",
         default="Flat",
-        help="FAISS index factory string: Flat (exact, default), IVF1024,PQ64, HNSW32, ...",
+        help="FAISS index factory string: Flat (exact, default), auto (by database size), IVF4096,SQ8, IVF4096,PQ256, HNSW32, ...",
     )
     model_args(p, "default")
 

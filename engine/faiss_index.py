@@ -4,15 +4,24 @@ Retrieval logic (rotation dedup, area filters as id sets) lives above this modul
 and search indexes, so that the choice of index is one factory string and every index type is searched the
 same way. Ids are positions in the array given to :func:`build` (0 .. n-1), unless the factory says ``IDMap``.
 
-Index choice (figures: ``bench/search_scale.py`` on this 2-core machine, 2048-d, recall@100 vs exact):
+Index choice. Figures from ``bench/search_scale.py`` (2 cores, faiss 1.15, 1M x 2048-d synthetic "manifold"
+descriptors, 1000 queries, recall@100 = share of the exact top-100 found; bench_out/search_scale_1M.txt):
 
-- ``"Flat"``: exact; 8 KiB per 2048-d vector (1M vectors = 8.2 GB; 1M tiles x 4 rotations = 32.8 GB). The
-  right choice while it fits in memory and a query scan of it (memory bound, ~10 GB/s) is fast enough.
-- ``"IVF{nlist},PQ{m}"`` (e.g. ``IVF4096,PQ256``: 256 B per vector, 32x smaller) or
-  ``"OPQ{m}_{d'},IVF{nlist},PQ{m}"``: compressed, approximate; for databases that do not fit as Flat.
-- ``"IVF{nlist},SQ8"``: 1 byte per dimension (4x smaller), recall close to exact.
-- ``"IVF{nlist},Flat"``: as big as Flat, only faster; ``"HNSW32"``: bigger than Flat (graph), fastest
-  single-query latency, slow to build at 2048-d.
+=========================  =====  ==========  ==========  ===========  ==============================
+factory (nprobe)           MB     ms/q batch  ms single   recall@100   note
+=========================  =====  ==========  ==========  ===========  ==============================
+Flat                       8192   14.0        633         1.000        exact; single query = 8 GB scan
+IVF4096,SQ8 (64 / 256)     2090   3.1 / 12    7.8 / 26    0.74 / 0.93  4x smaller, 24-80x faster
+IVF4096,PQ256 (64 / 256)   300    1.2 / 4.0   3.5 / 9.8   0.58 / 0.60  27x smaller; PQ-limited
+IVF4096,PQ64 (64)          108    0.33        1.9         0.36         76x smaller
+PCAR256,IVF4096,PQ64 (64)  95     0.20        0.66        0.65         data-dependent (see bench)
+=========================  =====  ==========  ==========  ===========  ==============================
+
+In every row the query's exact top-1 stayed in the top-100 (R1@100 = 1.0). ``HNSW32`` (50k: recall 0.97 at
+efSearch 128, 1.3 ms single) is larger than Flat (graph + full vectors), so it does not help where memory
+is the limit. ``OPQ{m}_{d'},...`` trains 50 OPQ iterations (minutes at 2048-d); ``PCAR{d'}`` is the cheap
+rotation + reduction, and how much either loses depends on the descriptors' spectrum: run the benchmark on
+real descriptors (``--real``) before choosing one. ``IVF{nlist},Flat`` is as big as Flat, only faster.
 
 Search parameters (nprobe, efSearch, id filter) are passed per call as ``faiss.SearchParameters`` objects,
 never by mutating the index, so concurrent searches on one index are safe (FAISS releases the GIL).
@@ -39,6 +48,7 @@ __all__ = [
     "FLAT_MAX_VECTORS",
     "add_vectors",
     "build",
+    "check_buildable",
     "index_nbytes",
     "make_index",
     "min_train_size",
@@ -59,15 +69,20 @@ FACTORY_EXAMPLES = (
 )
 
 #: Below this many vectors, :func:`suggest_factory` says "Flat": exact search over 200k x 2048-d is a 1.6 GB
-#: scan, ~0.1-0.2 s per query on 2 cores, and needs no training; IVF/PQ only pays off beyond that.
+#: scan, ~0.13 s per single query on 2 cores (633 ms at 1M), and needs no training.
 FLAT_MAX_VECTORS = 200_000
+
+#: Up to this many bytes of SQ8 codes (n x dim: 2M vectors at 2048-d), :func:`suggest_factory` prefers
+#: IVF + SQ8 (4x smaller than Flat, recall@100 0.93 at nprobe = nlist/16) to IVF + PQ (27x smaller, but
+#: recall@100 ~0.6 whatever nprobe).
+SQ8_MAX_BYTES = 4 << 30
 
 #: k-means wants at least this many training points per centroid (FAISS warns below it).
 POINTS_PER_CENTROID = 39
 
 #: Defaults written into an index by :func:`build` (FAISS's own defaults, nprobe=1 and efSearch=16, give
 #: poor recall@100). A per-call ``nprobe`` / ``ef_search`` overrides them.
-DEFAULT_NPROBE_FRACTION = 1 / 64  # nprobe = nlist / 64 (64 for IVF4096)
+DEFAULT_NPROBE_FRACTION = 1 / 16  # nprobe = nlist / 16 (256 for IVF4096: SQ8 recall@100 0.93 vs 0.74 at 64)
 DEFAULT_EF_SEARCH = 128
 
 # Rows per add() chunk: 256 MiB of float32, whatever the dim.
@@ -98,7 +113,7 @@ def make_index(dim: int, factory: str = "Flat") -> faiss.Index:
     if factory.lower() == "auto":
         raise InputError(
             "factory 'auto' depends on the database size: call build(vectors, 'auto') or "
-            "suggest_factory(n_vectors, dim)"
+            "suggest_factory(n_vectors, dim), or name one such as 'Flat'"
         )
     try:
         return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
@@ -111,25 +126,27 @@ def make_index(dim: int, factory: str = "Flat") -> faiss.Index:
 
 
 def suggest_factory(n_vectors: int, dim: int) -> str:
-    """The factory string for ``"auto"``: exact Flat for small databases, IVF + PQ beyond ``FLAT_MAX_VECTORS``.
+    """The factory string for ``"auto"``: Flat, then IVF + SQ8, then IVF + PQ as the database grows.
 
-    Why (bench/search_scale.py, 2048-d, 1M vectors): Flat costs 8 KiB a vector (8.2 GB per 1M, 32.8 GB for
-    1M tiles x 4 rotations, which does not fit this class of machine) and ~0.5 s per single query at 1M;
-    ``IVF4096,PQ256`` stores 256 B a vector (32x less) and answers in milliseconds, at the recall@100 the
-    benchmark prints. Below ~200k vectors Flat is exact, needs no training and is fast enough.
+    Why (bench/search_scale.py, 2048-d, 1M vectors, 2 cores): Flat costs 8 KiB a vector (8.2 GB per 1M; 32.8 GB
+    for 1M tiles x 4 rotations, more than this class of machine has) and 633 ms per single query at 1M.
+    Below ``FLAT_MAX_VECTORS`` it is exact, needs no training and answers in ~0.1 s. Up to ``SQ8_MAX_BYTES``
+    of codes ``IVF{nlist},SQ8`` (2 KiB a vector) keeps recall@100 at 0.93 (nprobe = nlist/16) and answers in
+    26 ms; beyond, ``IVF{nlist},PQ{dim/8}`` (256 B a vector, 27x smaller than Flat, ~10 ms) is what fits, at
+    recall@100 ~0.6 (the exact top-1 still in the top-100: re-rank or verify the candidates).
+    nlist ~ 4 sqrt(n) as a power of two (4096 at 1M, 8192 at 4M), with >= 39 training points per list.
     """
     if n_vectors < 0 or dim <= 0:
         raise InputError(f"need n_vectors >= 0 and dim > 0, got n_vectors={n_vectors}, dim={dim}")
     if n_vectors < FLAT_MAX_VECTORS:
         return "Flat"
-    # nlist ~ 4 sqrt(N) as a power of two, with >= 39 training points per list.
     nlist = 1 << max(8, round(math.log2(4 * math.sqrt(n_vectors))))
     while nlist > 256 and nlist * POINTS_PER_CENTROID > n_vectors:
         nlist //= 2
     nlist = min(nlist, 65536)
-    # 8 dims per PQ sub-quantizer (2048-d -> PQ256, 256 bytes a vector): the benchmark's best recall per byte
-    # among the PQ settings; m must divide dim.
-    m = max(1, dim // 8)
+    if n_vectors * dim <= SQ8_MAX_BYTES:
+        return f"IVF{nlist},SQ8"
+    m = max(1, dim // 8)  # 8 dims per 8-bit sub-quantizer; m must divide dim
     while dim % m:
         m -= 1
     return f"IVF{nlist},PQ{m}"
@@ -178,6 +195,21 @@ def min_train_size(index: faiss.Index) -> int:
     return 1
 
 
+def _skip_polysemous_training(index: faiss.Index) -> None:
+    """index_factory turns on polysemous training for PQ: a simulated annealing that reorders each
+    sub-quantizer's codes for Hamming filtering, which we never use (polysemous_ht = 0). It costs ~1.5 s per
+    sub-quantizer whatever the data size (PQ256: ~6 min), so switch it off."""
+    idx = _unwrap(index)
+    if isinstance(idx, faiss.IndexPreTransform | faiss.IndexIDMap | faiss.IndexIDMap2):
+        _skip_polysemous_training(idx.index)
+    elif isinstance(idx, faiss.IndexRefine):
+        _skip_polysemous_training(idx.base_index)
+    elif isinstance(idx, faiss.IndexHNSW):
+        _skip_polysemous_training(idx.storage)
+    elif isinstance(idx, faiss.IndexIVFPQ | faiss.IndexPQ):
+        idx.do_polysemous_training = False
+
+
 def _set_default_search_knobs(index: faiss.Index) -> None:
     """Give IVF/HNSW indexes a recall-worthy default nprobe/efSearch (stored in the file by FAISS)."""
     idx = _unwrap(index)
@@ -204,7 +236,7 @@ def _check_vectors(vectors: np.ndarray, what: str, dim: int | None = None) -> np
 
 def build(
     vectors: np.ndarray,
-    factory: str = "Flat",
+    factory: str | faiss.Index = "Flat",
     *,
     train_size: int | None = None,
     progress: ProgressFn | None = None,
@@ -219,13 +251,23 @@ def build(
     is enough for k-means/PQ and keeps training time independent of n. ``factory="auto"`` picks
     :func:`suggest_factory`. Progress: training takes the first 30 % of the bar when the index needs it.
     ``ids`` (int64, one per row) gives other ids than row numbers: with ``IDMap,...`` factories or IVF.
+    ``factory`` may also be an empty index made by :func:`make_index` and prepared by the caller (e.g. an IVF
+    given an already trained coarse quantizer, which is then not trained again).
     """
     arr = _check_vectors(vectors, "database vectors")
     n, dim = arr.shape
     report = progress or no_progress
-    if isinstance(factory, str) and factory.strip().lower() == "auto":
-        factory = suggest_factory(n, dim)
-    index = make_index(dim, factory)
+    if isinstance(factory, faiss.Index):
+        index = factory
+        factory = type(_unwrap(index)).__name__
+        if index.d != dim or index.ntotal:
+            raise InputError(
+                f"the given index must be empty and {dim}-d (it is {index.d}-d, {index.ntotal} vectors)"
+            )
+    else:
+        if isinstance(factory, str) and factory.strip().lower() == "auto":
+            factory = suggest_factory(n, dim)
+        index = make_index(dim, factory)
 
     train_share = 0.0
     if not index.is_trained:
@@ -242,6 +284,7 @@ def build(
         else:
             rows = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
             sample = np.ascontiguousarray(arr[rows], dtype=np.float32)
+        _skip_polysemous_training(index)
         try:
             index.train(sample)
         except RuntimeError as exc:
@@ -259,17 +302,36 @@ def build(
     return index
 
 
+def check_buildable(n_vectors: int, dim: int, factory: str) -> str:
+    """Resolve ``factory`` ("auto" included) and check a database of ``n_vectors`` can train it.
+
+    Called before any encoding, so that a bad factory string or a too-small database fails in a second, not
+    after an hour of encoding. Returns the resolved factory string.
+    """
+    if factory.strip().lower() == "auto":
+        factory = suggest_factory(n_vectors, dim)
+    need = min_train_size(make_index(dim, factory))
+    if n_vectors < need:
+        raise InputError(_too_small_message(factory, need, n_vectors, n_vectors, dim))
+    return factory
+
+
 def _too_small_message(factory: str, need: int, n_train: int, n: int, dim: int) -> str:
     if n_train < n:
         return (
             f"index {factory!r} needs at least {need:,} training vectors but train_size is {n_train:,}; "
             f"raise train_size (the database has {n:,})"
         )
-    fits = max(1, 1 << int(math.log2(max(1, n // POINTS_PER_CENTROID))))
+    hint = ""
+    if "IVF" in factory.upper() and ("PQ" not in factory.upper() or n >= POINTS_PER_CENTROID * 256):
+        fits = 1 << int(math.log2(max(1, n // POINTS_PER_CENTROID)))
+        hint = f", or fewer IVF lists (IVF{fits} fits {n:,} vectors)"
+    elif "PQ" in factory.upper():
+        hint = f" (8-bit PQ/OPQ needs {POINTS_PER_CENTROID * 256:,}), or 'SQ8' to compress a small database"
     return (
         f"index {factory!r} needs at least {need:,} training vectors (39 per k-means centroid) but the "
         f"database has only {n:,}. Use 'Flat' (exact; right for fewer than {FLAT_MAX_VECTORS:,} vectors), "
-        f"or 'auto' (suggests {suggest_factory(n, dim)!r}), or fewer IVF lists (IVF{fits} fits {n:,} vectors)"
+        f"or 'auto' (suggests {suggest_factory(n, dim)!r}){hint}"
     )
 
 
@@ -424,7 +486,8 @@ def search(
     """Top-``k`` by inner product: (scores float32 (nq, k), ids int64 (nq, k)); missing hits: id -1, -inf.
 
     ``allowed_ids`` restricts results to those ids (an area filter) inside FAISS (IDSelector via search
-    parameters), for Flat, IVF*, HNSW, PQ and wrapped (OPQ/PCA, IDMap, Refine) indexes. A filter keeping a
+    parameters), for Flat, SQ, IVF* (incl. IVF-PQ), HNSW and wrapped (OPQ/PCA, IDMap, Refine) indexes; plain
+    ``PQ{m}`` (IndexPQ) cannot filter and raises InputError. A filter keeping a
     fraction f of the database multiplies nprobe / efSearch by 1/f (capped at nlist) so that the search still
     meets ~as many allowed candidates as without a filter: IVF's extra lists are scanned with a bitmap test
     per entry and distances only for allowed ids, so this costs little. HNSW over exact storage with f <=
@@ -476,7 +539,11 @@ def search(
     try:
         scores, ids = target.search(q, k, params=params)
     except RuntimeError as exc:
-        hint = " (allowed_ids works with Flat, SQ, IVF*, HNSW* and their OPQ/IDMap wrappers)" if sel else ""
+        hint = (
+            " (allowed_ids works with Flat, SQ, IVF*, HNSW* and their OPQ/IDMap wrappers)"
+            if sel is not None
+            else ""
+        )
         raise InputError(
             f"FAISS cannot search a {type(_unwrap(index)).__name__} with these parameters: "
             f"{_faiss_reason(exc)}{hint}"

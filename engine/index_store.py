@@ -107,6 +107,7 @@ def build_index(
     specs: list[tuple[TileSource, TileSpec]] = [(src, s) for src in sources for s in src.specs()]
     if not specs:
         raise EmptyInputError("no tile to index: every source was empty or fully nodata")
+    factory = faiss_index.check_buildable(len(specs) * len(ROTATIONS), encoder.dim, factory)
     params = {
         "model_id": encoder.model_id,
         "factory": factory,

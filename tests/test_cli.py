@@ -182,6 +182,7 @@ def test_factory_string_choices(tmp_path, capsys):
     code, _, err = run_cli([*args, "--out", tmp_path / "ivf", "--factory", "IVF1024,PQ64"], capsys)
     assert code == 3 and "IVF1024,PQ64" in err  # 24 vectors cannot train 1024 lists: said clearly
     assert not (tmp_path / "ivf").exists()
+    assert not (tmp_path / "ivf.partial").exists()  # refused before any tile was encoded
     code, _, err = run_cli([*args, "--out", tmp_path / "bad", "--factory", "NoSuchIndex"], capsys)
     assert code == 3 and not (tmp_path / "bad").exists()
     code, out, err = run_cli([*args, "--out", tmp_path / "hnsw", "--factory", "HNSW32"], capsys)
