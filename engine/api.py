@@ -20,7 +20,7 @@ from .errors import EmptyInputError, InputError, SkylocError
 from .imageio import read_image
 from .index_store import TileIndex, build_index, open_index
 from .nets.base import ImageEncoder
-from .nets.registry import load_encoder
+from .nets.registry import load_encoder, resolve_name
 from .progress import CancelToken, ProgressFn, no_progress
 from .search_area import SearchArea
 from .tiles import open_source
@@ -179,7 +179,7 @@ def localize(
         model or built_with["name"],
         weights or idx.manifest["build"].get("weights"),
         backend,
-        built_with["input_size"] if model in (None, built_with["name"]) else None,
+        built_with["input_size"] if model is None or resolve_name(model) == built_with["name"] else None,
     )
     idx.check_encoder(encoder)
     tiles = retrieval.allowed_tiles(idx, area)

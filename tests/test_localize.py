@@ -105,6 +105,14 @@ def test_top_k_is_deduplicated_per_tile(sample_index, tmp_path):
     assert scores == sorted(scores, reverse=True)
 
 
+def test_model_alias_reuses_the_index_settings(sample_index, tmp_path):
+    photo = tmp_path / "p.jpg"
+    Image.fromarray(read_window(SAMPLE / "naip_2018.tif", *WINDOW)).save(photo)
+    # The index was encoded at 224 px; naming the model by its alias must not fall back to 384 px.
+    res = api.localize([str(photo)], str(sample_index), model="default", top_k=1)
+    assert res.model_id == open_index(sample_index).model_id
+
+
 def test_other_model_is_refused(sample_index, tmp_path):
     photo = tmp_path / "p.jpg"
     Image.fromarray(read_window(SAMPLE / "naip_2018.tif", *WINDOW)).save(photo)
