@@ -97,7 +97,7 @@ def build_index(
     *,
     factory: str = "Flat",
     build_params: dict[str, Any] | None = None,
-    batch_tiles: int = 16,
+    batch_tiles: int | None = None,
     chunk_tiles: int = CHUNK_TILES,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
@@ -118,6 +118,8 @@ def build_index(
     staged = out_dir.with_name(out_dir.name + ".partial")
     _prepare_staging(staged, params)
 
+    if batch_tiles is None:  # each tile is encoded at every rotation in the same call
+        batch_tiles = max(1, getattr(encoder, "max_batch", 64) // len(ROTATIONS))
     descriptors = _encode_all(specs, encoder, staged / "chunks", batch_tiles, chunk_tiles, progress, cancel)
     if cancel is not None:
         cancel.check()

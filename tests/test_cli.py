@@ -144,6 +144,7 @@ def test_model_mismatch(sample_index, photo, capsys):
     assert code == 4 and "built with model" in err
 
 
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_raster_without_crs_is_refused_and_nothing_written(tmp_path, capsys):
     no_crs = tmp_path / "nocrs.tif"
     data = np.random.default_rng(0).integers(0, 255, (3, 300, 300), dtype=np.uint8)

@@ -240,3 +240,13 @@ def test_onnx_astroloc_random_matches_torch(astroloc_random, real, tmp_path, mon
     cos = _cosines(a, b)
     assert cos.min() >= 0.999, cos
     assert not math.isclose(float(a[0] @ a[1]), 1.0, abs_tol=1e-4)  # the crops really differ
+
+
+def test_large_models_encode_in_small_batches():
+    """Indexing batches by max_batch: the ViT must not be fed 64 images at once (6.6 GB measured)."""
+    from engine.index_store import ROTATIONS
+    from engine.nets.registry import load_encoder
+
+    assert load_encoder("default").max_batch == 64
+    vit = load_encoder("astroloc-random", input_size=126)
+    assert vit.max_batch == 8 and vit.max_batch // len(ROTATIONS) == 2

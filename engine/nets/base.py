@@ -20,6 +20,7 @@ class ImageEncoder(Protocol):
     dim: int
     input_size: int
     backend: str
+    max_batch: int  # images per encode() call that keep memory reasonable (indexing batches by it)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 RGB, any H, W -> (B, dim) float32, rows L2-normalised.
