@@ -40,9 +40,10 @@ def get_encoder(
     weights: str | None = None,
     backend: str = DEFAULT_BACKEND,
     input_size: int | None = None,
+    sha256: str | None = None,
 ) -> ImageEncoder:
     """Encoders are expensive to build: keep the last few (the service reuses them across requests)."""
-    return load_encoder(model, weights=weights, backend=backend, input_size=input_size)
+    return load_encoder(model, weights=weights, backend=backend, input_size=input_size, sha256=sha256)
 
 
 # ----------------------------------------------------------------------------------------------- index
@@ -54,6 +55,7 @@ def index(
     *,
     model: str = "default",
     weights: str | None = None,
+    sha256: str | None = None,
     backend: str = DEFAULT_BACKEND,
     input_size: int | None = None,
     factory: str = "Flat",
@@ -70,7 +72,7 @@ def index(
         raise EmptyInputError("no source given: name GeoTIFF files and/or folders of XYZ mosaics")
     if not 0 <= overlap < 1:
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
-    encoder = get_encoder(model, weights, backend, input_size)
+    encoder = get_encoder(model, weights, backend, input_size, sha256)
     opened = [
         open_source(s, tile_sizes=tuple(tile_sizes), overlap=overlap, bands=bands, span=span, exclude=exclude)
         for s in sources
@@ -161,6 +163,7 @@ def localize(
     area: SearchArea | None = None,
     model: str | None = None,
     weights: str | None = None,
+    sha256: str | None = None,
     backend: str = DEFAULT_BACKEND,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: ProgressFn = no_progress,
@@ -180,6 +183,7 @@ def localize(
         weights or idx.manifest["build"].get("weights"),
         backend,
         built_with["input_size"] if model is None or resolve_name(model) == built_with["name"] else None,
+        sha256,
     )
     idx.check_encoder(encoder)
     tiles = retrieval.allowed_tiles(idx, area)

