@@ -474,16 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         _, ids_f = fi.search(index, q, k, allowed_ids=allowed)
         filtered_ms = (time.perf_counter() - t) * 1e3 / len(q)
         filtered_recall = recall_at(ids_f, truth_f)
+        built = dict(factory=factory, train_s=train_s, add_s=add_s, coarse_kmeans_s=kmeans_s, bytes=nbytes)
         for value in settings or [None]:
             kw = {knob: value} if knob and value is not None else {}
             b_ms, s_ms, ids = time_search(index, q, k, args.single, **kw)
             row = dict(
-                factory=factory,
+                built,
                 setting=f"{knob}={value}" if kw else "-",
-                train_s=train_s,
-                add_s=add_s,
-                coarse_kmeans_s=kmeans_s,
-                bytes=nbytes,
                 batch_ms=b_ms,
                 single_ms=s_ms,
                 recall=recall_at(ids, truth),
@@ -499,12 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             ids_default = fi.search(index, q, k)[1]
             rows.append(
                 dict(
-                    factory=factory,
+                    built,
                     setting=f"{knob}={default} (default)",
-                    train_s=train_s,
-                    add_s=add_s,
-                    coarse_kmeans_s=kmeans_s,
-                    bytes=nbytes,
                     batch_ms=None,
                     single_ms=None,
                     recall=recall_at(ids_default, truth),

@@ -195,32 +195,38 @@ def min_train_size(index: faiss.Index) -> int:
     return 1
 
 
+def _layers(index: faiss.Index, *, into_hnsw_storage: bool = False):
+    """The index and the indexes it wraps (OPQ/PCA pre-transforms, IDMap, the base of a Refine; the storage
+    of an HNSW when asked), outermost first, each downcast to its concrete FAISS class."""
+    idx = _unwrap(index)
+    while True:
+        yield idx
+        if isinstance(idx, faiss.IndexPreTransform | faiss.IndexIDMap | faiss.IndexIDMap2):
+            idx = _unwrap(idx.index)
+        elif isinstance(idx, faiss.IndexRefine):
+            idx = _unwrap(idx.base_index)
+        elif into_hnsw_storage and isinstance(idx, faiss.IndexHNSW):
+            idx = _unwrap(idx.storage)
+        else:
+            return
+
+
 def _skip_polysemous_training(index: faiss.Index) -> None:
     """index_factory turns on polysemous training for PQ: a simulated annealing that reorders each
     sub-quantizer's codes for Hamming filtering, which we never use (polysemous_ht = 0). It costs ~1.5 s per
     sub-quantizer whatever the data size (PQ256: ~6 min), so switch it off."""
-    idx = _unwrap(index)
-    if isinstance(idx, faiss.IndexPreTransform | faiss.IndexIDMap | faiss.IndexIDMap2):
-        _skip_polysemous_training(idx.index)
-    elif isinstance(idx, faiss.IndexRefine):
-        _skip_polysemous_training(idx.base_index)
-    elif isinstance(idx, faiss.IndexHNSW):
-        _skip_polysemous_training(idx.storage)
-    elif isinstance(idx, faiss.IndexIVFPQ | faiss.IndexPQ):
-        idx.do_polysemous_training = False
+    for idx in _layers(index, into_hnsw_storage=True):
+        if isinstance(idx, faiss.IndexIVFPQ | faiss.IndexPQ):
+            idx.do_polysemous_training = False
 
 
 def _set_default_search_knobs(index: faiss.Index) -> None:
     """Give IVF/HNSW indexes a recall-worthy default nprobe/efSearch (stored in the file by FAISS)."""
-    idx = _unwrap(index)
-    if isinstance(idx, faiss.IndexPreTransform | faiss.IndexIDMap | faiss.IndexIDMap2):
-        _set_default_search_knobs(idx.index)
-    elif isinstance(idx, faiss.IndexRefine):
-        _set_default_search_knobs(idx.base_index)
-    elif isinstance(idx, faiss.IndexIVF):
-        idx.nprobe = max(1, min(idx.nlist, round(idx.nlist * DEFAULT_NPROBE_FRACTION)))
-    elif isinstance(idx, faiss.IndexHNSW):
-        idx.hnsw.efSearch = max(idx.hnsw.efSearch, DEFAULT_EF_SEARCH)
+    for idx in _layers(index):
+        if isinstance(idx, faiss.IndexIVF):
+            idx.nprobe = max(1, min(idx.nlist, round(idx.nlist * DEFAULT_NPROBE_FRACTION)))
+        elif isinstance(idx, faiss.IndexHNSW):
+            idx.hnsw.efSearch = max(idx.hnsw.efSearch, DEFAULT_EF_SEARCH)
 
 
 def _check_vectors(vectors: np.ndarray, what: str, dim: int | None = None) -> np.ndarray:
