@@ -20,7 +20,7 @@ from .errors import EmptyInputError, InputError, SkylocError
 from .imageio import read_image
 from .index_store import TileIndex, build_index, open_index
 from .nets.base import ImageEncoder
-from .nets.registry import load_encoder, resolve_name
+from .nets.registry import available_models, load_encoder, resolve_name
 from .progress import CancelToken, ProgressFn, no_progress
 from .search_area import SearchArea
 from .tiles import open_source
@@ -273,6 +273,4 @@ def write_candidates(out: str, result: LocalizeResult, idx: TileIndex) -> Path:
 
 def models() -> list[dict[str, Any]]:
     """The encoders this engine can run, and what each can do."""
-    from .nets.registry import available_models
-
     return available_models()

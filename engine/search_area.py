@@ -76,24 +76,23 @@ def haversine_km(lat1, lon1, lat2, lon2):
 
 def _select_near(geoms: np.ndarray, near: tuple[float, float], radius_km: float) -> np.ndarray:
     lat, lon = near
-    # Coarse pass: tiles whose nearest vertex is farther than the radius plus the tile's own size cannot touch.
-    coords = [np.asarray(g.exterior.coords) for g in geoms]
-    nearest = np.array([haversine_km(lat, lon, c[:, 1], c[:, 0]).min() for c in coords])
-    extent = np.array([_ring_extent_km(c) for c in coords])
-    candidates = np.flatnonzero(nearest <= radius_km + extent)
+    # Coarse pass, vectorised over all vertices: a tile whose nearest vertex is farther than the radius plus
+    # the tile's own size (largest distance from its first vertex) cannot touch the circle.
+    xy, owner = shapely.get_coordinates(shapely.get_exterior_ring(geoms), return_index=True)
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    to_point = haversine_km(lat, lon, xy[:, 1], xy[:, 0])
+    first = starts[np.searchsorted(starts, np.arange(len(owner)), side="right") - 1]
+    to_first = haversine_km(xy[first, 1], xy[first, 0], xy[:, 1], xy[:, 0])
+    nearest = np.minimum.reduceat(to_point, starts)
+    extent = np.maximum.reduceat(to_first, starts)
+    candidates = owner[starts][nearest <= radius_km + extent]
     if candidates.size == 0:
-        return candidates
+        return candidates.astype(np.int64)
     aeqd = Transformer.from_crs(
         "EPSG:4326", f"+proj=aeqd +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m", always_xy=True
     )
-    projected = [
-        shapely.transform(geoms[i], lambda xy: np.column_stack(aeqd.transform(xy[:, 0], xy[:, 1])))
-        for i in candidates
-    ]
-    dist_m = shapely.distance(np.asarray(projected, dtype=object), shapely.Point(0, 0))
-    return candidates[dist_m <= radius_km * 1000.0]
-
-
-def _ring_extent_km(coords: np.ndarray) -> float:
-    lat0, lon0 = coords[0, 1], coords[0, 0]
-    return float(haversine_km(lat0, lon0, coords[:, 1], coords[:, 0]).max())
+    projected = shapely.transform(
+        geoms[candidates], lambda pts: np.column_stack(aeqd.transform(pts[:, 0], pts[:, 1]))
+    )
+    dist_m = shapely.distance(projected, shapely.Point(0, 0))
+    return candidates[dist_m <= radius_km * 1000.0].astype(np.int64)
