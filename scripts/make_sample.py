@@ -27,16 +27,10 @@ def main() -> None:
         rgb = ds.read((1, 2, 3), window=CROP)
         transform = ds.window_transform(CROP)
         crs = ds.crs
-    img = Image.fromarray(np.moveaxis(rgb, 0, -1)).resize((OUT_SIZE, OUT_SIZE), Image.LANCZOS)
-    # Oblique look: the far (top) edge of the ground square appears narrower. PIL's PERSPECTIVE maps output
-    # pixels to input pixels, so give the coefficients of output->input from 4 point pairs.
-    s = OUT_SIZE
-    squeeze = 0.15 * s
-    dst = [(squeeze, 0), (s - squeeze, 0), (s, s), (0, s)]  # where the ground corners land in the photo
-    src = [(0, 0), (s, 0), (s, s), (0, s)]
-    coeffs = _perspective_coeffs(dst, src)
-    photo = img.transform((s, s), Image.PERSPECTIVE, coeffs, Image.BICUBIC, fillcolor=(90, 110, 140))
-    photo = Image.fromarray(np.rot90(np.asarray(photo), ROT_K).copy())
+    view = oblique_view(
+        np.moveaxis(rgb, 0, -1), squeeze=0.15, rot_k=ROT_K, size=OUT_SIZE, fill=(90, 110, 140)
+    )
+    photo = Image.fromarray(view)
     photo.save(SAMPLE / "photo_2009_oblique.jpg", quality=90)
 
     to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
@@ -57,14 +51,27 @@ def main() -> None:
     print(f"wrote {SAMPLE / 'photo_2009_oblique.jpg'}")
 
 
-def _perspective_coeffs(dst: list[tuple[float, float]], src: list[tuple[float, float]]) -> list[float]:
-    """Coefficients a..h such that src = ((a x + b y + c) / (g x + h y + 1), (d x + e y + f) / (...))."""
+def oblique_view(
+    rgb: np.ndarray, squeeze: float, rot_k: int, size: int, fill: tuple[int, int, int] = (0, 0, 0)
+) -> np.ndarray:
+    """An oblique-looking, rotated view of ``rgb`` (H, W, 3), as a (size, size, 3) uint8 array.
+
+    The far (top) edge of the ground square appears narrower by ``squeeze`` x size on each side, then the
+    result is turned by np.rot90(k=rot_k), i.e. 90 * rot_k degrees counter-clockwise. The tests make their
+    synthetic photos with this too.
+    """
+    img = Image.fromarray(rgb).resize((size, size), Image.LANCZOS)
+    s, q = size, squeeze * size
+    dst = [(q, 0), (s - q, 0), (s, s), (0, s)]  # where the ground corners land in the photo
+    src = [(0, 0), (s, 0), (s, s), (0, s)]
+    # PIL's PERSPECTIVE maps output pixels to input pixels: solve for the output -> input coefficients.
     rows, rhs = [], []
     for (x, y), (u, v) in zip(dst, src, strict=True):
-        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+        rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
         rhs += [u, v]
-    return list(np.linalg.solve(np.array(rows, float), np.array(rhs, float)))
+    coeffs = np.linalg.solve(np.array(rows, float), np.array(rhs, float))
+    warped = img.transform((s, s), Image.PERSPECTIVE, tuple(coeffs), Image.BICUBIC, fillcolor=fill)
+    return np.rot90(np.asarray(warped), rot_k).copy()
 
 
 if __name__ == "__main__":
