@@ -17,7 +17,7 @@ import numpy as np
 
 from . import retrieval
 from .errors import EmptyInputError, InputError, SkylocError
-from .imageio import read_image
+from .imageio import DEFAULT_MAX_PIXELS, read_image
 from .index_store import TileIndex, build_index, open_index
 from .nets.base import ImageEncoder
 from .nets.registry import available_models, load_encoder, resolve_name
@@ -31,7 +31,6 @@ from .vector_io import write_polygons
 #: threads stall under load); bench/retrieval_iss.py. The export is cached per model and input size.
 DEFAULT_BACKEND = "onnx"
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp"}
-DEFAULT_MAX_PIXELS = 100_000_000
 
 
 @functools.lru_cache(maxsize=4)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import InputError, SkylocError
+from .imageio import DEFAULT_MAX_PIXELS
 from .search_area import SearchArea
 
 EXIT_CODES = __doc__.split("Exit codes: ", 1)[1].strip()
@@ -128,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bbox", metavar="MIN_LON,MIN_LAT,MAX_LON,MAX_LAT", help="search only inside this box")
     p.add_argument("--out", metavar="OUT.gpkg", help="write candidate footprints (.gpkg, or .shp)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger photos (default 1e8)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse larger photos (default {DEFAULT_MAX_PIXELS:,} pixels)",
+    )
     model_args(p, None)
 
     p = sub.add_parser("models", help="list the encoders and what they can do")
