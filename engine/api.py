@@ -17,6 +17,10 @@ import numpy as np
 
 from . import retrieval
 from .errors import EmptyInputError, InputError, SkylocError
+from .footprint.batch import run_batch
+from .footprint.coregister import CoregParams
+from .footprint.estimate import Footprint, estimate
+from .footprint.places import IndexPlaces, RasterPlaces
 from .imageio import DEFAULT_MAX_PIXELS, read_image
 from .index_store import TileIndex, build_index, open_index
 from .nets.base import ImageEncoder
@@ -273,3 +277,135 @@ def write_candidates(out: str, result: LocalizeResult, idx: TileIndex) -> Path:
 def models() -> list[dict[str, Any]]:
     """The encoders this engine can run, and what each can do."""
     return available_models()
+
+
+# ------------------------------------------------------------------------------------------- footprint
+
+
+def _footprint_settings(**kw: Any) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}
+
+
+def footprint(
+    photos: Sequence[str],
+    against: str,
+    *,
+    out: str,
+    top_k: int = 5,
+    georef_dir: str | None = None,
+    geotiff: str | None = None,
+    points: str | None = None,
+    model: str = "default",
+    backend: str = DEFAULT_BACKEND,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    resume: bool = True,
+    params: CoregParams | None = None,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> list[Footprint]:
+    """Footprints of photos on one raster (GeoTIFF) or XYZ folder named by the user, no index needed.
+
+    Candidates: the whole extent, then the ``top_k - 1`` windows most similar to the photo. Writes the
+    footprint layer ``out`` (one feature per photo), and for localized photos the georeferenced GeoTIFF and
+    the Georeferencer ``.points`` (``geotiff``/``points`` for one photo, ``georef_dir`` for several).
+    """
+    if top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {top_k}")
+    params = params or CoregParams()
+    paths = expand_photos(photos)
+    places = RasterPlaces(against, get_encoder(model, None, backend, None, None))
+    try:
+
+        def locate(path: Path) -> tuple[Footprint, np.ndarray]:
+            rgb = read_image(path, max_pixels=max_pixels)
+            return estimate(str(path), rgb, places.candidates(rgb, top_k), params, cancel), rgb
+
+        settings = _footprint_settings(
+            against=Path(against).resolve(), top_k=top_k, model=model, params=asdict(params)
+        )
+        return run_batch(
+            paths,
+            out,
+            locate,
+            settings,
+            georef_dir=georef_dir,
+            geotiff=geotiff,
+            points=points,
+            resume=resume,
+            progress=progress,
+            cancel=cancel,
+        )
+    finally:
+        places.close()
+
+
+def localize_footprints(
+    photos: Sequence[str],
+    index: str | TileIndex,
+    *,
+    out: str,
+    top_k: int = 10,
+    area: SearchArea | None = None,
+    georef_dir: str | None = None,
+    geotiff: str | None = None,
+    points: str | None = None,
+    candidates_out: str | None = None,
+    backend: str = DEFAULT_BACKEND,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    resume: bool = True,
+    params: CoregParams | None = None,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> list[Footprint]:
+    """Retrieval, then footprint estimation on the ``top_k`` candidates of each photo (``localize --footprint``).
+
+    The winning candidate re-ranks the retrieval (``Footprint.checks`` lists every candidate, accepted
+    first). ``candidates_out`` also writes the retrieved tiles, as ``localize --out`` does.
+    """
+    params = params or CoregParams()
+    idx = index if isinstance(index, TileIndex) else open_index(index)
+    retrieved = localize(
+        photos,
+        idx,
+        out=candidates_out,
+        top_k=top_k,
+        area=area,
+        backend=backend,
+        max_pixels=max_pixels,
+        progress=lambda f, m: progress(0.1 * f, m),
+        cancel=cancel,
+    )
+    by_photo = {p.photo: p for p in retrieved.photos}
+    places = IndexPlaces(idx)
+    try:
+
+        def locate(path: Path) -> tuple[Footprint, np.ndarray]:
+            hit = by_photo[str(path)]
+            if hit.status != "ok":
+                return Footprint(
+                    photo=str(path), status="error", reason=f"{hit.error_code}: {hit.message}"
+                ), None
+            rgb = read_image(path, max_pixels=max_pixels)
+            cands = [places.candidate(c.tile_id, c.rank) for c in hit.candidates]
+            return estimate(str(path), rgb, cands, params, cancel), rgb
+
+        settings = _footprint_settings(
+            index=idx.path.resolve(),
+            top_k=top_k,
+            area=area.describe() if area else None,
+            params=asdict(params),
+        )
+        return run_batch(
+            [Path(p.photo) for p in retrieved.photos],
+            out,
+            locate,
+            settings,
+            georef_dir=georef_dir,
+            geotiff=geotiff,
+            points=points,
+            resume=resume,
+            progress=lambda f, m: progress(0.1 + 0.9 * f, m),
+            cancel=cancel,
+        )
+    finally:
+        places.close()

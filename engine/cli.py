@@ -3,16 +3,20 @@
 Exit codes: 0 success; 1 internal error (a bug: please report it); 2 bad command line; 3 unreadable or
 unusable input (missing/corrupt file, raster without CRS, empty folder, image too large, bad weights, some
 photos failed); 4 index built with another model; 5 search area or point outside the index/raster;
-130 interrupted (Ctrl-C).
+6 footprint: no photo could be placed (every one rejected, each with its reason in the layer); 130
+interrupted (Ctrl-C; a footprint batch resumes where it stopped when run again).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import InputError, SkylocError
@@ -93,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
                 "--input-size", type=int, help="encoder input side in pixels (default: the model's)"
             )
 
+    def footprint_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--format", choices=("gpkg", "shp"), help="layer format (default: from --out's extension)"
+        )
+        p.add_argument("--geotiff", metavar="OUT.tif", help="one photo: write it georeferenced here (COG)")
+        p.add_argument("--points", metavar="OUT.points", help="one photo: QGIS Georeferencer GCPs here")
+        p.add_argument(
+            "--georef-dir",
+            metavar="DIR",
+            help="write <photo>.tif and <photo>.points for every localized photo here "
+            "(default: OUT_georef/ beside --out)",
+        )
+        p.add_argument("--restart", action="store_true", help="ignore the records of an interrupted run")
+
     p = sub.add_parser("index", help="build a tile database from GeoTIFFs and/or XYZ mosaic folders")
     p.add_argument(
         "sources", nargs="+", metavar="SOURCE", help="GeoTIFF file or folder of *Z_ROW_COL.jpg|png"
@@ -130,12 +148,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="OUT.gpkg", help="write candidate footprints (.gpkg, or .shp)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument(
+        "--footprint",
+        action="store_true",
+        help="estimate each photo's footprint on its candidates: --out is then the footprint layer",
+    )
+    p.add_argument("--candidates", metavar="CANDS.gpkg", help="with --footprint: also write the candidates")
+    footprint_args(p)
+    p.add_argument(
         "--max-pixels",
         type=int,
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse larger photos (default {DEFAULT_MAX_PIXELS:,} pixels)",
     )
     model_args(p, None)
+
+    p = sub.add_parser("footprint", help="footprints of photos on a raster you name (no index needed)")
+    p.add_argument("photos", nargs="+", metavar="PHOTO", help="photo files or folders of photos")
+    p.add_argument("--against", required=True, metavar="RASTER", help="GeoTIFF (or folder of XYZ mosaics)")
+    p.add_argument("--out", required=True, metavar="OUT.gpkg", help="footprint layer (.gpkg, or .shp)")
+    p.add_argument("--top-k", type=int, default=5, help="places tried: whole extent + most similar windows")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger photos (default 100 MP)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="onnx", help="retrieval encoder backend")
+    footprint_args(p)
 
     p = sub.add_parser("models", help="list the encoders and what they can do")
     p.add_argument("--json", action="store_true")
@@ -192,6 +230,8 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 0
 
+    if args.command == "footprint" or getattr(args, "footprint", False):
+        return _footprints(api, args, progress)
     result = api.localize(
         args.photos,
         args.index,
@@ -225,6 +265,58 @@ def _run(args: argparse.Namespace) -> int:
         if photo.status != "ok":
             print(f"skyloc: {photo.photo}: {photo.message}", file=sys.stderr)
     return 3 if result.n_failed else 0
+
+
+def _layer_path(args: argparse.Namespace) -> str:
+    if args.out is None:
+        raise InputError("--footprint needs --out OUT.gpkg (the footprint layer)")
+    if args.format:
+        return str(Path(args.out).with_suffix("." + args.format))
+    return args.out
+
+
+def _footprints(api: Any, args: argparse.Namespace, progress: StderrProgress) -> int:
+    out = _layer_path(args)
+    georef_dir = args.georef_dir
+    if georef_dir is None and not (args.geotiff or args.points):
+        georef_dir = str(Path(out).with_name(Path(out).stem + "_georef"))
+    common = {
+        "out": out,
+        "top_k": args.top_k,
+        "georef_dir": georef_dir,
+        "geotiff": args.geotiff,
+        "points": args.points,
+        "backend": args.backend,
+        "max_pixels": args.max_pixels,
+        "resume": not args.restart,
+        "progress": progress,
+    }
+    if args.command == "footprint":
+        results = api.footprint(args.photos, args.against, **common)
+    else:
+        results = api.localize_footprints(
+            args.photos, args.index, area=_area(args), candidates_out=args.candidates, **common
+        )
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=1, default=str))
+    else:
+        for r in results:
+            if r.status == "localized":
+                print(
+                    f"{r.photo}: localized on {r.candidate} (candidate {r.candidate_rank}), "
+                    f"{r.verified} verified matches, confidence {r.confidence:.2f}, {r.seconds:.1f} s"
+                )
+                for name, path in (("GeoTIFF", r.geotiff), ("GCPs", r.points)):
+                    if path:
+                        print(f"  {name}: {path}")
+            else:
+                print(f"{r.photo}: {r.status.upper()}: {r.reason}")
+        print(
+            f"footprint layer: {out} ({sum(r.status == 'localized' for r in results)} of {len(results)} placed)"
+        )
+    if any(r.status == "error" for r in results):
+        return 3
+    return 0 if any(r.status == "localized" for r in results) else 6
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,24 +29,27 @@ def driver_for(path: str | os.PathLike[str]) -> str:
 
 def write_polygons(
     path: str | os.PathLike[str],
-    polygons: Sequence[shapely.Polygon],
+    polygons: Sequence[shapely.Geometry | None],
     attributes: dict[str, Sequence[Any]],
     *,
     layer: str,
     crs: str = "EPSG:4326",
 ) -> Path:
-    """Write one polygon layer with its attribute columns, atomically. Returns the path written."""
+    """Write one polygon layer with its attribute columns, atomically. Returns the path written.
+
+    A ``None`` polygon is written as a feature without geometry (e.g. a photo that could not be placed).
+    """
     path = Path(path)
     driver = driver_for(path)
     n = len(polygons)
     for name, values in attributes.items():
         if len(values) != n:
             raise ValueError(f"attribute {name} has {len(values)} values for {n} polygons")
-    kinds = {g.geom_type for g in polygons}
+    kinds = {g.geom_type for g in polygons if g is not None}
     if not kinds <= {"Polygon", "MultiPolygon"}:
         raise ValueError(f"polygon layer {layer} got {sorted(kinds)} geometries")
     geometry_type = "MultiPolygon" if "MultiPolygon" in kinds else "Polygon"
-    geometry = np.array(shapely.to_wkb(np.asarray(polygons, dtype=object)), dtype=object)
+    geometry = np.array([None if g is None else shapely.to_wkb(g) for g in polygons], dtype=object)
     fields = list(attributes)
     field_data = [_column(attributes[name]) for name in fields]
     if driver == "ESRI Shapefile":

@@ -1,4 +1,5 @@
-"""The README's first command: index the bundled 2018 NAIP raster, localize the bundled 2009 photo.
+"""The README's first command: index the bundled 2018 NAIP raster, localize the bundled 2009 photo, then
+estimate its footprint (rejected on the 2018 imagery, placed on the 2009 one).
 
 Runs the real `skyloc` command line (in-process) with the embedded default model, then checks the answer
 against the sample's ground truth and prints where the results are.
@@ -23,11 +24,11 @@ from engine.vector_io import read_layer  # noqa: E402
 SAMPLE = ROOT / "sample"
 
 
-def run(args: list[str]) -> None:
+def run(args: list[str], expect: int = 0) -> None:
     print("$ skyloc " + " ".join(shlex.quote(a) for a in args), flush=True)
     code = skyloc(args)
-    if code != 0:
-        sys.exit(f"demo: `skyloc {args[0]}` failed with exit code {code}")
+    if code != expect:
+        sys.exit(f"demo: `skyloc {args[0]}` exited with {code}, expected {expect}")
 
 
 def main() -> None:
@@ -59,9 +60,45 @@ def main() -> None:
         print(
             "  -> the true place is not in the top 5 (2009 photo vs 2018 index: the lakes flooded in between)."
         )
+
+    print("\nFootprint on the 2018 imagery (9 years of change: SIFT finds no consistent match, exit code 6):")
+    fp2018, fp2009 = out / "footprint_2018.gpkg", out / "footprint_2009.gpkg"
+    run(
+        [
+            "localize",
+            str(photo),
+            "--index",
+            str(index_dir),
+            "--top-k",
+            "5",
+            "--footprint",
+            "--out",
+            str(fp2018),
+            "--restart",
+        ],
+        expect=6,
+    )
+    print("\nFootprint on the 2009 imagery the photo was taken from:")
+    run(
+        [
+            "footprint",
+            str(photo),
+            "--against",
+            str(SAMPLE / "naip_2009.tif"),
+            "--out",
+            str(fp2009),
+            "--restart",
+        ]
+    )
+    geoms, cols = read_layer(fp2009)
+    iou = geoms[0].intersection(true_poly).area / geoms[0].union(true_poly).area
+    print(f"  footprint status {cols['status'][0]}, {cols['verified'][0]} verified matches")
+    print(f"  IoU with the ground square the photo shows: {iou:.2f} (the photo also shows ground beyond it)")
     print("\nResults:")
     print(f"  index (FAISS + tile footprints + manifest): {index_dir.resolve()}")
     print(f"  candidate footprints (open in QGIS):        {cands.resolve()}")
+    print(f"  footprints (status + reason per photo):     {fp2018.resolve()}, {fp2009.resolve()}")
+    print(f"  georeferenced photo (COG) + QGIS GCPs:      {(out / 'footprint_2009_georef').resolve()}")
 
 
 if __name__ == "__main__":

@@ -307,17 +307,28 @@ class GeoTiffSource:
         """The window resampled to (size, size, 3) uint8: area average when shrinking, bilinear when growing."""
         if spec.window is None:
             raise ValueError(f"{spec.source}: not a GeoTIFF tile (no window)")
-        _, stretch = self._overview()
         col, row, width, height = spec.window
-        window = Window(col, row, width, height)
-        resampling = Resampling.average if min(width, height) >= size else Resampling.bilinear
+        rgb, _ = self.read_window(Window(col, row, width, height), (size, size))
+        return rgb
+
+    def read_window(self, window: Window, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Any window resampled to ``shape`` (rows, cols): (H, W, 3) uint8 RGB (0 where invalid), (H, W) valid.
+
+        Area average when shrinking, bilinear when growing; the raster-wide stretch, so that colours agree
+        between reads (the footprint estimator reads many windows of one raster).
+        """
+        _, stretch = self._overview()
+        shrinking = window.width >= shape[1] and window.height >= shape[0]
         data = self.dataset.read(
-            list(self.rgb_bands), window=window, out_shape=(3, size, size), resampling=resampling
+            list(self.rgb_bands),
+            window=window,
+            out_shape=(3, *shape),
+            resampling=Resampling.average if shrinking else Resampling.bilinear,
         )
-        valid = self._valid(data, window=window, shape=(size, size))
+        valid = self._valid(data, window=window, shape=shape)
         rgb = apply_band_stretch(data, stretch)
         rgb[:, ~valid] = 0
-        return np.ascontiguousarray(rgb.transpose(1, 2, 0))
+        return np.ascontiguousarray(rgb.transpose(1, 2, 0)), valid
 
 
 def _check_params(path: str, tile_sizes: Sequence[int], overlap: float, max_nodata: float) -> None:

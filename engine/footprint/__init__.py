@@ -1,0 +1,1 @@
+"""Footprint estimation: iterative coregistration of a photo against candidate places (EarthMatch-style)."""

@@ -1,0 +1,232 @@
+"""From a photo and its candidate places to one footprint, or an honest "cannot place it".
+
+Every candidate is coregistered (coregister.py); an attempt is *accepted* only when it passes every
+plausibility check below; the accepted attempt with the most verified matches wins, which also re-ranks the
+retrieval. Candidates whose centre already lies inside an accepted footprint are not coregistered again
+(neighbouring tiles of the right place converge to the same footprint).
+
+Acceptance threshold (``CoregParams.min_verified`` = 12 verified matches) and the other limits are
+calibrated on ../shared/data/iss with bench/footprint_iss.py: wrong places never reached 2 verified
+matches there, right ones 60 to 900; see README "Footprints" for the distributions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import shapely
+import shapely.affinity
+
+from ..errors import InputError
+from ..geo.crs import to_lonlat, unwrap_lons
+from ..progress import CancelToken
+from .coregister import DEFAULT_PARAMS, Attempt, CoregParams, PhotoFeatures, coregister, corners
+from .ground import Ground, apply_h
+from .outputs import check_homography
+
+#: Footprint area / candidate area outside [1/MAX_AREA_RATIO, MAX_AREA_RATIO]: not the candidate's scale.
+#: Retrieval returns tiles at the photo's scale within a zoom level or two (the ISS truth: 0.5 to 5.8).
+MAX_AREA_RATIO = 25.0
+#: A refinement still moving by more than this (photo matching pixels) at its last pass did not settle.
+MAX_FINAL_SHIFT_PX = 8.0
+#: Fewer features than this in the photo: blank, cloud, fog or night; nothing to match.
+MIN_PHOTO_FEATURES = 50
+
+
+@dataclass
+class GroundCandidate:
+    """A place to try: imagery (``ground``) and the candidate extent in ``ground.crs``."""
+
+    label: str  # what the user sees: tile source / name
+    ground: Ground
+    bounds: tuple[float, float, float, float]
+    rank: int  # retrieval rank (1-based)
+    tile_id: int | None = None
+
+
+@dataclass
+class CandidateCheck:
+    """What coregistration said about one candidate (the re-ranked retrieval)."""
+
+    rank: int
+    label: str
+    tile_id: int | None
+    accepted: bool
+    verified: int
+    inliers: int
+    converged: bool
+    reason: str | None
+
+
+@dataclass
+class Footprint:
+    """The outcome for one photo: ``status`` "localized" (with geometry) or "rejected" (with ``reason``)."""
+
+    photo: str
+    status: str
+    reason: str | None = None
+    crs: str | None = None  # CRS of ``h`` (the winning candidate's imagery)
+    h: list[list[float]] | None = None  # photo pixel (GDAL convention) -> ``crs``
+    photo_size: tuple[int, int] | None = None  # (width, height) the corners refer to
+    corners_lonlat: list[tuple[float, float]] | None = None  # UL, UR, LR, LL of the photo, EPSG:4326
+    inliers: int = 0
+    verified: int = 0
+    confidence: float = 0.0
+    candidate: str | None = None
+    candidate_rank: int | None = None
+    tile_id: int | None = None
+    checks: list[CandidateCheck] = field(default_factory=list)
+    seconds: float = 0.0
+    geotiff: str | None = None
+    points: str | None = None
+
+    def polygon(self) -> shapely.Geometry | None:
+        """The footprint in EPSG:4326: the 4 corners (ring starts at the photo's upper-left corner), split
+        into a MultiPolygon at the antimeridian when it crosses it."""
+        if self.corners_lonlat is None:
+            return None
+        return lonlat_polygon(self.corners_lonlat)
+
+
+def confidence(verified: int, min_verified: int) -> float:
+    """A monotone 0..1 score of the evidence (0.5 at the acceptance threshold), not a probability."""
+    return round(verified / (verified + min_verified), 4) if verified > 0 else 0.0
+
+
+def lonlat_polygon(corners_lonlat: Sequence[tuple[float, float]]) -> shapely.Geometry:
+    """Polygon of (lon, lat) corners; one that crosses the antimeridian is cut there into two parts."""
+    pts = np.asarray(corners_lonlat, dtype=float)
+    lons = unwrap_lons(pts[:, 0])
+    poly = shapely.Polygon(np.c_[lons, pts[:, 1]])
+    if lons.min() >= -180.0 and lons.max() <= 180.0:
+        return poly
+    parts = []
+    for lo, hi in ((-540.0, -180.0), (-180.0, 180.0), (180.0, 540.0)):
+        piece = shapely.affinity.translate(
+            poly.intersection(shapely.box(lo, -90.0, hi, 90.0)), xoff=-360.0 * round((lo + hi) / 720.0)
+        )
+        parts += [g for g in getattr(piece, "geoms", [piece]) if g.geom_type == "Polygon" and not g.is_empty]
+    return shapely.MultiPolygon(parts)
+
+
+def judge(
+    att: Attempt, cand: GroundCandidate, photo_shape: tuple[int, int], params: CoregParams
+) -> str | None:
+    """None when the attempt is a plausible footprint, else the reason it is not."""
+    if att.h is None:
+        return att.reason or "no homography"
+    if att.verified < params.min_verified:
+        return f"only {att.verified} unguided matches agree with the estimate (needs {params.min_verified})"
+    try:
+        quad = check_homography(att.h, photo_shape)
+    except InputError as exc:
+        return f"degenerate homography: {exc.message}"
+    minx, miny, maxx, maxy = cand.bounds
+    ratio = shapely.Polygon(quad).area / max((maxx - minx) * (maxy - miny), 1e-12)
+    if not 1 / MAX_AREA_RATIO <= ratio <= MAX_AREA_RATIO:
+        return f"footprint is {ratio:.3g} times the candidate's area: not at the candidate's scale"
+    if not att.converged and att.last_shift_px > MAX_FINAL_SHIFT_PX:
+        return f"did not settle: corners still moved {att.last_shift_px:.1f} px at the last pass"
+    return None
+
+
+def estimate(
+    photo_path: str,
+    rgb: np.ndarray,
+    candidates: Sequence[GroundCandidate],
+    params: CoregParams = DEFAULT_PARAMS,
+    cancel: CancelToken | None = None,
+) -> Footprint:
+    """Coregister the photo against each candidate and keep the best accepted attempt."""
+    t0 = time.perf_counter()
+    shape = rgb.shape[:2]
+    out = Footprint(photo=photo_path, status="rejected", photo_size=(shape[1], shape[0]))
+    if not candidates:
+        out.reason = "no candidate place to match against"
+        return out
+    photo = PhotoFeatures(rgb, params)
+    if len(photo.features) < MIN_PHOTO_FEATURES:
+        out.reason = (
+            f"only {len(photo.features)} features in the photo: blank, cloud-covered or too dark to match"
+        )
+        out.seconds = round(time.perf_counter() - t0, 3)
+        return out
+    best: tuple[Attempt, GroundCandidate] | None = None
+    accepted: list[tuple[shapely.Polygon, str, int]] = []  # (footprint in its CRS, crs, rank)
+    for cand in candidates:
+        if cancel is not None:
+            cancel.check()
+        centre = shapely.Point((cand.bounds[0] + cand.bounds[2]) / 2, (cand.bounds[1] + cand.bounds[3]) / 2)
+        covered = next(
+            (r for poly, crs, r in accepted if crs == cand.ground.crs and poly.contains(centre)), None
+        )
+        if covered is not None:
+            out.checks.append(
+                CandidateCheck(
+                    cand.rank,
+                    cand.label,
+                    cand.tile_id,
+                    False,
+                    0,
+                    0,
+                    False,
+                    f"same place as candidate {covered} (inside its footprint): not tried again",
+                )
+            )
+            continue
+        att = coregister(photo, cand.ground, cand.bounds, params, cancel)
+        reason = judge(att, cand, shape, params)
+        out.checks.append(
+            CandidateCheck(
+                cand.rank,
+                cand.label,
+                cand.tile_id,
+                reason is None,
+                att.verified,
+                att.inliers,
+                att.converged,
+                reason,
+            )
+        )
+        if reason is None:
+            accepted.append((shapely.Polygon(apply_h(att.h, corners(shape))), cand.ground.crs, cand.rank))
+            if best is None or att.verified > best[0].verified:
+                best = (att, cand)
+    out.checks.sort(key=lambda c: (not c.accepted, -c.verified, c.rank))
+    out.seconds = round(time.perf_counter() - t0, 3)
+    if best is None:
+        tried = [c for c in out.checks if not c.reason or "not tried again" not in c.reason]
+        top = max(tried, key=lambda c: c.verified, default=None)
+        out.reason = f"no candidate verified ({len(tried)} tried)" + (
+            f"; best: candidate {top.rank}: {top.reason}" if top else ""
+        )
+        return out
+    att, cand = best
+    quad = apply_h(att.h, corners(shape))
+    lon, lat = to_lonlat(cand.ground.crs, quad[:, 0], quad[:, 1])
+    if not (np.all(np.isfinite(lon)) and np.all(np.isfinite(lat))):
+        out.reason = "the footprint lies outside the valid area of the imagery's CRS"
+        return out
+    out.status = "localized"
+    out.crs = cand.ground.crs
+    out.h = [[float(v) for v in row] for row in att.h]
+    out.corners_lonlat = [(float(x), float(y)) for x, y in zip(lon, lat, strict=True)]
+    out.inliers, out.verified = att.inliers, att.verified
+    out.confidence = confidence(att.verified, params.min_verified)
+    out.candidate, out.candidate_rank, out.tile_id = cand.label, cand.rank, cand.tile_id
+    return out
+
+
+def footprint_area_km2(fp: Footprint) -> float:
+    """Geodesic area of a localized footprint (km^2), for reports."""
+    from pyproj import Geod
+
+    if fp.corners_lonlat is None:
+        return math.nan
+    lon, lat = zip(*fp.corners_lonlat, strict=True)
+    area, _ = Geod(ellps="WGS84").polygon_area_perimeter(unwrap_lons(lon), lat)
+    return abs(area) / 1e6
