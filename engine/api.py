@@ -321,7 +321,12 @@ def footprint(
             return estimate(str(path), rgb, places.candidates(rgb, top_k), params, cancel), rgb
 
         settings = _footprint_settings(
-            against=Path(against).resolve(), top_k=top_k, model=model, params=asdict(params)
+            against=Path(against).resolve(),
+            top_k=top_k,
+            model=model,
+            params=asdict(params),
+            outputs=[georef_dir, geotiff, points],
+            max_pixels=max_pixels,
         )
         return run_batch(
             paths,
@@ -394,6 +399,8 @@ def localize_footprints(
             top_k=top_k,
             area=area.describe() if area else None,
             params=asdict(params),
+            outputs=[georef_dir, geotiff, points],
+            max_pixels=max_pixels,
         )
         return run_batch(
             [Path(p.photo) for p in retrieved.photos],
