@@ -282,10 +282,6 @@ def models() -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------- footprint
 
 
-def _footprint_settings(**kw: Any) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}
-
-
 def footprint(
     photos: Sequence[str],
     against: str,
@@ -320,7 +316,7 @@ def footprint(
             rgb = read_image(path, max_pixels=max_pixels)
             return estimate(str(path), rgb, places.candidates(rgb, top_k), params, cancel), rgb
 
-        settings = _footprint_settings(
+        settings = dict(
             against=Path(against).resolve(),
             top_k=top_k,
             model=model,
@@ -394,7 +390,7 @@ def localize_footprints(
             cands = [places.candidate(c.tile_id, c.rank) for c in hit.candidates]
             return estimate(str(path), rgb, cands, params, cancel), rgb
 
-        settings = _footprint_settings(
+        settings = dict(
             index=idx.path.resolve(),
             top_k=top_k,
             area=area.describe() if area else None,

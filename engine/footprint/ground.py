@@ -112,11 +112,6 @@ class Ground(ABC):
     def _chunk(self, to_crs: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """An axis-aligned read covering the view: (rgb, valid, chunk pixel -> CRS 3x3), or empty arrays."""
 
-    @property
-    @abstractmethod
-    def native_resolution(self) -> float:
-        """Finest ground sampling distance of the imagery (CRS units per pixel)."""
-
     def view(self, to_crs: np.ndarray, shape: tuple[int, int]) -> GroundView:
         """The ground resampled so that view pixel p shows CRS point ``to_crs @ p`` (bilinear)."""
         rows, cols = shape
@@ -130,11 +125,6 @@ class Ground(ABC):
             valid.astype(np.uint8), m, (cols, rows), flags=cv2.INTER_NEAREST | flags, borderValue=0
         )
         return GroundView(out, ok.astype(bool), to_crs)
-
-    def covers(self, bounds: Sequence[float]) -> bool:
-        """True when ``bounds`` (minx, miny, maxx, maxy in ``crs``) intersects the imagery at all."""
-        minx, miny, maxx, maxy = self.bounds
-        return not (bounds[2] <= minx or bounds[0] >= maxx or bounds[3] <= miny or bounds[1] >= maxy)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles (if any)."""
@@ -157,10 +147,6 @@ class RasterGround(Ground):
         self.bounds = tuple(float(v) for v in ds.bounds)  # type: ignore[assignment]
         self.transform = affine_matrix(ds.transform)
         self.width, self.height = ds.width, ds.height
-
-    @property
-    def native_resolution(self) -> float:
-        return math.sqrt(abs(np.linalg.det(self.transform[:2, :2])))
 
     def _chunk(self, to_crs: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         view_to_px = np.linalg.inv(self.transform) @ to_crs
@@ -230,10 +216,6 @@ class MosaicGround(Ground):
                 (im.bounds[2] - im.bounds[0]) / w * (im.bounds[3] - im.bounds[1]) / h
             )
         return self._res[im.path]
-
-    @property
-    def native_resolution(self) -> float:
-        return min(self._resolution(im) for im in self.images)
 
     def _chunk(self, to_crs: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         border = apply_h(to_crs, frame_outline(shape))
