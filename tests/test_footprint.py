@@ -30,9 +30,8 @@ from engine import api
 from engine.cli import main
 from engine.errors import CancelledError, EmptyInputError
 from engine.footprint.batch import parts_dir, run_batch, write_footprints
-from engine.footprint.coregister import corners
 from engine.footprint.estimate import Footprint, GroundCandidate, estimate, lonlat_polygon
-from engine.footprint.ground import MosaicGround, MosaicImage, RasterGround, affine_matrix, apply_h
+from engine.footprint.ground import MosaicGround, MosaicImage, RasterGround, affine_matrix, apply_h, corners
 from engine.footprint.outputs import read_points
 from engine.imageio import read_image
 from engine.progress import CancelToken

@@ -13,7 +13,7 @@ from rasterio.enums import ColorInterp
 
 from engine.errors import InputError
 from engine.footprint import outputs
-from engine.footprint.ground import apply_h, scaling, translation
+from engine.footprint.ground import apply_h, corners, scaling, translation
 from engine.footprint.outputs import read_points, write_geotiff, write_points
 
 ROWS, COLS = 480, 640
@@ -114,7 +114,7 @@ def cog(tmp_path_factory):
 
 def test_geotiff_grid_crs_and_bounds(cog):
     h = oblique_h()
-    quad = apply_h(h, outputs.photo_corners((ROWS, COLS)))
+    quad = apply_h(h, corners((ROWS, COLS)))
     with rasterio.open(cog) as ds:
         assert ds.crs.to_epsg() == 32614
         assert ds.transform.b == 0 and ds.transform.d == 0 and ds.transform.e < 0  # north up
@@ -150,7 +150,7 @@ def test_geotiff_alpha_marks_the_photo_quad(cog):
         col, row = np.floor(ground_to_pixel(ds, apply_h(h, [[COLS / 2, ROWS / 2]]))[0]).astype(int)
         assert alpha[row, col] == 255 and tuple(rgb[:, row, col]) == BACKGROUND
         # the valid area is the projected quad: its area matches the quad's, to a pixel's width of outline
-        quad = ground_to_pixel(ds, apply_h(h, outputs.photo_corners((ROWS, COLS))))
+        quad = ground_to_pixel(ds, apply_h(h, corners((ROWS, COLS))))
         x, y = quad[:, 0], quad[:, 1]
         area = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
         perimeter = np.sum(np.hypot(*(np.roll(quad, -1, axis=0) - quad).T))

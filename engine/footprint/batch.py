@@ -9,7 +9,6 @@ records; other settings start afresh).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -162,8 +161,3 @@ def write_footprints(out: str | os.PathLike[str], results: Sequence[Footprint]) 
         },
         layer=FOOTPRINT_LAYER,
     )
-
-
-def remove_parts(out: str | os.PathLike[str]) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(parts_dir(Path(out)))

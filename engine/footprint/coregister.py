@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from ..progress import CancelToken
-from .ground import Ground, apply_h, cv_matrix, scaling, translation
+from .ground import Ground, apply_h, corners, cv_matrix, scaling, translation
 from .matching import Features, detect, fit_homography, match, match_guided
 
 
@@ -71,12 +71,6 @@ def photo_for_matching(rgb: np.ndarray, match_side: int) -> tuple[np.ndarray, np
     nw, nh = max(1, round(w * s)), max(1, round(h * s))
     small = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
     return small, scaling(nw / w, nh / h)
-
-
-def corners(shape: tuple[int, int]) -> np.ndarray:
-    """The 4 outer corners of a (rows, cols) frame: upper-left, upper-right, lower-right, lower-left."""
-    rows, cols = shape
-    return np.array([[0.0, 0.0], [cols, 0.0], [cols, rows], [0.0, rows]])
 
 
 def first_view(

@@ -12,7 +12,6 @@ matches there, right ones 60 to 900; see README "Footprints" for the distributio
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -219,14 +218,3 @@ def estimate(
     out.confidence = confidence(att.verified, params.min_verified)
     out.candidate, out.candidate_rank, out.tile_id = cand.label, cand.rank, cand.tile_id
     return out
-
-
-def footprint_area_km2(fp: Footprint) -> float:
-    """Geodesic area of a localized footprint (km^2), for reports."""
-    from pyproj import Geod
-
-    if fp.corners_lonlat is None:
-        return math.nan
-    lon, lat = zip(*fp.corners_lonlat, strict=True)
-    area, _ = Geod(ellps="WGS84").polygon_area_perimeter(unwrap_lons(lon), lat)
-    return abs(area) / 1e6

@@ -65,6 +65,12 @@ def cv_matrix(gdal_h: np.ndarray) -> np.ndarray:
     return translation(-0.5, -0.5) @ gdal_h @ translation(0.5, 0.5)
 
 
+def corners(shape: tuple[int, int]) -> np.ndarray:
+    """The 4 outer corners of a (rows, cols) frame: upper-left, upper-right, lower-right, lower-left."""
+    rows, cols = shape
+    return np.array([[0.0, 0.0], [cols, 0.0], [cols, rows], [0.0, rows]])
+
+
 def frame_outline(shape: tuple[int, int], per_edge: int = 8) -> np.ndarray:
     """Points along the border of a (rows, cols) pixel frame, corners included (GDAL convention)."""
     h, w = shape

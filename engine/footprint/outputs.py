@@ -41,7 +41,7 @@ from rasterio.transform import Affine
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..geo.crs import crs_label
-from .ground import affine_matrix, apply_h, cv_matrix, frame_outline, local_scale, scaling
+from .ground import affine_matrix, apply_h, corners, cv_matrix, frame_outline, local_scale, scaling
 
 POINTS_HEADER = "mapX,mapY,sourceX,sourceY,enable,dX,dY,residual"
 CORNER_ORDER = "upper_left,upper_right,lower_right,lower_left"
@@ -61,12 +61,6 @@ def _number(v: float) -> str:
     return np.format_float_positional(float(v), unique=True, trim="-")
 
 
-def photo_corners(shape: tuple[int, int]) -> np.ndarray:
-    """The 4 outer corners of a (rows, cols) photo, upper-left, upper-right, lower-right, lower-left."""
-    rows, cols = shape
-    return np.array([[0.0, 0.0], [cols, 0.0], [cols, rows], [0.0, rows]])
-
-
 def check_homography(h: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Validate a photo -> ground homography for a (rows, cols) photo; return the projected corners (4, 2).
 
@@ -80,11 +74,11 @@ def check_homography(h: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     rows, cols = shape
     if rows < 1 or cols < 1:
         raise InputError(f"photo has no pixels: shape {shape}")
-    corners = photo_corners(shape)
-    w = corners @ h[2, :2] + h[2, 2]
+    four = corners(shape)
+    w = four @ h[2, :2] + h[2, 2]
     if not (np.all(w > 0) or np.all(w < 0)) or np.min(np.abs(w)) <= 1e-12 * np.max(np.abs(w)):
         raise InputError("footprint homography puts the horizon inside the photo: its ground outline folds")
-    quad = apply_h(h, corners)
+    quad = apply_h(h, four)
     edges = np.roll(quad, -1, axis=0) - quad
     cross = edges[:, 0] * np.roll(edges, -1, axis=0)[:, 1] - edges[:, 1] * np.roll(edges, -1, axis=0)[:, 0]
     scale = float(np.max(np.hypot(edges[:, 0], edges[:, 1])))
