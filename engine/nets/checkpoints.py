@@ -98,6 +98,16 @@ def check_sha256(path: str | os.PathLike, expected: str) -> str:
 
 def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Read a checkpoint as a flat ``{name: tensor}`` dict (unwrapped, prefixes stripped), never unpickling code."""
+    return flatten_state_dict(read_checkpoint(path, expected_sha256), str(path))
+
+
+def read_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None) -> object:
+    """The checkpoint's top-level object (e.g. ``{'model': ..., 'optimizer': ...}``), read weights-only.
+
+    To admit a known-harmless class such as an ``argparse.Namespace`` of training arguments, call this
+    inside ``torch.serialization.safe_globals([argparse.Namespace])``; any other object still raises
+    WeightsError.
+    """
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"checkpoint not found: {p}")
@@ -116,10 +126,11 @@ def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None)
         ) from exc
     except Exception as exc:  # zip/format errors of a corrupt or foreign file
         raise WeightsError(f"cannot read checkpoint {p}: {exc}") from exc
-    return _flatten_state_dict(obj, str(p))
+    return obj
 
 
-def _flatten_state_dict(obj: object, where: str) -> dict[str, torch.Tensor]:
+def flatten_state_dict(obj: object, where: str) -> dict[str, torch.Tensor]:
+    """A checkpoint object's tensors as a flat dict: wrappers (``{'model': ...}``) removed, prefixes cut."""
     for _ in range(3):  # nested wrappers such as {'model': {'state_dict': ...}}
         if isinstance(obj, Mapping):
             inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
