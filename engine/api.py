@@ -16,6 +16,11 @@ from typing import Any
 import numpy as np
 
 from . import retrieval
+from .embed.actions import EmbedResult as EmbedResult
+from .embed.actions import HeatmapResult as HeatmapResult
+from .embed.actions import embed_at as embed_at
+from .embed.actions import heatmap as heatmap
+from .embed.models import embedding_models
 from .errors import EmptyInputError, InputError, SkylocError
 from .footprint.batch import run_batch
 from .footprint.coregister import CoregParams
@@ -275,8 +280,13 @@ def write_candidates(out: str, result: LocalizeResult, idx: TileIndex) -> Path:
 
 
 def models() -> list[dict[str, Any]]:
-    """The encoders this engine can run, and what each can do."""
-    return available_models()
+    """The encoders this engine can run, and what each can do (retrieval encoders, then embedding models)."""
+    return [{"kind": "retrieval", **m} for m in available_models()] + embedding_models()
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+# embed_at(raster, points, crs=...) and heatmap(raster, out, at=|photo=|location=|vector=) live in
+# engine.embed.actions (re-exported here): one function per user action for the CLI, service and plugin.
 
 
 # ------------------------------------------------------------------------------------------- footprint

@@ -175,6 +175,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("torch", "onnx"), default="onnx", help="retrieval encoder backend")
     footprint_args(p)
 
+    def embed_model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "raster", metavar="RASTER", help="georeferenced raster (GeoTIFF or anything GDAL reads)"
+        )
+        p.add_argument(
+            "--crs", help="CRS of --at/--points coordinates (default: the raster's), e.g. EPSG:4326 (x=lon)"
+        )
+        p.add_argument("--model", default="default", choices=("default", "gair"), help="embedding model")
+        p.add_argument("--weights", metavar="FILE", help="checkpoint for --model gair (not shipped)")
+        p.add_argument("--sha256", help="expected sha256 of --weights")
+        p.add_argument(
+            "--bands",
+            help="default model: 3 band numbers for R,G,B; gair: the 10 bands B2,B3,B4,B5,B6,B7,B8,B8A,B11,B12",
+        )
+        p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    p = sub.add_parser("embed", help="embedding of a raster at exact coordinates (GAIR's NILI)")
+    embed_model_args(p)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--at", metavar="X,Y", help="one point, in --crs (default the raster's CRS)")
+    where.add_argument(
+        "--points", metavar="FILE", help="many points: a CSV of x,y lines (header optional) or a point layer"
+    )
+    p.add_argument("--out", metavar="OUT.json|OUT.npy", help="write here (default: JSON on stdout)")
+
+    p = sub.add_parser(
+        "heatmap", help="similarity heatmap (Cloud-Optimized GeoTIFF) of a raster against a query"
+    )
+    embed_model_args(p)
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--at", metavar="X,Y", help="the embedding at this point (in --crs)")
+    query.add_argument("--photo", metavar="PHOTO", help="the embedding of a photo")
+    query.add_argument("--location", metavar="LAT,LON", help="the location encoder's embedding of a place")
+    query.add_argument(
+        "--vector", metavar="FILE", help="mean embedding over the points/lines/polygons of a layer"
+    )
+    p.add_argument("--out", required=True, metavar="HEAT.tif", help="output COG (+ HEAT.qml style for QGIS)")
+    p.add_argument(
+        "--resolution", type=float, help="output pixel size in map units (default: the raster's grid)"
+    )
+    p.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger photos (default 100 MP)"
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
     p = sub.add_parser("models", help="list the encoders and what they can do")
     p.add_argument("--json", action="store_true")
     return parser
@@ -201,8 +246,17 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=1))
         else:
-            for m in rows:
-                print(f"{m['name']:<20} {m.get('dim', '?'):>5}-d  {m.get('description', '')}")
+            for kind, title in (
+                ("retrieval", "retrieval encoders (index, localize: --model)"),
+                ("embedding", "embedding models (embed, heatmap: --model)"),
+            ):
+                print(title + ":")
+                for m in (m for m in rows if m.get("kind") == kind):
+                    aliases = f" (= {', '.join(m['aliases'])})" if m.get("aliases") else ""
+                    weights = "needs --weights" if m.get("needs_weights") else "offline"
+                    print(
+                        f"  {m['name'] + aliases:<30} {m.get('dim', '?'):>5}-d  {weights:<15} {m.get('description', '')}"
+                    )
         return 0
 
     progress = StderrProgress(quiet=args.quiet)
@@ -230,6 +284,8 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 0
 
+    if args.command in ("embed", "heatmap"):
+        return _embeddings(api, args, progress)
     if args.command == "footprint" or getattr(args, "footprint", False):
         return _footprints(api, args, progress)
     result = api.localize(
@@ -319,8 +375,123 @@ def _footprints(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
     return 0 if any(r.status == "localized" for r in results) else 6
 
 
+def _points_file(path: str, crs: str | None) -> tuple[list[tuple[float, float]], str | None]:
+    """Points from a CSV (x,y per line; a header line is skipped) or from a point layer (its CRS wins)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{path}: no such file")
+    if p.suffix.lower() in (".csv", ".txt"):
+        pts = []
+        for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            cells = [c.strip() for c in line.replace(";", ",").split(",")]
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                pts.append((float(cells[0]), float(cells[1])))
+            except (ValueError, IndexError):
+                if n == 1:
+                    continue  # header
+                raise InputError(f"{path}, line {n}: expected x,y numbers, got {line!r}") from None
+        return pts, crs
+    from .vector_io import read_layer
+
+    try:
+        geoms, meta = read_layer(path)
+    except Exception as exc:  # pyogrio's own errors for unreadable files
+        raise InputError(f"{path}: not a CSV or a vector layer OGR can read ({exc})") from exc
+    bad = [g.geom_type for g in geoms if g is None or g.geom_type != "Point"]
+    if bad:
+        raise InputError(f"{path}: --points needs a layer of points, found {sorted(set(map(str, bad)))}")
+    return [(g.x, g.y) for g in geoms], meta.get("__crs__") or crs
+
+
+def _embeddings(api: Any, args: argparse.Namespace, progress: StderrProgress) -> int:
+    bands = _ints(args.bands, "--bands") if args.bands else None
+    common = {"model": args.model, "weights": args.weights, "sha256": args.sha256, "bands": bands}
+    if args.command == "embed":
+        if args.out and Path(args.out).suffix.lower() not in (".json", ".npy"):
+            raise InputError(f"--out must end in .json or .npy, got {args.out}")
+        if args.at:
+            points, crs = [_floats(args.at, 2, "--at")], args.crs
+        else:
+            points, crs = _points_file(args.points, args.crs)
+        result = api.embed_at(args.raster, points, crs=crs, progress=progress, **common)
+        if args.out and args.out.lower().endswith(".npy"):
+            import numpy as np
+
+            from .atomic import atomic_path
+
+            with atomic_path(args.out, suffix=".npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, result.matrix())
+            print(
+                f"{len(result.points)} embeddings ({result.dim}-d, L2-normalised, {result.model_id}): {args.out}"
+            )
+        elif args.out:
+            from .atomic import atomic_path
+
+            with atomic_path(args.out, suffix=".json") as tmp:
+                tmp.write_text(json.dumps(result.to_json()), encoding="utf-8")
+            print(f"{len(result.points)} embeddings ({result.dim}-d, {result.model_id}): {args.out}")
+        else:
+            print(json.dumps(result.to_json()))
+        return 0
+    query: dict[str, Any] = {}
+    if args.at:
+        query["at"] = _floats(args.at, 2, "--at")
+    elif args.location:
+        query["location"] = _floats(args.location, 2, "--location")
+    elif args.photo:
+        query["photo"] = args.photo
+    else:
+        query["vector"] = args.vector
+    result = api.heatmap(
+        args.raster,
+        args.out,
+        crs=args.crs,
+        resolution=args.resolution,
+        max_pixels=args.max_pixels,
+        progress=progress,
+        **query,
+        **common,
+    )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        print(
+            f"heatmap {result.out} ({result.width}x{result.height}, {result.crs}): cosine similarity "
+            f"{result.min:.3f}..{result.max:.3f} to the {result.query}; QGIS style {result.style}"
+        )
+    return 0
+
+
+#: Options whose value may start with a minus sign (negative coordinates), which argparse takes for an option.
+SIGNED_VALUE_OPTIONS = ("--at", "--location", "--near", "--bbox")
+
+
+def _join_signed_values(argv: Sequence[str]) -> list[str]:
+    """``--at -98.5,47`` -> ``--at=-98.5,47`` so that negative coordinates work without the '=' form."""
+    out: list[str] = []
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+        if (
+            tok in SIGNED_VALUE_OPTIONS
+            and len(nxt) > 1
+            and nxt[0] == "-"
+            and (nxt[1].isdigit() or nxt[1] == ".")
+        ):
+            out.append(f"{tok}={nxt}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
     try:
         return _run(args)
     except SkylocError as exc:

@@ -94,11 +94,41 @@ def main() -> None:
     iou = geoms[0].intersection(true_poly).area / geoms[0].union(true_poly).area
     print(f"  footprint status {cols['status'][0]}, {cols['verified'][0]} verified matches")
     print(f"  IoU with the ground square the photo shows: {iou:.2f} (the photo also shows ground beyond it)")
+    print("\nEmbedding at a clicked point (lon, lat) and a similarity heatmap of the 2018 raster against it:")
+    lon, lat = -99.1540, 47.0205  # a lake shore in the sample
+    emb = out / "embedding.json"
+    run(
+        [
+            "embed",
+            str(SAMPLE / "naip_2018.tif"),
+            "--at",
+            f"{lon},{lat}",
+            "--crs",
+            "EPSG:4326",
+            "--out",
+            str(emb),
+        ]
+    )
+    heat = out / "heatmap.tif"
+    run(
+        [
+            "heatmap",
+            str(SAMPLE / "naip_2018.tif"),
+            "--at",
+            f"{lon},{lat}",
+            "--crs",
+            "EPSG:4326",
+            "--out",
+            str(heat),
+        ]
+    )
     print("\nResults:")
     print(f"  index (FAISS + tile footprints + manifest): {index_dir.resolve()}")
     print(f"  candidate footprints (open in QGIS):        {cands.resolve()}")
     print(f"  footprints (status + reason per photo):     {fp2018.resolve()}, {fp2009.resolve()}")
     print(f"  georeferenced photo (COG) + QGIS GCPs:      {(out / 'footprint_2009_georef').resolve()}")
+    print(f"  embedding at the point (JSON):              {emb.resolve()}")
+    print(f"  similarity heatmap (COG + QGIS style .qml): {heat.resolve()}")
 
 
 if __name__ == "__main__":

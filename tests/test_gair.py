@@ -442,3 +442,62 @@ def test_geoclip_errors(geoclip, monkeypatch):
     )
     with pytest.raises(WeightsError, match="pip install geoclip"):
         load_geoclip_location_encoder()
+
+
+# ------------------------------------------------------------------ GAIR through the embedding actions
+
+
+def test_gair_embeddings_and_heatmap_end_to_end(tmp_path, gair_ckpt):
+    """--model gair on a 10-band raster: CROMA windows, the checkpoint's NILI decoder, location and photo."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from engine.embed.actions import embed_at, heatmap
+    from engine.embed.grid import FeatureGrid
+    from engine.embed.models import load_embedding_model
+    from engine.embed.nili import nili_reference
+    from engine.embed.raster import EmbedRaster
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "s2.tif"
+    names = ["B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=128,
+        height=112,
+        count=10,
+        dtype="uint16",
+        crs="EPSG:32633",
+        transform=from_origin(500000, 4000000, 10, 10),
+    ) as dst:
+        dst.write(rng.integers(500, 4000, size=(10, 112, 128), dtype=np.uint16))
+        for i, n in enumerate(reversed(names), 1):  # stored in reverse: the names must be honoured
+            dst.set_band_description(i, n)
+    model = load_embedding_model("gair", str(gair_ckpt))
+    assert model.dim == 768 and model.location_in_feature_space
+    x, y = 500000 + 10 * 61.3, 4000000 - 10 * 40.7
+    got = np.asarray(embed_at(str(path), [(x, y)], model="gair", weights=str(gair_ckpt)).points[0].vector)
+    # the same through the literal released NILI on the grid's features
+    with EmbedRaster(path) as r:
+        grid = FeatureGrid(r, model.backbone)
+        assert model.backbone.bands == list(range(10, 0, -1))
+        grid.ensure()
+        ref = nili_reference(grid.feat, grid.cell_coords(np.array([61.3]), np.array([40.7])), model.decoder)[
+            0
+        ]
+    assert np.allclose(got, ref / np.linalg.norm(ref), atol=1e-4)
+    out = tmp_path / "heat.tif"
+    res = heatmap(str(path), str(out), at=(x, y), model="gair", weights=str(gair_ckpt))
+    with rasterio.open(out) as ds:
+        a = ds.read(1)
+        row, col = ds.index(x, y)
+    assert a[row, col] > 0.999 and res.model_id.startswith("gair:")
+    loc = heatmap(
+        str(path), str(tmp_path / "loc.tif"), location=(36.1, 15.0), model="gair", weights=str(gair_ckpt)
+    )
+    assert "location-encoder" not in loc.query  # GAIR compares the location with image embeddings
+    photo = (rng.integers(0, 255, size=(300, 400, 3))).astype(np.uint8)
+    assert model.photo_vector(photo).shape == (768,)
