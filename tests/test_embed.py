@@ -459,3 +459,26 @@ def test_onnx_and_torch_feature_maps_agree() -> None:
     torch_ = EffnetBackbone("torch").features(rgb)
     assert onnx.shape == torch_.shape == (1280, 32, 32)
     assert np.abs(onnx - torch_).max() < 1e-3 and _cos(onnx, torch_).min() > 0.9999
+
+
+def test_feature_grid_is_cached_between_calls_and_refreshed_when_the_file_changes(tmp_path: Path) -> None:
+    import shutil
+
+    from engine.embed import cache
+
+    path = tmp_path / "copy.tif"
+    shutil.copy(SAMPLE, path)
+    model = load_embedding_model("default")
+    with rasterio.open(path) as ds:
+        xy = ds.xy(100, 100)
+    first = embed_at(str(path), [xy]).points[0].vector
+    with cache.grid_for(str(path), model, None) as (_, grid):
+        assert grid.done.any()  # the windows computed by the first call are still there
+        grid.feat[:] = 0  # poison: a second call that recomputed would not see this
+    assert np.allclose(embed_at(str(path), [xy]).points[0].vector, 0)
+    import os
+
+    shutil.copy(SAMPLE, path)  # the file is written again: the cache must not serve the old grid
+    os.utime(path, ns=(1, 1))
+    assert np.allclose(embed_at(str(path), [xy]).points[0].vector, first, atol=1e-6)
+    cache.clear()

@@ -483,7 +483,7 @@ def test_gair_embeddings_and_heatmap_end_to_end(tmp_path, gair_ckpt):
     # the same through the literal released NILI on the grid's features
     with EmbedRaster(path) as r:
         grid = FeatureGrid(r, model.backbone)
-        assert model.backbone.bands == list(range(10, 0, -1))
+        assert model.backbone.bands_of(r) == list(range(10, 0, -1))
         grid.ensure()
         ref = nili_reference(grid.feat, grid.cell_coords(np.array([61.3]), np.array([40.7])), model.decoder)[
             0

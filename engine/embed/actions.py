@@ -20,6 +20,7 @@ from .. import __version__
 from ..errors import InputError, OutsideAreaError
 from ..imageio import DEFAULT_MAX_PIXELS, read_image
 from ..progress import CancelToken, ProgressFn, no_progress
+from .cache import grid_for
 from .grid import FeatureGrid
 from .heatmap_io import NODATA, OutputGrid, output_grid, write_heatmap
 from .models import EmbeddingModel, bands_key, load_embedding_model
@@ -77,10 +78,6 @@ class HeatmapResult:
         return asdict(self)
 
 
-def _open(raster: str, model: EmbeddingModel, bands: Sequence[int] | None) -> EmbedRaster:
-    return EmbedRaster(raster, bands=bands if model.name == "default" else None)
-
-
 def _model(
     model: str, weights: str | None, sha256: str | None, bands: Sequence[int] | None
 ) -> EmbeddingModel:
@@ -123,15 +120,11 @@ def embed_at(
     if len(pts) == 0:
         raise InputError("no point given")
     m = _model(model, weights, sha256, bands)
-    with _open(raster, m, bands) as r:
+    with grid_for(raster, m, bands) as (r, grid):
         pp = r.to_pixels(pts, crs)
-        grid = FeatureGrid(r, m.backbone)
-        try:
-            cells = grid.cell_coords(pp.cols, pp.rows)
-            grid.ensure_around(cells, progress=progress, cancel=cancel)
-            vectors = _normalize(embed_cells(grid, m.decoder, cells))
-        finally:
-            grid.close()
+        cells = grid.cell_coords(pp.cols, pp.rows)
+        grid.ensure_around(cells, progress=progress, cancel=cancel)
+        vectors = _normalize(embed_cells(grid, m.decoder, cells))
     rows = [
         PointEmbedding(float(x), float(y), float(c), float(rw), [float(v) for v in vec])
         for (x, y), c, rw, vec in zip(pp.xy, pp.cols, pp.rows, vectors, strict=True)
@@ -234,29 +227,25 @@ def heatmap(
     if Path(out).suffix.lower() not in (".tif", ".tiff"):
         raise InputError(f"--out must be a .tif file (Cloud-Optimized GeoTIFF), got {out}")
     m = _model(model, weights, sha256, bands)
-    with _open(raster, m, bands) as r:
+    with grid_for(raster, m, bands) as (r, grid):
         og = output_grid(r, resolution)
-        grid = FeatureGrid(r, m.backbone)
-        try:
-            query, values_for_rows = _query(
-                m, r, grid, og, at, crs, photo, location, vector, max_pixels, progress, cancel
-            )
-            lo, hi = write_heatmap(
-                out,
-                og,
-                r.crs.to_wkt(),
-                values_for_rows,
-                tags={
-                    "SKYLOC_MODEL": m.model_id,
-                    "SKYLOC_QUERY": query,
-                    "SKYLOC_VERSION": __version__,
-                    "SKYLOC_VALUE": "cosine similarity",
-                },
-                progress=lambda f, msg: progress(0.85 + 0.15 * f, msg),
-                cancel=cancel,
-            )
-        finally:
-            grid.close()
+        query, values_for_rows = _query(
+            m, r, grid, og, at, crs, photo, location, vector, max_pixels, progress, cancel
+        )
+        lo, hi = write_heatmap(
+            out,
+            og,
+            r.crs.to_wkt(),
+            values_for_rows,
+            tags={
+                "SKYLOC_MODEL": m.model_id,
+                "SKYLOC_QUERY": query,
+                "SKYLOC_VERSION": __version__,
+                "SKYLOC_VALUE": "cosine similarity",
+            },
+            progress=lambda f, msg: progress(0.85 + 0.15 * f, msg),
+            cancel=cancel,
+        )
         crs_label = r.crs_label
     progress(1.0, f"heatmap written: {out}")
     return HeatmapResult(

@@ -197,19 +197,23 @@ class GairBackbone:
         self.model_id = model_id
         self.channels = 768
         self.bands_arg = bands
-        self.bands: list[int] | None = None
+        self._bands: dict[str, list[int]] = {}  # per raster path: the model is shared between rasters
 
     def check(self, raster: EmbedRaster) -> None:
-        self.bands = s2_band_numbers(raster.descriptions, raster.count, self.bands_arg)
+        self._bands[raster.path] = s2_band_numbers(raster.descriptions, raster.count, self.bands_arg)
+
+    def bands_of(self, raster: EmbedRaster) -> list[int]:
+        """1-based bands of ``raster`` holding GAIR's 10 Sentinel-2 bands, in its order."""
+        if raster.path not in self._bands:
+            self.check(raster)
+        return self._bands[raster.path]
 
     def read(
         self, raster: EmbedRaster, col0: int, row0: int, width: int, height: int
     ) -> tuple[np.ndarray, np.ndarray]:
         from ..nets.croma import normalize_s2
 
-        if self.bands is None:
-            self.check(raster)
-        data, valid = raster.read_bands(self.bands or [], col0, row0, width, height)
+        data, valid = raster.read_bands(self.bands_of(raster), col0, row0, width, height)
         return normalize_s2(data), valid
 
     @torch.inference_mode()
