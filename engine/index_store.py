@@ -27,7 +27,7 @@ import shapely
 
 from . import __version__, faiss_index
 from .atomic import atomic_path, replace_dir
-from .errors import EmptyInputError, IndexNotFoundError, ModelMismatchError
+from .errors import EmptyInputError, IndexNotFoundError, InputError, ModelMismatchError
 from .nets.base import ImageEncoder
 from .progress import CancelToken, ProgressFn, no_progress
 from .tiles.base import TileSource, TileSpec
@@ -90,6 +90,19 @@ def _params_fingerprint(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def check_index_out(out_dir: str | os.PathLike[str]) -> Path:
+    """Refuse an output folder that exists and is not a Skyloc index: it would be replaced, i.e. deleted."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is a file: give a folder for the index")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise InputError(
+            f"{out} exists and is not a Skyloc index: it will not be replaced (choose a new folder, or "
+            "delete it yourself)"
+        )
+    return out
+
+
 def build_index(
     sources: list[TileSource],
     encoder: ImageEncoder,
@@ -103,7 +116,7 @@ def build_index(
     cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
     """Encode every tile of ``sources`` at 4 rotations and write the index folder. Returns the manifest."""
-    out_dir = Path(out_dir)
+    out_dir = check_index_out(out_dir)
     specs: list[tuple[TileSource, TileSpec]] = [(src, s) for src in sources for s in src.specs()]
     if not specs:
         raise EmptyInputError("no tile to index: every source was empty or fully nodata")

@@ -214,3 +214,19 @@ def test_weights_checksum_is_enforced(tmp_path, capsys):
         [*args, "--sha256", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"], capsys
     )
     assert code == 0, err
+
+
+def test_index_never_replaces_a_folder_that_is_not_an_index(tmp_path, capsys):
+    precious = tmp_path / "my_documents"
+    precious.mkdir()
+    (precious / "thesis.docx").write_text("years of work")
+    args = ["index", SAMPLE / "naip_2018.tif", "--tile-sizes", 512, "--input-size", 128, "--quiet"]
+    code, _, err = run_cli([*args, "--out", precious], capsys)
+    assert code == 3 and "not a Skyloc index" in err
+    assert (precious / "thesis.docx").read_text() == "years of work"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, _ = run_cli([*args, "--out", empty], capsys)
+    assert code == 0 and (empty / "manifest.json").is_file()
+    code, _, _ = run_cli([*args, "--out", empty], capsys)  # an existing index is rebuilt in place
+    assert code == 0
