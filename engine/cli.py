@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the encoders and what they can do")
     p.add_argument("--json", action="store_true")
+
+    from .service import serve
+
+    serve.add_parser(sub)
     return parser
 
 
@@ -239,6 +243,10 @@ def _area(args: argparse.Namespace) -> SearchArea | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from .service import serve
+
+        return serve.run(args)
     from . import api  # heavy imports (torch, faiss) only once the command line is valid
 
     if args.command == "models":

@@ -1,0 +1,912 @@
+"""The FastAPI application: one endpoint per ``engine.api`` function, every error as JSON.
+
+Short actions answer at once (health, version, models, uploads, embed at points); long ones (index,
+localize, footprint, heatmap) are jobs (``jobs.py``): the POST answers 202 with the job, ``GET /jobs/{id}``
+follows it. Every request needs the token (``auth.py``), every path must lie inside the roots
+(``paths.py``), bodies are size-limited before they are read, and photos are checked against the pixel
+limit from their header before anything decodes them.
+
+Errors: ``{"code": ..., "message": ...}`` with the engine's own codes and statuses (``engine.errors``:
+422 ``bad_input``, 413 ``too_large``, 404 ``index_not_found``, 409 ``model_mismatch`` ...) plus the
+service's (401 ``unauthorized``, 403 ``forbidden_path``, 404 ``job_not_found``/``not_found``, 409
+``output_in_use``, 503 ``busy``); anything unexpected is logged with its traceback and answered 500
+``internal_error`` without one. The server keeps serving after any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from .. import __version__
+from ..errors import ImageTooLargeError, IndexNotFoundError, InputError, ModelMismatchError, SkylocError
+from ..imageio import DEFAULT_MAX_PIXELS
+from ..index_store import check_index_out
+from .auth import TokenMiddleware
+from .errors import BusyError, NotFoundError, UploadTooLargeError
+from .jobs import JobManager, JobOutcome
+from .paths import PathPolicy
+
+log = logging.getLogger("skyloc.service")
+
+API_VERSION = 1
+#: Longest ``GET /jobs/{id}?wait=`` (seconds): a long poll holds no thread, but keep answers coming.
+MAX_WAIT_S = 30.0
+SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
+UPLOAD_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
+INTERNAL_MESSAGE = "internal error (a bug: the server log has the details, please report it)"
+
+
+@dataclass
+class ServiceConfig:
+    """What ``skyloc serve`` configures. ``upload_dir`` None: a private temporary folder, removed at exit."""
+
+    roots: Sequence[str]
+    token: str
+    workers: int = 1
+    queue_size: int = 8
+    max_upload_bytes: int = 100 * 2**20
+    max_upload_total_bytes: int = 1024 * 2**20
+    max_json_bytes: int = 4 * 2**20
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    sync_slots: int = 4
+    sync_wait_s: float = 30.0
+    keep_jobs: int = 200
+    upload_dir: str | None = None
+    on_ready: Callable[[], None] | None = None
+    on_shutdown: Callable[[], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ JSON helpers
+
+
+def plain(obj: Any) -> Any:
+    """JSON-safe copy: dataclasses, numpy scalars/arrays, paths, tuples; NaN/inf become null."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return plain(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist"):  # numpy scalar or array
+        return plain(obj.tolist())
+    return str(obj)
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}
+
+
+async def send_json(send, status: int, content: dict[str, Any]) -> None:
+    body = json.dumps(content).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# ------------------------------------------------------------------------------------------ middlewares
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 when a body is (or declares itself) larger than the limit for its path; read no further."""
+
+    def __init__(self, app, limit_for: Callable[[str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        message = f"request body over the limit of {limit:,} bytes"
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > limit
+            except ValueError:
+                await send_json(send, 400, error_body("bad_request", "invalid Content-Length"))
+                return
+            if too_big:
+                await send_json(send, 413, error_body("too_large", message))
+                return
+        state = {"received": 0, "exceeded": False, "started": False}
+
+        async def limited_receive():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                state["received"] += len(msg.get("body", b""))
+                if state["received"] > limit:
+                    state["exceeded"] = True
+                    raise _BodyTooLarge(message)
+            return msg
+
+        async def guarded_send(msg):
+            if state["exceeded"]:
+                return  # whatever the app makes of the interrupted body, the answer is 413
+            if msg["type"] == "http.response.start":
+                state["started"] = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not state["exceeded"]:
+                raise
+        if state["exceeded"] and not state["started"]:
+            await send_json(send, 413, error_body("too_large", message))
+
+
+class CatchAllMiddleware:
+    """The last line: an unexpected exception is logged and answered 500 ``internal_error``, no traceback."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(msg):
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            log.info("client went away during %s %s", scope.get("method"), scope.get("path"))
+        except Exception:
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                with contextlib.suppress(Exception):
+                    await send_json(send, 500, error_body("internal_error", INTERNAL_MESSAGE))
+
+
+# ----------------------------------------------------------------------------------------- request models
+
+Path_ = Annotated[str, Field(min_length=1, max_length=4096)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+LatLon = Annotated[list[Finite], Field(min_length=2, max_length=2, description="[lat, lon] in degrees")]
+Backend = Literal["onnx", "torch"]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+Bands = Annotated[list[Annotated[int, Field(ge=1, le=1000)]], Field(min_length=1, max_length=16)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorOut(BaseModel):
+    code: str = Field(description="stable error code, e.g. bad_input, too_large, forbidden_path, busy")
+    message: str = Field(description="what went wrong, for a human")
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    http_status: int
+
+
+class JobResult(BaseModel):
+    files: list[str] = Field(description="paths of the files written")
+    summary: Any = Field(description="the engine's JSON summary of the action")
+    seconds: float
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float = Field(description="fraction done, 0..1")
+    message: str
+    cancel_requested: bool
+    created: float
+    started: float | None
+    finished: float | None
+    params: dict[str, Any]
+    result: JobResult | None
+    error: JobError | None
+
+
+class AreaFields(Strict):
+    near: LatLon | None = Field(None, description="search only near this [lat, lon] (needs radius_km)")
+    radius_km: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    bbox: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = Field(
+        None, description="[min_lon, min_lat, max_lon, max_lat]"
+    )
+
+
+class IndexRequest(Strict):
+    sources: Annotated[list[Path_], Field(min_length=1, max_length=1000)] = Field(
+        description="GeoTIFF files and/or folders of XYZ mosaics"
+    )
+    out: Path_ = Field(description="index folder to write (a new folder, or an existing Skyloc index)")
+    model: Annotated[str, Field(max_length=100)] = "default"
+    weights: Path_ | None = None
+    sha256: Sha256 | None = None
+    backend: Backend = "onnx"
+    input_size: Annotated[int, Field(ge=32, le=2048)] | None = None
+    factory: Annotated[str, Field(max_length=200)] = "Flat"
+    tile_sizes: Annotated[
+        list[Annotated[int, Field(ge=16, le=65536)]], Field(min_length=1, max_length=16)
+    ] = [
+        256,
+        512,
+    ]
+    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    bands: Annotated[list[Annotated[int, Field(ge=1, le=1000)]], Field(min_length=3, max_length=3)] | None = (
+        None
+    )
+    span: Annotated[int, Field(ge=1, le=64)] = 4
+    exclude: Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=100)] | None = None
+
+
+class LocalizeRequest(AreaFields):
+    photos: Annotated[list[Path_], Field(min_length=1, max_length=10000)] = Field(
+        description="photo files or folders of photos"
+    )
+    index: Path_ = Field(description="index folder")
+    out: Path_ | None = Field(None, description="write the candidate footprints here (.gpkg or .shp)")
+    top_k: Annotated[int, Field(ge=1, le=1000)] = 10
+    model: Annotated[str, Field(max_length=100)] | None = None
+    weights: Path_ | None = None
+    sha256: Sha256 | None = None
+    backend: Backend = "onnx"
+
+
+class FootprintRequest(AreaFields):
+    photos: Annotated[list[Path_], Field(min_length=1, max_length=10000)]
+    against: Path_ | None = Field(None, description="a raster (or XYZ folder) to match on; or give index")
+    index: Path_ | None = Field(None, description="an index: retrieval first, then footprints")
+    out: Path_ = Field(description="footprint layer (.gpkg or .shp)")
+    top_k: Annotated[int, Field(ge=1, le=100)] | None = Field(
+        None, description="places tried (default 5 with against, 10 with index)"
+    )
+    georef_dir: Path_ | None = Field(None, description="default: OUT_georef/ beside out")
+    geotiff: Path_ | None = Field(None, description="one photo: its georeferenced GeoTIFF here")
+    points: Path_ | None = Field(None, description="one photo: its Georeferencer .points here")
+    candidates_out: Path_ | None = Field(None, description="with index: also write the retrieved tiles")
+    model: Annotated[str, Field(max_length=100)] = "default"
+    backend: Backend = "onnx"
+    resume: bool = True
+
+
+class EmbedRequest(Strict):
+    raster: Path_ = Field(description="a georeferenced raster")
+    points: Annotated[
+        list[Annotated[list[Finite], Field(min_length=2, max_length=2)]],
+        Field(min_length=1, max_length=10000),
+    ] = Field(description="[x, y] in crs (default: the raster's CRS)")
+    crs: Annotated[str, Field(max_length=2000)] | None = None
+    model: Annotated[str, Field(max_length=100)] = "default"
+    weights: Path_ | None = None
+    sha256: Sha256 | None = None
+    bands: Bands | None = Field(None, description="1-based raster bands to use as R,G,B")
+
+
+class HeatmapRequest(Strict):
+    raster: Path_
+    out: Path_ = Field(description="the similarity heatmap (Cloud-Optimized GeoTIFF) to write")
+    at: Annotated[list[Finite], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="[x, y] in crs: similarity to the embedding at this point"
+    )
+    crs: Annotated[str, Field(max_length=2000)] | None = None
+    photo: Path_ | None = Field(None, description="similarity to this photo's embedding")
+    location: LatLon | None = Field(None, description="similarity to this place's location embedding")
+    vector: Path_ | None = Field(None, description="similarity to the features of a vector layer (OGR file)")
+    resolution: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        None, description="output pixel size in the raster's CRS units (default: the engine's)"
+    )
+    model: Annotated[str, Field(max_length=100)] = "default"
+    weights: Path_ | None = None
+    sha256: Sha256 | None = None
+    bands: Bands | None = Field(None, description="1-based raster bands to use as R,G,B")
+
+
+class UploadOut(BaseModel):
+    id: str
+    path: str = Field(description="give this path to the other endpoints")
+    name: str
+    bytes: int
+    width: int
+    height: int
+
+
+# ------------------------------------------------------------------------------------------ index cache
+
+
+class IndexCache:
+    """Opened indexes, kept loaded (the last ``size``); reopened when the folder was rebuilt."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._cache: OrderedDict[Path, tuple[Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path):
+        from ..index_store import MANIFEST, open_index
+
+        try:
+            st = (path / MANIFEST).stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        with self._lock:
+            hit = self._cache.get(path)
+            if hit is not None and stamp is not None and hit[0] == stamp:
+                self._cache.move_to_end(path)
+                return hit[1]
+        idx = open_index(path)  # IndexNotFoundError (404) for anything that is not a complete index
+        with self._lock:
+            self._cache[path] = (stamp, idx)
+            self._cache.move_to_end(path)
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------- the app
+
+
+class Service:
+    """State shared by the endpoints: roots, jobs, caches, uploads."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        from .. import api  # heavy (torch, faiss): the service keeps it loaded
+
+        self.api = api
+        self.config = config
+        self.own_upload_dir = config.upload_dir is None
+        upload_dir = config.upload_dir or tempfile.mkdtemp(prefix="skyloc-uploads-")
+        os.makedirs(upload_dir, mode=0o700, exist_ok=True)
+        self.upload_dir = Path(os.path.realpath(upload_dir))
+        self.policy = PathPolicy(config.roots, read_only_roots=[str(self.upload_dir)])
+        self.jobs = JobManager(config.workers, config.queue_size, keep=config.keep_jobs)
+        self.indexes = IndexCache()
+        self.sync_slots = threading.BoundedSemaphore(config.sync_slots)
+        self.upload_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.jobs.shutdown()
+        if self.own_upload_dir:
+            shutil.rmtree(self.upload_dir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def sync_slot(self) -> Iterator[None]:
+        if not self.sync_slots.acquire(timeout=self.config.sync_wait_s):
+            raise BusyError(f"all {self.config.sync_slots} compute slots are busy: try again later")
+        try:
+            yield
+        finally:
+            self.sync_slots.release()
+
+    # ------------------------------------------------------------------------------------ input checks
+
+    def photo_files(self, photos: Sequence[str]) -> list[Path]:
+        """Photos as real files inside the roots: folders expanded (one level), headers checked."""
+        files: list[Path] = []
+        for given in photos:
+            real = self.policy.resolve_input(given, what="photo")
+            if real.is_dir():
+                files.extend(Path(os.path.realpath(p)) for p in self.api.expand_photos([str(real)]))
+            else:
+                files.append(self.photo_file(given))
+        return files
+
+    def photo_file(self, given: str) -> Path:
+        """One photo file inside the roots, its pixel count checked from the header (no decoding)."""
+        from ..imageio import image_size
+
+        real = self.input_file(given, what="photo")
+        w, h = image_size(real)  # header only: a bomb is refused before any decoding
+        if w * h > self.config.max_pixels:
+            raise ImageTooLargeError(
+                f"{given}: {w}x{h} = {w * h:,} pixels is over the limit of {self.config.max_pixels:,} pixels"
+            )
+        return real
+
+    def input_file(self, path: str, what: str) -> Path:
+        real = self.policy.resolve_input(path, what=what)
+        if not real.is_file():
+            raise InputError(f"{what} {path!r} is a folder; expected a file")
+        return real
+
+    def index(self, path: str):
+        """An opened index (cached): 403 outside the roots, 404 when it is not a Skyloc index."""
+        real = self.policy.resolve(path, what="index")
+        if not real.is_dir():
+            raise IndexNotFoundError(f"index {path!r}: no such index folder")
+        return self.indexes.get(real)
+
+    def optional_input(self, path: str | None, what: str) -> str | None:
+        return None if path is None else str(self.policy.resolve_input(path, what=what))
+
+    def output(self, path: str | None, what: str, suffixes: Sequence[str] | None = None) -> Path | None:
+        if path is None:
+            return None
+        real = self.policy.resolve(path, write=True, what=what)
+        if suffixes is not None and real.suffix.lower() not in suffixes:
+            raise InputError(f"{what} {path!r}: expected a file ending in {' or '.join(suffixes)}")
+        if real.is_dir():
+            raise InputError(f"{what} {path!r} is a folder; expected a file name")
+        if any(real == Path(r) for r in self.policy.roots):
+            raise InputError(f"{what} {path!r} is a root folder")
+        return real
+
+    def layer_output(self, path: str | None, what: str) -> Path | None:
+        out = self.output(path, what, (".gpkg", ".shp"))
+        return out
+
+    @staticmethod
+    def layer_files(out: Path | None) -> list[Path]:
+        if out is None:
+            return []
+        if out.suffix.lower() == ".shp":
+            return [out.with_suffix(ext) for ext in SHAPEFILE_PARTS]
+        return [out]
+
+    @staticmethod
+    def area(req: AreaFields):
+        from ..search_area import SearchArea
+
+        if req.near is not None and req.bbox is not None:
+            raise InputError("give near/radius_km or bbox, not both")
+        if req.near is not None:
+            return SearchArea(near=tuple(req.near), radius_km=req.radius_km)
+        if req.radius_km is not None:
+            raise InputError("radius_km needs near [lat, lon]")
+        if req.bbox is not None:
+            return SearchArea(bbox=tuple(req.bbox))
+        return None
+
+    def check_model_name(self, model: str | None, index_manifest: dict[str, Any] | None = None) -> None:
+        from ..nets.registry import resolve_name
+
+        if model is None:
+            return
+        name = resolve_name(model)  # InputError (422) for an unknown model
+        if index_manifest is not None and name != index_manifest["model"]["name"]:
+            built = index_manifest["model"]
+            raise ModelMismatchError(
+                f"the index was built with model {built['model_id']} ({built['dim']}-d); the query model is "
+                f"{name}: query it with model {built['name']!r}, or rebuild the index with this model"
+            )
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    """The application; ``config.on_ready`` runs once it is ready to answer (models list loaded)."""
+    svc = Service(config)
+    api = svc.api
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if config.on_ready is not None:
+            config.on_ready()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, svc.close)
+            if config.on_shutdown is not None:
+                config.on_shutdown()
+
+    errors = {s: {"model": ErrorOut} for s in (401, 403, 404, 409, 413, 422, 500, 503)}
+    app = FastAPI(
+        title="Skyloc engine",
+        version=__version__,
+        description=(
+            "Local engine of the Skyloc QGIS plugin. Every request needs `Authorization: Bearer <token>`. "
+            "Long actions are jobs: follow them at `/jobs/{id}`."
+        ),
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        responses=errors,
+        # declares the bearer scheme in the OpenAPI schema; TokenMiddleware enforces it on every request
+        dependencies=[Depends(HTTPBearer(auto_error=False))],
+    )
+    app.state.service = svc
+
+    def body_limit(path: str) -> int:
+        if path.rstrip("/") == "/uploads":
+            return config.max_upload_bytes + 64 * 1024  # multipart envelope
+        return config.max_json_bytes
+
+    # added last = outermost: token first, then the catch-all, then the body limit
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(TokenMiddleware, token=config.token)
+
+    @app.exception_handler(SkylocError)
+    async def skyloc_error(request: Request, exc: SkylocError) -> JSONResponse:
+        if exc.http_status >= 500:
+            level = logging.WARNING if isinstance(exc, BusyError) else logging.ERROR
+            log.log(level, "%s on %s %s: %s", exc.code, request.method, request.url.path, exc.message)
+        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+        return JSONResponse(error_body("bad_input", "invalid request: " + "; ".join(parts)), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        code = codes.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no endpoint {request.method} {request.url.path}"
+        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+
+    def submit(kind: str, fn, params: dict[str, Any], outputs: Sequence[Path]) -> JSONResponse:
+        job = svc.jobs.submit(kind, fn, params=plain(params), outputs=outputs)
+        return JSONResponse(job.snapshot(), status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+    # --------------------------------------------------------------------------------- short actions
+
+    @app.get("/health", tags=["service"])
+    def health() -> dict[str, Any]:
+        """The service answers; job counts."""
+        return {"status": "ok", "version": __version__, "jobs": svc.jobs.counts()}
+
+    @app.get("/version", tags=["service"])
+    def version() -> dict[str, Any]:
+        """Engine version, HTTP API version, what the service can do, and its limits."""
+        actions = ["index", "localize", "footprint"] + [n for n in ("embed_at", "heatmap") if hasattr(api, n)]
+        return {
+            "version": __version__,
+            "api_version": API_VERSION,
+            "actions": actions,
+            "roots": svc.policy.roots,
+            "limits": {
+                "max_upload_bytes": config.max_upload_bytes,
+                "max_pixels": config.max_pixels,
+                "workers": config.workers,
+                "queue_size": config.queue_size,
+            },
+        }
+
+    @app.get("/models", tags=["engine"])
+    def models() -> list[dict[str, Any]]:
+        """The encoders this engine can run, and what each can do."""
+        return plain(api.models())
+
+    @app.post("/uploads", status_code=201, response_model=UploadOut, tags=["service"])
+    def upload(file: Annotated[UploadFile, File(description="a photo or raster")]) -> dict[str, Any]:
+        """Store an image in the service's upload folder; its ``path`` can then be given to any action."""
+        from ..imageio import image_size, read_image
+
+        raw = os.path.basename((file.filename or "").replace("\\", "/"))
+        stem, suffix = os.path.splitext(raw)
+        suffix = suffix.lower()
+        if suffix not in UPLOAD_SUFFIXES:
+            raise InputError(f"upload {raw!r}: expected an image file ({', '.join(UPLOAD_SUFFIXES)})")
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100] or "upload"
+        upload_id = secrets.token_hex(8)
+        folder = svc.upload_dir / upload_id
+        folder.mkdir(mode=0o700)
+        dest = folder / (stem + suffix)
+        try:
+            size = 0
+            with open(dest, "wb") as f:
+                while chunk := file.file.read(1 << 20):
+                    size += len(chunk)
+                    if size > config.max_upload_bytes:
+                        raise UploadTooLargeError(
+                            f"upload over the limit of {config.max_upload_bytes:,} bytes"
+                        )
+                    f.write(chunk)
+            with svc.upload_lock:
+                total = sum(p.stat().st_size for p in svc.upload_dir.glob("*/*") if p.is_file())
+            if total > config.max_upload_total_bytes:
+                raise UploadTooLargeError(
+                    f"the upload folder holds over {config.max_upload_total_bytes:,} bytes: delete uploads "
+                    "you no longer need (DELETE /uploads/{id})"
+                )
+            width, height = image_size(dest)  # header only: bombs stop here
+            with svc.sync_slot():
+                read_image(dest, max_pixels=config.max_pixels)  # a corrupt or truncated image stops here
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return {
+            "id": upload_id,
+            "path": str(dest),
+            "name": dest.name,
+            "bytes": size,
+            "width": width,
+            "height": height,
+        }
+
+    @app.delete("/uploads/{upload_id}", tags=["service"])
+    def delete_upload(upload_id: str) -> dict[str, str]:
+        """Remove an upload."""
+        folder = svc.upload_dir / upload_id
+        if not re.fullmatch(r"[0-9a-f]{16}", upload_id) or not folder.is_dir():
+            raise NotFoundError(f"no upload {upload_id!r}")
+        shutil.rmtree(folder, ignore_errors=True)
+        return {"deleted": upload_id}
+
+    if hasattr(api, "embed_at"):
+
+        @app.post("/embed", tags=["engine"])
+        def embed(req: EmbedRequest) -> dict[str, Any]:
+            """Embeddings of the raster at points (synchronous)."""
+            raster = svc.input_file(req.raster, what="raster")
+            weights = svc.optional_input(req.weights, "weights")
+            with svc.sync_slot():
+                result = api.embed_at(
+                    str(raster),
+                    [tuple(p) for p in req.points],
+                    crs=req.crs,
+                    model=req.model,
+                    weights=weights,
+                    sha256=req.sha256,
+                    bands=req.bands,
+                )
+            return plain(result.to_json())
+
+    # ------------------------------------------------------------------------------------------- jobs
+
+    @app.post("/index", status_code=202, response_model=JobOut, tags=["jobs"])
+    def post_index(req: IndexRequest):
+        """Build a tile database (a job)."""
+        sources = [str(svc.policy.resolve_input(s, what="source")) for s in req.sources]
+        out = svc.policy.resolve(req.out, write=True, what="out")
+        if any(out == Path(r) or Path(r).is_relative_to(out) for r in svc.policy.roots):
+            raise InputError(f"out {req.out!r} is (or holds) a root folder")
+        check_index_out(out)
+        weights = svc.optional_input(req.weights, "weights")
+        svc.check_model_name(req.model)
+        staged = out.with_name(out.name + ".partial")
+
+        def run(progress, cancel) -> JobOutcome:
+            manifest = api.index(
+                sources,
+                str(out),
+                model=req.model,
+                weights=weights,
+                sha256=req.sha256,
+                backend=req.backend,
+                input_size=req.input_size,
+                factory=req.factory,
+                tile_sizes=req.tile_sizes,
+                overlap=req.overlap,
+                bands=req.bands,
+                span=req.span,
+                exclude=req.exclude,
+                progress=progress,
+                cancel=cancel,
+            )
+            return JobOutcome(sorted(str(p) for p in out.iterdir()), plain(manifest))
+
+        return submit("index", run, {**req.model_dump(), "sources": sources, "out": out}, [out, staged])
+
+    @app.post("/localize", status_code=202, response_model=JobOut, tags=["jobs"])
+    def post_localize(req: LocalizeRequest):
+        """Retrieve the most similar tiles of an index for each photo (a job)."""
+        photos = svc.photo_files(req.photos)
+        idx = svc.index(req.index)
+        svc.check_model_name(req.model, idx.manifest)
+        area = svc.area(req)
+        out = svc.layer_output(req.out, "out")
+        weights = svc.optional_input(req.weights, "weights")
+
+        def run(progress, cancel) -> JobOutcome:
+            result = api.localize(
+                [str(p) for p in photos],
+                idx,
+                out=None if out is None else str(out),
+                top_k=req.top_k,
+                area=area,
+                model=req.model,
+                weights=weights,
+                sha256=req.sha256,
+                backend=req.backend,
+                max_pixels=config.max_pixels,
+                progress=progress,
+                cancel=cancel,
+            )
+            return JobOutcome([result.out] if result.out else [], plain(result.to_json()))
+
+        params = {**req.model_dump(), "photos": photos, "index": idx.path, "out": out}
+        return submit("localize", run, params, svc.layer_files(out))
+
+    @app.post("/footprint", status_code=202, response_model=JobOut, tags=["jobs"])
+    def post_footprint(req: FootprintRequest):
+        """Footprints of photos, on a raster (``against``) or on an index's candidates (``index``): a job."""
+        from ..footprint.batch import parts_dir
+
+        if (req.against is None) == (req.index is None):
+            raise InputError("give either against (a raster or XYZ folder) or index, not both")
+        photos = svc.photo_files(req.photos)
+        out = svc.layer_output(req.out, "out")
+        geotiff = svc.output(req.geotiff, "geotiff", (".tif", ".tiff"))
+        points = svc.output(req.points, "points", (".points",))
+        if (geotiff or points) and len(photos) != 1:
+            raise InputError("geotiff/points name the files of ONE photo; for several use georef_dir")
+        georef_dir = None
+        if req.georef_dir is not None:
+            georef_dir = svc.policy.resolve(req.georef_dir, write=True, what="georef_dir")
+        elif not (geotiff or points):
+            georef_dir = out.with_name(out.stem + "_georef")
+        outputs = [*svc.layer_files(out), parts_dir(out)]
+        if georef_dir is not None:
+            outputs += [georef_dir] + [
+                georef_dir / f"{p.stem}{ext}" for p in photos for ext in (".tif", ".points")
+            ]
+        outputs += [p for p in (geotiff, points) if p is not None]
+        common = dict(
+            out=str(out),
+            georef_dir=None if georef_dir is None else str(georef_dir),
+            geotiff=None if geotiff is None else str(geotiff),
+            points=None if points is None else str(points),
+            backend=req.backend,
+            max_pixels=config.max_pixels,
+            resume=req.resume,
+        )
+        candidates_out = None
+        if req.against is not None:
+            if req.near or req.bbox or req.radius_km or req.candidates_out:
+                raise InputError("near/radius_km/bbox/candidates_out go with index, not against")
+            against = str(svc.policy.resolve_input(req.against, what="against"))
+            svc.check_model_name(req.model)
+
+            def call(progress, cancel):
+                return api.footprint(
+                    [str(p) for p in photos],
+                    against,
+                    top_k=req.top_k or 5,
+                    model=req.model,
+                    progress=progress,
+                    cancel=cancel,
+                    **common,
+                )
+
+            params = {**req.model_dump(), "against": against}
+        else:
+            idx = svc.index(req.index)
+            area = svc.area(req)
+            candidates_out = svc.layer_output(req.candidates_out, "candidates_out")
+            outputs += svc.layer_files(candidates_out)
+
+            def call(progress, cancel):
+                return api.localize_footprints(
+                    [str(p) for p in photos],
+                    idx,
+                    top_k=req.top_k or 10,
+                    area=area,
+                    candidates_out=None if candidates_out is None else str(candidates_out),
+                    progress=progress,
+                    cancel=cancel,
+                    **common,
+                )
+
+            params = {**req.model_dump(), "index": idx.path}
+
+        def run(progress, cancel) -> JobOutcome:
+            results = call(progress, cancel)
+            files = [str(out)] + [f for r in results for f in (r.geotiff, r.points) if f]
+            if candidates_out is not None:
+                files.append(str(candidates_out))
+            summary = {
+                "out": str(out),
+                "localized": sum(r.status == "localized" for r in results),
+                "rejected": sum(r.status == "rejected" for r in results),
+                "errors": sum(r.status == "error" for r in results),
+                "photos": plain(results),
+            }
+            return JobOutcome(files, summary)
+
+        params.update(photos=photos, out=out, georef_dir=georef_dir, geotiff=geotiff, points=points)
+        return submit("footprint", run, params, outputs)
+
+    if hasattr(api, "heatmap"):
+
+        @app.post("/heatmap", status_code=202, response_model=JobOut, tags=["jobs"])
+        def post_heatmap(req: HeatmapRequest):
+            """Similarity heatmap over a raster, written as a Cloud-Optimized GeoTIFF (a job)."""
+            raster = str(svc.input_file(req.raster, what="raster"))
+            out = svc.output(req.out, "out", (".tif", ".tiff"))
+            photo = None if req.photo is None else str(svc.photo_file(req.photo))
+            vector = svc.optional_input(req.vector, "vector")
+            weights = svc.optional_input(req.weights, "weights")
+
+            def run(progress, cancel) -> JobOutcome:
+                result = api.heatmap(
+                    raster,
+                    str(out),
+                    at=None if req.at is None else tuple(req.at),
+                    crs=req.crs,
+                    photo=photo,
+                    location=None if req.location is None else tuple(req.location),
+                    vector=vector,
+                    resolution=req.resolution,
+                    model=req.model,
+                    weights=weights,
+                    sha256=req.sha256,
+                    bands=req.bands,
+                    max_pixels=config.max_pixels,
+                    progress=progress,
+                    cancel=cancel,
+                )
+                return JobOutcome([result.out, result.style], plain(result.to_json()))
+
+            params = {**req.model_dump(), "raster": raster, "out": out}
+            return submit("heatmap", run, params, [out, out.with_suffix(".qml")])
+
+    @app.get("/jobs", response_model=list[JobOut], tags=["jobs"])
+    def list_jobs() -> list[dict[str, Any]]:
+        """Every job the service remembers (queued, running, and the recently finished)."""
+        return [j.snapshot() for j in svc.jobs.list()]
+
+    @app.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
+    async def get_job(
+        job_id: str,
+        wait: Annotated[
+            float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the job to finish")
+        ] = 0,
+    ) -> dict[str, Any]:
+        """A job's state, progress, and result or error; ``wait`` long-polls until it finishes."""
+        job = svc.jobs.get(job_id)
+        deadline = time.monotonic() + wait
+        while not job.done.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return job.snapshot()
+
+    @app.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"])
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        """Ask a job to stop; it ends ``cancelled`` and leaves no partial output."""
+        return svc.jobs.cancel(job_id).snapshot()
+
+    @app.delete("/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
+    def delete_job(job_id: str) -> dict[str, Any]:
+        """Cancel the job if it is not finished, and forget it."""
+        return svc.jobs.delete(job_id).snapshot()
+
+    return app

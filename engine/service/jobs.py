@@ -1,0 +1,294 @@
+"""Long actions as jobs: a bounded queue, a few worker threads, progress, cancel, result, cleanup.
+
+A job is queued (503 ``busy`` when ``queue_size`` jobs already wait), run by one of ``workers`` threads
+with a progress callback and a :class:`~engine.progress.CancelToken`, and ends ``succeeded`` (with its
+result: the files written and a JSON summary), ``failed`` (with ``{"code", "message", "http_status"}``)
+or ``cancelled``. A job that does not succeed leaves nothing behind: the engine writes its final outputs
+atomically, and the :class:`OutputGuard` removes what the job created on the way (an index build's
+``.partial`` folder, a footprint batch's ``.parts`` records and the GeoTIFFs of the photos it finished).
+Finished jobs are kept (the most recent ``keep``) for clients to read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import queue
+import secrets
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CancelledError, SkylocError
+from ..progress import CancelToken, ProgressFn
+from .errors import BusyError, ConflictError, JobNotFoundError
+
+log = logging.getLogger("skyloc.service")
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+
+@dataclass
+class JobOutcome:
+    """What a job function returns: the files it wrote and a JSON-able summary."""
+
+    files: list[str]
+    summary: Any
+
+
+#: ``run(progress, cancel) -> JobOutcome``
+JobFn = Callable[[ProgressFn, CancelToken], JobOutcome]
+
+
+class OutputGuard:
+    """Remembers which of ``paths`` did not exist before a job and removes those if the job fails."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.new = [p for p in dict.fromkeys(paths) if not (p.exists() or p.is_symlink())]
+
+    def discard(self) -> list[str]:
+        removed = []
+        for p in reversed(self.new):  # children before the folders that hold them
+            try:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                elif p.exists() or p.is_symlink():
+                    p.unlink()
+                else:
+                    continue
+                removed.append(str(p))
+            except OSError as exc:
+                log.warning("could not remove partial output %s: %s", p, exc)
+        return removed
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    params: dict[str, Any]
+    fn: JobFn
+    outputs: list[Path]
+    state: str = QUEUED
+    progress: float = 0.0
+    message: str = "queued"
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    cancel_token: CancelToken = field(default_factory=CancelToken)
+    done: threading.Event = field(default_factory=threading.Event)
+    discard_when_done: bool = False
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "progress": round(self.progress, 4),
+            "message": self.message,
+            "cancel_requested": self.cancel_token.cancelled,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "params": self.params,
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+class JobManager:
+    """``workers`` threads run jobs; at most ``queue_size`` wait; the last ``keep`` finished are kept."""
+
+    def __init__(self, workers: int = 1, queue_size: int = 8, keep: int = 200) -> None:
+        if workers < 1 or queue_size < 0:
+            raise ValueError("workers >= 1 and queue_size >= 0")
+        self.workers, self.queue_size, self.keep = workers, queue_size, keep
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._closed = False
+        self._counter = itertools.count(1)
+        self._threads = [
+            threading.Thread(target=self._work, name=f"skyloc-job-{i}", daemon=True) for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # ------------------------------------------------------------------------------------------ submit
+
+    def submit(self, kind: str, fn: JobFn, *, params: dict[str, Any], outputs: Sequence[Path]) -> Job:
+        with self._lock:
+            if self._closed:
+                raise BusyError("the service is shutting down")
+            active = [j for j in self._jobs.values() if j.state in (QUEUED, RUNNING)]
+            if len(active) >= self.workers + self.queue_size:
+                raise BusyError(
+                    f"the job queue is full ({self.queue_size} waiting, {self.workers} running): "
+                    "try again later, or cancel a job"
+                )
+            mine = {Path(p) for p in outputs}
+            for other in active:
+                clash = mine & set(other.outputs)
+                if clash:
+                    raise ConflictError(
+                        f"job {other.id} ({other.kind}, {other.state}) already writes {sorted(map(str, clash))[0]}"
+                    )
+            job = Job(
+                id=f"{next(self._counter)}-{secrets.token_hex(4)}",
+                kind=kind,
+                params=params,
+                fn=fn,
+                outputs=list(mine),
+            )
+            self._jobs[job.id] = job
+            self._evict()
+        self._queue.put(job)
+        return job
+
+    def _evict(self) -> None:
+        finished = [j.id for j in self._jobs.values() if j.state in FINISHED]
+        for job_id in finished[: max(0, len(finished) - self.keep)]:
+            del self._jobs[job_id]
+
+    # -------------------------------------------------------------------------------------------- read
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFoundError(f"no job {job_id!r} (finished jobs are kept for a while, then forgotten)")
+        return job
+
+    def list(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def counts(self) -> dict[str, int]:
+        jobs = self.list()
+        return {
+            "queued": sum(j.state == QUEUED for j in jobs),
+            "running": sum(j.state == RUNNING for j in jobs),
+            "workers": self.workers,
+            "queue_size": self.queue_size,
+        }
+
+    def wait(self, job_id: str, timeout: float) -> Job:
+        job = self.get(job_id)
+        if timeout > 0:
+            job.done.wait(timeout)
+        return job
+
+    # ------------------------------------------------------------------------------------------ cancel
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        with self._lock:
+            if job.state == QUEUED:
+                job.cancel_token.cancel()
+                self._finish(job, CANCELLED, "cancelled before it started")
+            elif job.state == RUNNING:
+                job.cancel_token.cancel()
+                job.message = "cancelling: " + job.message
+        return job
+
+    def delete(self, job_id: str) -> Job:
+        """Cancel the job if it is not finished, and forget it (at once, or as soon as it stops)."""
+        job = self.cancel(job_id)
+        with self._lock:
+            if job.state in FINISHED:
+                self._jobs.pop(job.id, None)
+            else:
+                job.discard_when_done = True
+        return job
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Refuse new jobs, cancel every queued and running one, wait up to ``timeout`` for the workers."""
+        with self._lock:
+            self._closed = True
+            jobs = [j for j in self._jobs.values() if j.state in (QUEUED, RUNNING)]
+        for job in jobs:
+            with contextlib.suppress(JobNotFoundError):
+                self.cancel(job.id)
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    # ------------------------------------------------------------------------------------------ worker
+
+    def _finish(self, job: Job, state: str, message: str) -> None:
+        """Caller holds the lock."""
+        job.state, job.message, job.finished = state, message, time.time()
+        if state == SUCCEEDED:
+            job.progress = 1.0
+        if job.discard_when_done:
+            self._jobs.pop(job.id, None)
+        job.done.set()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._lock:
+                if job.state != QUEUED:  # cancelled while it waited
+                    continue
+                job.state, job.started, job.message = RUNNING, time.time(), "starting"
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        def progress(fraction: float, message: str) -> None:
+            if isinstance(fraction, (int, float)) and math.isfinite(fraction):
+                job.progress = min(1.0, max(0.0, float(fraction)))
+            job.message = ("cancelling: " if job.cancel_token.cancelled else "") + str(message)
+
+        guard = OutputGuard(job.outputs)
+        t0 = time.monotonic()
+        try:
+            job.cancel_token.check()
+            outcome = job.fn(progress, job.cancel_token)
+        except CancelledError:
+            removed = guard.discard()
+            log.info("job %s (%s) cancelled; removed %d partial outputs", job.id, job.kind, len(removed))
+            with self._lock:
+                self._finish(job, CANCELLED, "cancelled; no output was left")
+            return
+        except SkylocError as exc:
+            guard.discard()
+            with self._lock:
+                job.error = {"code": exc.code, "message": exc.message, "http_status": exc.http_status}
+                self._finish(job, FAILED, exc.message)
+            return
+        except Exception:
+            log.exception("job %s (%s) failed with an internal error", job.id, job.kind)
+            guard.discard()
+            with self._lock:
+                job.error = {
+                    "code": "internal_error",
+                    "message": "internal error (a bug: the server log has the details)",
+                    "http_status": 500,
+                }
+                self._finish(job, FAILED, job.error["message"])
+            return
+        with self._lock:
+            job.result = {
+                "files": [str(f) for f in outcome.files if f and os.path.exists(f)],
+                "summary": outcome.summary,
+                "seconds": round(time.monotonic() - t0, 3),
+            }
+            late = job.cancel_token.cancelled
+            self._finish(
+                job, SUCCEEDED, "done" + (" (it finished before the cancel took effect)" if late else "")
+            )
