@@ -65,6 +65,8 @@ def write_polygons(
             geometry_type=geometry_type,
             crs=crs,
             promote_to_multi=geometry_type == "MultiPolygon",
+            # GeoPackage 1.3: what QGIS 3.22 LTR's GDAL (3.6) reads without "partially supported" warnings
+            dataset_options={"VERSION": "1.3"} if driver == "GPKG" else None,
         )
     return path
 

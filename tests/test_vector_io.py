@@ -46,3 +46,16 @@ def test_failed_write_keeps_previous_file(tmp_path):
 def test_unknown_format_refused(tmp_path):
     with pytest.raises(InputError, match="gpkg"):
         write_polygons(tmp_path / "out.kml", polys(1), {}, layer="x")
+
+
+def test_geopackage_is_version_1_3_for_qgis_3_22(tmp_path):
+    """GDAL >= 3.9 writes GeoPackage 1.4, which QGIS 3.22 LTR (GDAL 3.6) opens with warnings."""
+    import sqlite3
+
+    import shapely
+
+    from engine.vector_io import write_polygons
+
+    path = write_polygons(tmp_path / "v.gpkg", [shapely.box(0, 0, 1, 1)], {"n": [1]}, layer="v")
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 10300
