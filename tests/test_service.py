@@ -612,7 +612,7 @@ def test_client_is_importable_alone(tmp_path):
 
 
 def test_unexpected_exception_becomes_a_json_500_without_traceback():
-    from engine.service.app import CatchAllMiddleware
+    from engine.service.middleware import CatchAllMiddleware
 
     async def broken(scope, receive, send):
         raise RuntimeError("secret internals /etc/shadow")

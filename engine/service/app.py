@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -29,17 +27,15 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import ImageTooLargeError, IndexNotFoundError, InputError, ModelMismatchError, SkylocError
@@ -48,7 +44,19 @@ from ..index_store import check_index_out
 from .auth import TokenMiddleware
 from .errors import BusyError, NotFoundError, UploadTooLargeError
 from .jobs import JobManager, JobOutcome
+from .middleware import BodyLimitMiddleware, CatchAllMiddleware, error_body, plain
 from .paths import PathPolicy
+from .schemas import (
+    AreaFields,
+    EmbedRequest,
+    ErrorOut,
+    FootprintRequest,
+    HeatmapRequest,
+    IndexRequest,
+    JobOut,
+    LocalizeRequest,
+    UploadOut,
+)
 
 log = logging.getLogger("skyloc.service")
 
@@ -57,7 +65,6 @@ API_VERSION = 1
 MAX_WAIT_S = 30.0
 SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
 UPLOAD_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
-INTERNAL_MESSAGE = "internal error (a bug: the server log has the details, please report it)"
 
 
 @dataclass
@@ -79,280 +86,6 @@ class ServiceConfig:
     on_ready: Callable[[], None] | None = None
     on_shutdown: Callable[[], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------ JSON helpers
-
-
-def plain(obj: Any) -> Any:
-    """JSON-safe copy: dataclasses, numpy scalars/arrays, paths, tuples; NaN/inf become null."""
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return plain(asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist"):  # numpy scalar or array
-        return plain(obj.tolist())
-    return str(obj)
-
-
-def error_body(code: str, message: str) -> dict[str, str]:
-    return {"code": code, "message": message}
-
-
-async def send_json(send, status: int, content: dict[str, Any]) -> None:
-    body = json.dumps(content).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-# ------------------------------------------------------------------------------------------ middlewares
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimitMiddleware:
-    """413 when a body is (or declares itself) larger than the limit for its path; read no further."""
-
-    def __init__(self, app, limit_for: Callable[[str], int]) -> None:
-        self.app = app
-        self.limit_for = limit_for
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit_for(scope["path"])
-        message = f"request body over the limit of {limit:,} bytes"
-        declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None:
-            try:
-                too_big = int(declared) > limit
-            except ValueError:
-                await send_json(send, 400, error_body("bad_request", "invalid Content-Length"))
-                return
-            if too_big:
-                await send_json(send, 413, error_body("too_large", message))
-                return
-        state = {"received": 0, "exceeded": False, "started": False}
-
-        async def limited_receive():
-            msg = await receive()
-            if msg["type"] == "http.request":
-                state["received"] += len(msg.get("body", b""))
-                if state["received"] > limit:
-                    state["exceeded"] = True
-                    raise _BodyTooLarge(message)
-            return msg
-
-        async def guarded_send(msg):
-            if state["exceeded"]:
-                return  # whatever the app makes of the interrupted body, the answer is 413
-            if msg["type"] == "http.response.start":
-                state["started"] = True
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except Exception:
-            if not state["exceeded"]:
-                raise
-        if state["exceeded"] and not state["started"]:
-            await send_json(send, 413, error_body("too_large", message))
-
-
-class CatchAllMiddleware:
-    """The last line: an unexpected exception is logged and answered 500 ``internal_error``, no traceback."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(msg):
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except ClientDisconnect:
-            log.info("client went away during %s %s", scope.get("method"), scope.get("path"))
-        except Exception:
-            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
-            if not started:
-                with contextlib.suppress(Exception):
-                    await send_json(send, 500, error_body("internal_error", INTERNAL_MESSAGE))
-
-
-# ----------------------------------------------------------------------------------------- request models
-
-Path_ = Annotated[str, Field(min_length=1, max_length=4096)]
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-LatLon = Annotated[list[Finite], Field(min_length=2, max_length=2, description="[lat, lon] in degrees")]
-Backend = Literal["onnx", "torch"]
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
-Bands = Annotated[list[Annotated[int, Field(ge=1, le=1000)]], Field(min_length=1, max_length=16)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ErrorOut(BaseModel):
-    code: str = Field(description="stable error code, e.g. bad_input, too_large, forbidden_path, busy")
-    message: str = Field(description="what went wrong, for a human")
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-    http_status: int
-
-
-class JobResult(BaseModel):
-    files: list[str] = Field(description="paths of the files written")
-    summary: Any = Field(description="the engine's JSON summary of the action")
-    seconds: float
-
-
-class JobOut(BaseModel):
-    id: str
-    kind: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    progress: float = Field(description="fraction done, 0..1")
-    message: str
-    cancel_requested: bool
-    created: float
-    started: float | None
-    finished: float | None
-    params: dict[str, Any]
-    result: JobResult | None
-    error: JobError | None
-
-
-class AreaFields(Strict):
-    near: LatLon | None = Field(None, description="search only near this [lat, lon] (needs radius_km)")
-    radius_km: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    bbox: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = Field(
-        None, description="[min_lon, min_lat, max_lon, max_lat]"
-    )
-
-
-class IndexRequest(Strict):
-    sources: Annotated[list[Path_], Field(min_length=1, max_length=1000)] = Field(
-        description="GeoTIFF files and/or folders of XYZ mosaics"
-    )
-    out: Path_ = Field(description="index folder to write (a new folder, or an existing Skyloc index)")
-    model: Annotated[str, Field(max_length=100)] = "default"
-    weights: Path_ | None = None
-    sha256: Sha256 | None = None
-    backend: Backend = "onnx"
-    input_size: Annotated[int, Field(ge=32, le=2048)] | None = None
-    factory: Annotated[str, Field(max_length=200)] = "Flat"
-    tile_sizes: Annotated[
-        list[Annotated[int, Field(ge=16, le=65536)]], Field(min_length=1, max_length=16)
-    ] = [
-        256,
-        512,
-    ]
-    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    bands: Annotated[list[Annotated[int, Field(ge=1, le=1000)]], Field(min_length=3, max_length=3)] | None = (
-        None
-    )
-    span: Annotated[int, Field(ge=1, le=64)] = 4
-    exclude: Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=100)] | None = None
-
-
-class LocalizeRequest(AreaFields):
-    photos: Annotated[list[Path_], Field(min_length=1, max_length=10000)] = Field(
-        description="photo files or folders of photos"
-    )
-    index: Path_ = Field(description="index folder")
-    out: Path_ | None = Field(None, description="write the candidate footprints here (.gpkg or .shp)")
-    top_k: Annotated[int, Field(ge=1, le=1000)] = 10
-    model: Annotated[str, Field(max_length=100)] | None = None
-    weights: Path_ | None = None
-    sha256: Sha256 | None = None
-    backend: Backend = "onnx"
-
-
-class FootprintRequest(AreaFields):
-    photos: Annotated[list[Path_], Field(min_length=1, max_length=10000)]
-    against: Path_ | None = Field(None, description="a raster (or XYZ folder) to match on; or give index")
-    index: Path_ | None = Field(None, description="an index: retrieval first, then footprints")
-    out: Path_ = Field(description="footprint layer (.gpkg or .shp)")
-    top_k: Annotated[int, Field(ge=1, le=100)] | None = Field(
-        None, description="places tried (default 5 with against, 10 with index)"
-    )
-    georef_dir: Path_ | None = Field(None, description="default: OUT_georef/ beside out")
-    geotiff: Path_ | None = Field(None, description="one photo: its georeferenced GeoTIFF here")
-    points: Path_ | None = Field(None, description="one photo: its Georeferencer .points here")
-    candidates_out: Path_ | None = Field(None, description="with index: also write the retrieved tiles")
-    model: Annotated[str, Field(max_length=100)] = "default"
-    backend: Backend = "onnx"
-    resume: bool = True
-
-
-class EmbedRequest(Strict):
-    raster: Path_ = Field(description="a georeferenced raster")
-    points: Annotated[
-        list[Annotated[list[Finite], Field(min_length=2, max_length=2)]],
-        Field(min_length=1, max_length=10000),
-    ] = Field(description="[x, y] in crs (default: the raster's CRS)")
-    crs: Annotated[str, Field(max_length=2000)] | None = None
-    model: Annotated[str, Field(max_length=100)] = "default"
-    weights: Path_ | None = None
-    sha256: Sha256 | None = None
-    bands: Bands | None = Field(None, description="1-based raster bands to use as R,G,B")
-
-
-class HeatmapRequest(Strict):
-    raster: Path_
-    out: Path_ = Field(description="the similarity heatmap (Cloud-Optimized GeoTIFF) to write")
-    at: Annotated[list[Finite], Field(min_length=2, max_length=2)] | None = Field(
-        None, description="[x, y] in crs: similarity to the embedding at this point"
-    )
-    crs: Annotated[str, Field(max_length=2000)] | None = None
-    photo: Path_ | None = Field(None, description="similarity to this photo's embedding")
-    location: LatLon | None = Field(None, description="similarity to this place's location embedding")
-    vector: Path_ | None = Field(None, description="similarity to the features of a vector layer (OGR file)")
-    resolution: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
-        None, description="output pixel size in the raster's CRS units (default: the engine's)"
-    )
-    model: Annotated[str, Field(max_length=100)] = "default"
-    weights: Path_ | None = None
-    sha256: Sha256 | None = None
-    bands: Bands | None = Field(None, description="1-based raster bands to use as R,G,B")
-
-
-class UploadOut(BaseModel):
-    id: str
-    path: str = Field(description="give this path to the other endpoints")
-    name: str
-    bytes: int
-    width: int
-    height: int
 
 
 # ------------------------------------------------------------------------------------------ index cache

@@ -1,0 +1,156 @@
+"""Request and response models of the HTTP API (pydantic): what the OpenAPI schema publishes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ----------------------------------------------------------------------------------------- request models
+
+Path_ = Annotated[str, Field(min_length=1, max_length=4096)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+LatLon = Annotated[list[Finite], Field(min_length=2, max_length=2, description="[lat, lon] in degrees")]
+Backend = Literal["onnx", "torch"]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+Bands = Annotated[list[Annotated[int, Field(ge=1, le=1000)]], Field(min_length=1, max_length=16)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorOut(BaseModel):
+    code: str = Field(description="stable error code, e.g. bad_input, too_large, forbidden_path, busy")
+    message: str = Field(description="what went wrong, for a human")
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    http_status: int
+
+
+class JobResult(BaseModel):
+    files: list[str] = Field(description="paths of the files written")
+    summary: Any = Field(description="the engine's JSON summary of the action")
+    seconds: float
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float = Field(description="fraction done, 0..1")
+    message: str
+    cancel_requested: bool
+    created: float
+    started: float | None
+    finished: float | None
+    params: dict[str, Any]
+    result: JobResult | None
+    error: JobError | None
+
+
+class AreaFields(Strict):
+    near: LatLon | None = Field(None, description="search only near this [lat, lon] (needs radius_km)")
+    radius_km: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    bbox: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = Field(
+        None, description="[min_lon, min_lat, max_lon, max_lat]"
+    )
+
+
+class IndexRequest(Strict):
+    sources: Annotated[list[Path_], Field(min_length=1, max_length=1000)] = Field(
+        description="GeoTIFF files and/or folders of XYZ mosaics"
+    )
+    out: Path_ = Field(description="index folder to write (a new folder, or an existing Skyloc index)")
+    model: Annotated[str, Field(max_length=100)] = "default"
+    weights: Path_ | None = None
+    sha256: Sha256 | None = None
+    backend: Backend = "onnx"
+    input_size: Annotated[int, Field(ge=32, le=2048)] | None = None
+    factory: Annotated[str, Field(max_length=200)] = "Flat"
+    tile_sizes: Annotated[
+        list[Annotated[int, Field(ge=16, le=65536)]], Field(min_length=1, max_length=16)
+    ] = [
+        256,
+        512,
+    ]
+    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    bands: Annotated[list[Annotated[int, Field(ge=1, le=1000)]], Field(min_length=3, max_length=3)] | None = (
+        None
+    )
+    span: Annotated[int, Field(ge=1, le=64)] = 4
+    exclude: Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=100)] | None = None
+
+
+class LocalizeRequest(AreaFields):
+    photos: Annotated[list[Path_], Field(min_length=1, max_length=10000)] = Field(
+        description="photo files or folders of photos"
+    )
+    index: Path_ = Field(description="index folder")
+    out: Path_ | None = Field(None, description="write the candidate footprints here (.gpkg or .shp)")
+    top_k: Annotated[int, Field(ge=1, le=1000)] = 10
+    model: Annotated[str, Field(max_length=100)] | None = None
+    weights: Path_ | None = None
+    sha256: Sha256 | None = None
+    backend: Backend = "onnx"
+
+
+class FootprintRequest(AreaFields):
+    photos: Annotated[list[Path_], Field(min_length=1, max_length=10000)]
+    against: Path_ | None = Field(None, description="a raster (or XYZ folder) to match on; or give index")
+    index: Path_ | None = Field(None, description="an index: retrieval first, then footprints")
+    out: Path_ = Field(description="footprint layer (.gpkg or .shp)")
+    top_k: Annotated[int, Field(ge=1, le=100)] | None = Field(
+        None, description="places tried (default 5 with against, 10 with index)"
+    )
+    georef_dir: Path_ | None = Field(None, description="default: OUT_georef/ beside out")
+    geotiff: Path_ | None = Field(None, description="one photo: its georeferenced GeoTIFF here")
+    points: Path_ | None = Field(None, description="one photo: its Georeferencer .points here")
+    candidates_out: Path_ | None = Field(None, description="with index: also write the retrieved tiles")
+    model: Annotated[str, Field(max_length=100)] = "default"
+    backend: Backend = "onnx"
+    resume: bool = True
+
+
+class EmbedRequest(Strict):
+    raster: Path_ = Field(description="a georeferenced raster")
+    points: Annotated[
+        list[Annotated[list[Finite], Field(min_length=2, max_length=2)]],
+        Field(min_length=1, max_length=10000),
+    ] = Field(description="[x, y] in crs (default: the raster's CRS)")
+    crs: Annotated[str, Field(max_length=2000)] | None = None
+    model: Annotated[str, Field(max_length=100)] = "default"
+    weights: Path_ | None = None
+    sha256: Sha256 | None = None
+    bands: Bands | None = Field(None, description="1-based raster bands to use as R,G,B")
+
+
+class HeatmapRequest(Strict):
+    raster: Path_
+    out: Path_ = Field(description="the similarity heatmap (Cloud-Optimized GeoTIFF) to write")
+    at: Annotated[list[Finite], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="[x, y] in crs: similarity to the embedding at this point"
+    )
+    crs: Annotated[str, Field(max_length=2000)] | None = None
+    photo: Path_ | None = Field(None, description="similarity to this photo's embedding")
+    location: LatLon | None = Field(None, description="similarity to this place's location embedding")
+    vector: Path_ | None = Field(None, description="similarity to the features of a vector layer (OGR file)")
+    resolution: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        None, description="output pixel size in the raster's CRS units (default: the engine's)"
+    )
+    model: Annotated[str, Field(max_length=100)] = "default"
+    weights: Path_ | None = None
+    sha256: Sha256 | None = None
+    bands: Bands | None = Field(None, description="1-based raster bands to use as R,G,B")
+
+
+class UploadOut(BaseModel):
+    id: str
+    path: str = Field(description="give this path to the other endpoints")
+    name: str
+    bytes: int
+    width: int
+    height: int
