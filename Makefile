@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SKYLOC := $(VENV)/bin/skyloc
 DEMO := demo_out
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-engine test-plugin plugin screenshots lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -16,12 +16,28 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: venv
 	$(PY) scripts/demo.py --out $(DEMO)
 
-test: venv
+test: test-engine test-plugin
+
+test-engine: venv
 	$(PY) -m pytest -q -ra
 
+# Inside a real headless QGIS (Debian's python3-qgis, installed by scripts/qgis_env.sh when missing and
+# allowed; skipped with a clear message otherwise). Starts real engines from .venv on loopback.
+test-plugin: venv
+	scripts/test_plugin.sh
+
+# dist/skyloc.zip, installable with QGIS "Plugins > Install from ZIP"
+plugin: venv
+	$(PY) scripts/build_plugin.py
+
+# README pictures, rendered by QGIS from real engine outputs on the bundled sample
+screenshots: venv
+	scripts/qgis_env.sh .venv-qgis
+	QT_QPA_PLATFORM=offscreen .venv-qgis/bin/python scripts/render_screenshots.py
+
 lint: venv
-	$(VENV)/bin/ruff check engine tests bench scripts
-	$(VENV)/bin/ruff format --check engine tests bench scripts
+	$(VENV)/bin/ruff check engine tests bench scripts qgis_plugin tests_qgis
+	$(VENV)/bin/ruff format --check engine tests bench scripts qgis_plugin tests_qgis
 
 clean:
 	rm -rf $(DEMO) bench_out .pytest_cache

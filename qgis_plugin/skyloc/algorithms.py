@@ -1,0 +1,523 @@
+"""Processing algorithms (provider "skyloc"): usable alone, in batch and in the graphical modeler.
+
+Each one asks the engine through a fresh client, follows the job with the feedback's progress, and
+cancels the engine's job when the feedback is cancelled. Engine errors become ``QgsProcessingException``s
+with the plugin's plain-words explanation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from qgis.core import (
+    Qgis,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeature,
+    QgsFeatureSink,
+    QgsField,
+    QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterFolderDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterPoint,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsProcessingParameterVectorDestination,
+    QgsProcessingUtils,
+)
+from qgis.PyQt.QtCore import QCoreApplication
+
+from .client import Job, ServiceError, SkylocClient
+from .engine_link import EngineLink, EngineSettings, explain, inside
+from .layers import raster_file
+from .paths import StagedOutput, engine_photos, engine_roots, require_inside
+from .tasks import follow_job, stamp
+
+WGS84 = "EPSG:4326"
+#: Points per /embed request.
+EMBED_CHUNK = 500
+
+
+def new_field(name: str, kind: str) -> QgsField:
+    """A field of type ``kind`` (Int, Double, String): QMetaType on QGIS >= 3.38 (Qt6-ready), QVariant before."""
+    if Qgis.versionInt() >= 33800:
+        from qgis.PyQt.QtCore import QMetaType
+
+        return QgsField(name, getattr(QMetaType.Type, "QString" if kind == "String" else kind))
+    from qgis.PyQt.QtCore import QVariant
+
+    return QgsField(name, getattr(QVariant, kind))
+
+
+def tr(text: str) -> str:
+    return QCoreApplication.translate("Skyloc", text)
+
+
+class SkylocAlgorithm(QgsProcessingAlgorithm):
+    """Common parts: client, job following with feedback, errors in words."""
+
+    name_ = ""
+    display = ""
+    help_text = ""
+
+    def name(self) -> str:
+        return self.name_
+
+    def displayName(self) -> str:  # noqa: N802 (QGIS API)
+        return tr(self.display)
+
+    def shortHelpString(self) -> str:  # noqa: N802 (QGIS API)
+        return tr(self.help_text)
+
+    def createInstance(self) -> QgsProcessingAlgorithm:  # noqa: N802 (QGIS API)
+        return type(self)()
+
+    def client(self) -> SkylocClient:
+        return EngineLink.instance().client()
+
+    def follow(self, client: SkylocClient, job: Job, feedback: QgsProcessingFeedback) -> Job:
+        last = [""]
+
+        def progress(fraction: float, message: str) -> None:
+            feedback.setProgress(100.0 * fraction)
+            if message and message != last[0]:
+                last[0] = message
+                feedback.setProgressText(message)
+
+        return follow_job(client, job, progress, feedback.isCanceled)
+
+    def processAlgorithm(  # noqa: N802 (QGIS API)
+        self, parameters: dict[str, Any], context: QgsProcessingContext, feedback: QgsProcessingFeedback
+    ) -> dict[str, Any]:
+        try:
+            with self.client() as client:
+                return self.process(client, parameters, context, feedback)
+        except ServiceError as exc:
+            raise QgsProcessingException(explain(exc)) from exc
+
+    def process(
+        self,
+        client: SkylocClient,
+        parameters: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def model(self, parameters: dict[str, Any], context: QgsProcessingContext) -> str:
+        return self.parameterAsString(parameters, "MODEL", context) or EngineSettings.load().model
+
+    def raster(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext, roots):
+        layer = self.parameterAsRasterLayer(parameters, name, context)
+        if layer is None:
+            raise ServiceError(None, "raster_unusable", f"no raster given for {name}")
+        return layer, require_inside(raster_file(layer), roots, "raster")
+
+
+class BuildIndex(SkylocAlgorithm):
+    name_ = "buildindex"
+    display = "Build index from rasters"
+    help_text = (
+        "Cuts the rasters (and/or a folder of XYZ mosaics) into tiles at each tile size, encodes every tile "
+        "at 4 rotations and writes a Skyloc index folder, to localize photos on. The rasters and the index "
+        "folder must lie inside the engine's folders (a temporary output goes to the results folder)."
+    )
+
+    def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API)
+        self.addParameter(
+            QgsProcessingParameterMultipleLayers(
+                "SOURCES", tr("Rasters"), QgsProcessing.SourceType.TypeRaster, optional=True
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterFile(
+                "MOSAICS",
+                tr("Folder of XYZ mosaics (*Z_ROW_COL.jpg|png)"),
+                behavior=QgsProcessingParameterFile.Behavior.Folder,
+                optional=True,
+            )
+        )
+        self.addParameter(QgsProcessingParameterString("TILE_SIZES", tr("Tile sizes (pixels)"), "256,512"))
+        self.addParameter(
+            QgsProcessingParameterNumber(
+                "OVERLAP",
+                tr("Overlap between neighbouring tiles"),
+                QgsProcessingParameterNumber.Type.Double,
+                0.5,
+                minValue=0.0,
+                maxValue=0.95,
+            )
+        )
+        self.addParameter(QgsProcessingParameterString("MODEL", tr("Model"), "default"))
+        self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT", tr("Index folder")))
+
+    def process(self, client, parameters, context, feedback):
+        roots = engine_roots(client)
+        sources = []
+        for layer in self.parameterAsLayerList(parameters, "SOURCES", context):
+            sources.append(require_inside(raster_file(layer), roots, "raster"))
+        mosaics = self.parameterAsFile(parameters, "MOSAICS", context)
+        if mosaics:
+            sources.append(require_inside(mosaics, roots, "mosaic folder"))
+        if not sources:
+            raise QgsProcessingException(tr("Give at least one raster or a folder of XYZ mosaics."))
+        try:
+            sizes = [int(s) for s in self.parameterAsString(parameters, "TILE_SIZES", context).split(",")]
+        except ValueError as exc:
+            raise QgsProcessingException(
+                tr("Tile sizes: integers separated by commas, e.g. 256,512")
+            ) from exc
+        out = self.parameterAsFileOutput(parameters, "OUTPUT", context)
+        if not inside(out, roots):
+            if inside(out, [QgsProcessingUtils.tempFolder()]):
+                out = os.path.join(EngineLink.instance().output_dir(client), f"index_{stamp()}")
+                feedback.pushInfo(f"temporary output: the index goes to {out} (inside the engine's folders)")
+            else:
+                require_inside(out, roots, "index folder")
+        job = client.index(
+            sources,
+            out,
+            tile_sizes=sizes,
+            overlap=self.parameterAsDouble(parameters, "OVERLAP", context),
+            model=self.model(parameters, context),
+        )
+        job = self.follow(client, job, feedback)
+        counts = (job.summary or {}).get("counts", {})
+        feedback.pushInfo(f"index {out}: {counts.get('tiles')} tiles, {counts.get('vectors')} vectors")
+        return {"OUTPUT": out}
+
+
+class LocalizePhotos(SkylocAlgorithm):
+    name_ = "localizephotos"
+    display = "Localize photos (footprints)"
+    help_text = (
+        "For every photo of a folder: retrieves the most similar tiles of an index (or tries a raster), "
+        "matches the photo on them and writes its footprint (status, confidence, reason) as a GeoPackage "
+        "or Shapefile layer in EPSG:4326, with a georeferenced GeoTIFF and a Georeferencer .points file "
+        "per localized photo (in a _georef folder beside the layer). Optional search area: a box, or a "
+        "point with a radius. Photos outside the engine's folders are uploaded to it."
+    )
+
+    def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API)
+        self.addParameter(
+            QgsProcessingParameterFile(
+                "PHOTOS", tr("Folder of photos"), behavior=QgsProcessingParameterFile.Behavior.Folder
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterFile(
+                "INDEX",
+                tr("Index folder"),
+                behavior=QgsProcessingParameterFile.Behavior.Folder,
+                optional=True,
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterRasterLayer(
+                "AGAINST", tr("or: raster to match on (no index)"), optional=True
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterNumber(
+                "TOP_K",
+                tr("Places tried per photo"),
+                QgsProcessingParameterNumber.Type.Integer,
+                5,
+                False,
+                1,
+                100,
+            )
+        )
+        self.addParameter(QgsProcessingParameterExtent("EXTENT", tr("Search area: box"), optional=True))
+        self.addParameter(QgsProcessingParameterPoint("NEAR", tr("Search area: near point"), optional=True))
+        self.addParameter(
+            QgsProcessingParameterNumber(
+                "RADIUS_KM",
+                tr("Search area: radius around the point (km)"),
+                QgsProcessingParameterNumber.Type.Double,
+                optional=True,
+                minValue=0.001,
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterVectorDestination(
+                "OUTPUT", tr("Footprints"), QgsProcessing.SourceType.TypeVectorPolygon
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterVectorDestination(
+                "CANDIDATES",
+                tr("Candidate tiles"),
+                QgsProcessing.SourceType.TypeVectorPolygon,
+                optional=True,
+                createByDefault=False,
+            )
+        )
+        for name, text in (("LOCALIZED", "Localized"), ("REJECTED", "Rejected"), ("ERRORS", "Unreadable")):
+            self.addOutput(QgsProcessingOutputNumber(name, tr(f"{text} photos")))
+
+    def area(self, parameters, context) -> dict[str, Any]:
+        wgs84 = QgsCoordinateReferenceSystem(WGS84)
+        area: dict[str, Any] = {}
+        if parameters.get("NEAR") not in (None, ""):
+            p = self.parameterAsPoint(parameters, "NEAR", context, wgs84)
+            radius = parameters.get("RADIUS_KM")
+            if radius in (None, ""):
+                raise QgsProcessingException(tr("A search point needs a radius (km)."))
+            area.update(
+                near=[p.y(), p.x()], radius_km=self.parameterAsDouble(parameters, "RADIUS_KM", context)
+            )
+        if parameters.get("EXTENT") not in (None, ""):
+            box = self.parameterAsExtent(parameters, "EXTENT", context, wgs84)
+            if not box.isEmpty():
+                area["bbox"] = [box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()]
+        return area
+
+    def process(self, client, parameters, context, feedback):
+        roots = engine_roots(client)
+        work = os.path.join(EngineLink.instance().output_dir(client), "processing")
+        photos_given = [self.parameterAsFile(parameters, "PHOTOS", context)]
+        index = self.parameterAsFile(parameters, "INDEX", context)
+        against = None
+        if parameters.get("AGAINST") not in (None, ""):
+            against = self.raster(parameters, "AGAINST", context, roots)[1]
+        if bool(index) == bool(against):
+            raise QgsProcessingException(tr("Give either an index folder or a raster to match on."))
+        out = StagedOutput(self.parameterAsOutputLayer(parameters, "OUTPUT", context), roots, work)
+        cands = None
+        if index and parameters.get("CANDIDATES") not in (None, ""):
+            cands = StagedOutput(self.parameterAsOutputLayer(parameters, "CANDIDATES", context), roots, work)
+        options: dict[str, Any] = {"top_k": self.parameterAsInt(parameters, "TOP_K", context)}
+        if index:
+            options.update(index=require_inside(index, roots, "index"), **self.area(parameters, context))
+            if cands is not None:
+                options["candidates_out"] = cands.engine_path
+        else:
+            options["against"] = against
+        try:
+            with engine_photos(client, photos_given, roots) as photos:
+                job = self.follow(client, client.footprint(photos, out.engine_path, **options), feedback)
+        except BaseException:
+            for staged in (out, cands):
+                if staged is not None:
+                    staged.discard()
+            raise
+        results = {"OUTPUT": out.finish()}
+        if cands is not None:
+            results["CANDIDATES"] = cands.finish()
+        summary = job.summary or {}
+        for p in summary.get("photos", []):
+            where = p.get("geotiff") or ""
+            feedback.pushInfo(
+                f"{os.path.basename(p.get('photo', ''))}: {p.get('status')} {p.get('reason') or where}"
+            )
+            if p.get("status") == "error":
+                feedback.reportError(f"photo {p.get('photo')} could not be read: {p.get('reason')}")
+        results.update(
+            LOCALIZED=summary.get("localized", 0),
+            REJECTED=summary.get("rejected", 0),
+            ERRORS=summary.get("errors", 0),
+        )
+        return results
+
+
+class HeatmapAtPoint(SkylocAlgorithm):
+    name_ = "heatmapatpoint"
+    display = "Embedding heatmap at a point"
+    help_text = (
+        "Similarity of every part of a raster to the embedding at one point (in any CRS: it is transformed "
+        "to the raster's). Writes a float32 Cloud-Optimized GeoTIFF of cosine similarity on the raster's "
+        "grid, with a pseudocolour .qml style beside it."
+    )
+
+    def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API)
+        self.addParameter(QgsProcessingParameterRasterLayer("RASTER", tr("Raster")))
+        self.addParameter(QgsProcessingParameterPoint("POINT", tr("Point")))
+        self.addParameter(
+            QgsProcessingParameterNumber(
+                "RESOLUTION",
+                tr("Output pixel size (raster CRS units; empty: the raster's)"),
+                QgsProcessingParameterNumber.Type.Double,
+                optional=True,
+                minValue=0.0,
+            )
+        )
+        self.addParameter(QgsProcessingParameterString("MODEL", tr("Model"), "default"))
+        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", tr("Heatmap")))
+
+    def process(self, client, parameters, context, feedback):
+        roots = engine_roots(client)
+        layer, raster = self.raster(parameters, "RASTER", context, roots)
+        point = self.parameterAsPoint(parameters, "POINT", context, layer.crs())
+        resolution = None
+        if parameters.get("RESOLUTION") not in (None, ""):
+            resolution = self.parameterAsDouble(parameters, "RESOLUTION", context) or None
+        work = os.path.join(EngineLink.instance().output_dir(client), "processing")
+        out = StagedOutput(self.parameterAsOutputLayer(parameters, "OUTPUT", context), roots, work)
+        if os.path.splitext(out.dest)[1].lower() not in (".tif", ".tiff"):
+            raise QgsProcessingException(tr("The heatmap is a GeoTIFF: give a .tif output."))
+        job = client.heatmap(
+            raster,
+            out.engine_path,
+            at=[point.x(), point.y()],
+            resolution=resolution,
+            model=self.model(parameters, context),
+        )
+        try:
+            job = self.follow(client, job, feedback)
+        except BaseException:
+            out.discard()
+            raise
+        summary = job.summary or {}
+        feedback.pushInfo(f"{summary.get('query')}: similarity {summary.get('min')} to {summary.get('max')}")
+        return {"OUTPUT": out.finish()}
+
+
+class EmbeddingsAtPoints(SkylocAlgorithm):
+    name_ = "embeddingsatpoints"
+    display = "Embeddings at points of a layer"
+    help_text = (
+        "The embedding of the raster at each point of a layer (transformed to the raster's CRS). Output: a "
+        "copy of the layer with emb_dim, emb_col, emb_row (raster pixel position) and, if asked, the vector "
+        "itself as JSON text in 'embedding' (GeoPackage: Shapefile text fields hold only 254 characters). "
+        "Optional sidecar: .json (vectors by feature id) or .npy (N x D matrix in feature order; NaN rows "
+        "for points outside the raster)."
+    )
+
+    def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API)
+        self.addParameter(QgsProcessingParameterRasterLayer("RASTER", tr("Raster")))
+        self.addParameter(
+            QgsProcessingParameterFeatureSource(
+                "INPUT", tr("Points"), [QgsProcessing.SourceType.TypeVectorPoint]
+            )
+        )
+        self.addParameter(QgsProcessingParameterString("MODEL", tr("Model"), "default"))
+        self.addParameter(
+            QgsProcessingParameterBoolean("ATTRIBUTE", tr("Store the embedding as an attribute (JSON)"), True)
+        )
+        self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", tr("Points with embeddings")))
+        self.addParameter(
+            QgsProcessingParameterFileDestination(
+                "SIDECAR",
+                tr("Sidecar file"),
+                "JSON (*.json);;NumPy (*.npy)",
+                optional=True,
+                createByDefault=False,
+            )
+        )
+
+    def process(self, client, parameters, context, feedback):
+        roots = engine_roots(client)
+        layer, raster = self.raster(parameters, "RASTER", context, roots)
+        source = self.parameterAsSource(parameters, "INPUT", context)
+        if source is None:
+            raise QgsProcessingException(tr("No point layer given."))
+        with_attr = self.parameterAsBoolean(parameters, "ATTRIBUTE", context)
+        fields = source.fields()
+        for name, kind in (("emb_dim", "Int"), ("emb_col", "Double"), ("emb_row", "Double")):
+            fields.append(new_field(name, kind))
+        if with_attr:
+            fields.append(new_field("embedding", "String"))
+        sink, dest_id = self.parameterAsSink(
+            parameters, "OUTPUT", context, fields, source.wkbType(), source.sourceCrs()
+        )
+        if sink is None:
+            raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
+        if with_attr and str(dest_id).lower().endswith(".shp"):
+            feedback.pushWarning(
+                "Shapefile text fields hold 254 characters: 'embedding' will be cut; use a GeoPackage"
+            )
+        transform = QgsCoordinateTransform(source.sourceCrs(), layer.crs(), context.transformContext())
+        extent = layer.extent()
+        features = list(source.getFeatures())
+        points: list[tuple[int, list[float]]] = []
+        for n, f in enumerate(features):
+            g = f.geometry()
+            if g is None or g.isEmpty():
+                continue
+            p = transform.transform(g.centroid().asPoint() if g.isMultipart() else g.asPoint())
+            if extent.contains(p):
+                points.append((n, [p.x(), p.y()]))
+        skipped = len(features) - len(points)
+        if skipped:
+            feedback.pushWarning(f"{skipped} feature(s) without geometry or outside the raster: no embedding")
+        vectors: dict[int, dict[str, Any]] = {}
+        answer: dict[str, Any] = {}
+        model = self.model(parameters, context)
+        for start in range(0, len(points), EMBED_CHUNK):
+            if feedback.isCanceled():
+                raise QgsProcessingException(tr("Cancelled."))
+            chunk = points[start : start + EMBED_CHUNK]
+            answer = client.embed(raster, [xy for _, xy in chunk], model=model)
+            if len(answer["points"]) != len(chunk):
+                raise QgsProcessingException(tr("The engine answered a different number of points."))
+            for (n, _), emb in zip(chunk, answer["points"]):  # noqa: B905 (QGIS 3.22 may run Python 3.9)
+                vectors[n] = emb
+            feedback.setProgress(90.0 * (start + len(chunk)) / max(1, len(points)))
+        for n, f in enumerate(features):
+            out = QgsFeature(fields)
+            out.setGeometry(f.geometry())
+            emb = vectors.get(n)
+            attrs = f.attributes() + [None, None, None] + ([None] if with_attr else [])
+            if emb is not None:
+                base = len(f.attributes())
+                attrs[base : base + 3] = [len(emb["vector"]), emb["col"], emb["row"]]
+                if with_attr:
+                    attrs[base + 3] = json.dumps([round(v, 6) for v in emb["vector"]])
+            out.setAttributes(attrs)
+            sink.addFeature(out, QgsFeatureSink.Flag.FastInsert)
+        results: dict[str, Any] = {"OUTPUT": dest_id}
+        sidecar = (
+            self.parameterAsFileOutput(parameters, "SIDECAR", context) if parameters.get("SIDECAR") else ""
+        )
+        if sidecar:
+            write_sidecar(sidecar, features, vectors, answer, raster)
+            results["SIDECAR"] = sidecar
+        feedback.setProgress(100.0)
+        return results
+
+
+def write_sidecar(
+    path: str, features, vectors: dict[int, dict[str, Any]], answer: dict[str, Any], raster: str
+) -> None:
+    """``.npy``: (N, D) float32 in feature order, NaN rows where there is no embedding; else JSON."""
+    if path.lower().endswith(".npy"):
+        import numpy as np  # QGIS ships numpy; only this output needs it
+
+        dim = next((len(v["vector"]) for v in vectors.values()), 0)
+        matrix = np.full((len(features), dim), np.nan, np.float32)
+        for n, emb in vectors.items():
+            matrix[n] = emb["vector"]
+        np.save(path, matrix)
+        return
+    doc = {
+        "raster": raster,
+        "model_id": answer.get("model_id"),
+        "dim": answer.get("dim"),
+        "crs": answer.get("crs"),
+        "features": [
+            {"fid": f.id(), "x": vectors[n]["x"], "y": vectors[n]["y"], "vector": vectors[n]["vector"]}
+            for n, f in enumerate(features)
+            if n in vectors
+        ],
+    }
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh)
+
+
+ALGORITHMS = (BuildIndex, LocalizePhotos, HeatmapAtPoint, EmbeddingsAtPoints)

@@ -1,0 +1,328 @@
+"""Background work as ``QgsTask``s: submit a job with the client, follow it, cancel it, add the results.
+
+``run()`` happens in a worker thread with its own client: it submits the job, polls it (progress ->
+``setProgress``) and, when the task is cancelled, asks the engine to cancel the job (the engine then
+removes any partial output). ``finished()`` runs on the main thread: layers are added there, errors go
+to the message bar. Keep a reference to a running task: :func:`start_task` does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from qgis.core import Qgis, QgsApplication, QgsMapLayer, QgsProject, QgsTask
+
+from .client import Job, ServiceError, SkylocClient
+from .engine_link import EngineLink
+from .layers import add_candidates, add_footprints, add_heatmap, add_photo_raster, zoom_to
+from .messages import push, report_error
+from .paths import engine_photos, engine_roots
+
+#: Seconds of each long poll: the cancel button answers within this.
+POLL_S = 0.5
+_RUNNING: set[QgsTask] = set()
+
+
+def follow_job(
+    client: SkylocClient,
+    job: Job,
+    progress: Callable[[float, str], None],
+    canceled: Callable[[], bool],
+    poll: float = POLL_S,
+    on_job: Callable[[Job], None] | None = None,
+) -> Job:
+    """Poll ``job`` until it ends; cancel it on the engine once ``canceled()``. The succeeded job, or
+    ServiceError (``cancelled``, or the job's error). ``on_job`` sees every state of the job."""
+    cancel_sent = False
+    while not job.done:
+        if not cancel_sent and canceled():
+            job = client.cancel(job)
+            cancel_sent = True
+            continue
+        job = client.job(job.id, wait=poll)
+        if on_job is not None:
+            on_job(job)
+        progress(job.progress, job.message)
+    return job.raise_for_state()
+
+
+def stamp() -> str:
+    """A name part unique to the second (and then some)."""
+    return time.strftime("%Y%m%d_%H%M%S") + f"_{int(time.time() * 1000) % 1000:03d}"
+
+
+def start_task(task: QgsTask) -> QgsTask:
+    """Hand ``task`` to QGIS's task manager, keeping it alive until it finished."""
+    _RUNNING.add(task)
+    QgsApplication.taskManager().addTask(task)
+    return task
+
+
+class EngineTask(QgsTask):
+    """Base: ``work(client)`` in the background, then ``succeeded(result)`` on the main thread.
+
+    After it ended: ``ok`` (bool), ``result``, ``error`` (the exception), ``error_text`` and ``ended``.
+    ``on_done(task)`` is called on the main thread at the end, whatever happened.
+    """
+
+    def __init__(self, description: str, iface=None, on_done: Callable[[EngineTask], None] | None = None):
+        super().__init__(description, QgsTask.Flag.CanCancel)
+        self.iface = iface
+        self.on_done = on_done
+        self.job: Job | None = None
+        self.message = ""
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.error_text = ""
+        self.ok = False
+        self.ended = False
+        self.was_canceled = False
+
+    # ---------------------------------------------------------------------------------- worker thread
+
+    def work(self, client: SkylocClient) -> Any:
+        raise NotImplementedError
+
+    def follow(self, client: SkylocClient, job: Job, start: float = 0.0, end: float = 1.0) -> Job:
+        """Follow a job, mapping its progress to ``start..end`` of this task's progress."""
+        self.job = job
+
+        def progress(fraction: float, message: str) -> None:
+            self.message = message
+            self.setProgress(100.0 * (start + (end - start) * fraction))
+
+        def seen(current: Job) -> None:
+            self.job = current
+
+        self.job = follow_job(client, job, progress, self.isCanceled, on_job=seen)
+        return self.job
+
+    def run(self) -> bool:
+        try:
+            with EngineLink.instance().client() as client:
+                self.result = self.work(client)
+            return True
+        except ServiceError as exc:
+            self.error = exc
+        except Exception as exc:  # never let an exception escape into the task manager
+            self.error = exc
+            self.error_text = traceback.format_exc()
+        return False
+
+    # ------------------------------------------------------------------------------------ main thread
+
+    def succeeded(self, result: Any) -> None:
+        """Add the results (main thread)."""
+
+    def finished(self, ok: bool) -> None:  # noqa: FBT001 (QGIS API)
+        try:
+            cancelled = self.isCanceled() or (
+                isinstance(self.error, ServiceError) and self.error.code == "cancelled"
+            )
+            self.was_canceled = cancelled
+            if ok:
+                try:
+                    self.succeeded(self.result)
+                    self.ok = True
+                except Exception as exc:
+                    self.error = exc
+                    self.error_text = report_error(exc, self.iface, self.description())
+            elif cancelled:
+                push(f"{self.description()}: cancelled", Qgis.MessageLevel.Info, self.iface)
+            elif self.error is not None:
+                self.error_text = report_error(self.error, self.iface, self.description())
+        finally:
+            self.ended = True
+            _RUNNING.discard(self)
+            if self.on_done is not None:
+                self.on_done(self)
+
+
+class IndexTask(EngineTask):
+    """Build an index from rasters (files) and/or XYZ mosaic folders; ``out`` None: in the results folder."""
+
+    def __init__(
+        self,
+        sources: Sequence[str],
+        out: str | None = None,
+        *,
+        tile_sizes: Sequence[int] | None = None,
+        overlap: float | None = None,
+        model: str | None = None,
+        iface=None,
+        on_done=None,
+    ) -> None:
+        super().__init__("Skyloc: build index", iface, on_done)
+        self.sources = list(sources)
+        self.out = out
+        self.options = {"tile_sizes": tile_sizes, "overlap": overlap, "model": model}
+
+    def work(self, client: SkylocClient) -> Job:
+        if self.out is None:
+            self.out = os.path.join(EngineLink.instance().output_dir(client), f"index_{stamp()}")
+        return self.follow(client, client.index(self.sources, self.out, **self.options))
+
+    def succeeded(self, result: Job) -> None:
+        counts = (result.summary or {}).get("counts", {})
+        push(
+            f"index built: {self.out} ({counts.get('tiles', '?')} tiles)",
+            Qgis.MessageLevel.Success,
+            self.iface,
+        )
+
+
+class LocalizeTask(EngineTask):
+    """Localize photos on an index (or footprints on a raster); adds candidates, footprints, photos."""
+
+    def __init__(
+        self,
+        photos: Sequence[str],
+        *,
+        index: str | None = None,
+        against: str | None = None,
+        footprint: bool = True,
+        top_k: int | None = None,
+        near: Sequence[float] | None = None,
+        radius_km: float | None = None,
+        bbox: Sequence[float] | None = None,
+        model: str | None = None,
+        iface=None,
+        on_done=None,
+    ) -> None:
+        super().__init__("Skyloc: localize photos", iface, on_done)
+        self.photos = list(photos)
+        self.index, self.against, self.footprint = index, against, footprint or against is not None
+        self.area = {"near": near, "radius_km": radius_km, "bbox": bbox}
+        self.top_k, self.model = top_k, model
+        self.layers: list[QgsMapLayer] = []
+
+    def work(self, client: SkylocClient) -> Job:
+        with engine_photos(client, self.photos, engine_roots(client)) as photos:
+            run_dir = os.path.join(EngineLink.instance().output_dir(client), f"run_{stamp()}")
+            os.makedirs(run_dir, exist_ok=True)
+            if not self.footprint:
+                job = client.localize(
+                    photos,
+                    self.index or "",
+                    out=os.path.join(run_dir, "candidates.gpkg"),
+                    top_k=self.top_k,
+                    model=self.model,
+                    **self.area,
+                )
+            elif self.against is not None:
+                job = client.footprint(
+                    photos, os.path.join(run_dir, "footprints.gpkg"), against=self.against, top_k=self.top_k
+                )
+            else:
+                job = client.footprint(
+                    photos,
+                    os.path.join(run_dir, "footprints.gpkg"),
+                    index=self.index,
+                    top_k=self.top_k,
+                    candidates_out=os.path.join(run_dir, "candidates.gpkg"),
+                    **self.area,
+                )
+            return self.follow(client, job)
+
+    def succeeded(self, result: Job) -> None:
+        files = result.files
+        for path in files:
+            if path.endswith("candidates.gpkg"):
+                self.layers.append(add_candidates(path))
+        for path in files:
+            if path.endswith(".tif"):
+                self.layers.append(add_photo_raster(path))
+        for path in files:
+            if path.endswith("footprints.gpkg"):
+                self.layers.append(add_footprints(path))
+        summary = result.summary or {}
+        if self.footprint:
+            text = (
+                f"{summary.get('localized', 0)} photo(s) localized, {summary.get('rejected', 0)} rejected, "
+                f"{summary.get('errors', 0)} unreadable"
+            )
+            bad = [p for p in summary.get("photos", []) if p.get("status") == "error"]
+            for p in bad:
+                report_error(
+                    ServiceError(None, "bad_input", f"photo {p.get('photo')}: {p.get('reason')}"), self.iface
+                )
+            level = Qgis.MessageLevel.Success if summary.get("localized") else Qgis.MessageLevel.Warning
+        else:
+            text, level = (
+                f"candidates for {len(summary.get('photos', []))} photo(s)",
+                Qgis.MessageLevel.Success,
+            )
+        push(text, level, self.iface)
+        canvas = self.iface.mapCanvas() if self.iface is not None else None
+        if canvas is not None and self.layers:
+            zoom_to(canvas, self.layers[-1:])
+
+
+class HeatmapTask(EngineTask):
+    """Embedding at a point (``at`` in the raster's CRS) and/or a similarity heatmap layer over the raster.
+
+    Query: ``at`` [x, y], ``photo`` (a file) or ``location`` [lat, lon]. The heatmap is added just above
+    ``layer`` (the raster layer), styled by the engine's ``.qml``.
+    """
+
+    def __init__(
+        self,
+        raster: str,
+        *,
+        layer: QgsMapLayer | None = None,
+        at: Sequence[float] | None = None,
+        photo: str | None = None,
+        location: Sequence[float] | None = None,
+        model: str | None = None,
+        out: str | None = None,
+        iface=None,
+        on_done=None,
+        on_embedding: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        super().__init__("Skyloc: similarity heatmap", iface, on_done)
+        self.raster = raster
+        self.layer_id = None if layer is None else layer.id()
+        self.at, self.photo, self.location = at, photo, location
+        self.model, self.out = model, out
+        self.on_embedding = on_embedding
+        self.embedding: dict[str, Any] | None = None
+        self.heatmap_layer: QgsMapLayer | None = None
+
+    def work(self, client: SkylocClient) -> Job:
+        if self.at is not None:
+            self.embedding = client.embed(self.raster, [self.at], model=self.model)
+            self.setProgress(10.0)
+        if self.out is None:
+            stem = os.path.splitext(os.path.basename(self.raster))[0]
+            folder = os.path.join(EngineLink.instance().output_dir(client), "heatmaps")
+            os.makedirs(folder, exist_ok=True)
+            self.out = os.path.join(folder, f"{stem}_{stamp()}.tif")
+        given = [self.photo] if self.photo is not None else []
+        with engine_photos(client, given, engine_roots(client) if given else []) as photos:
+            job = client.heatmap(
+                self.raster,
+                self.out,
+                at=self.at,
+                photo=photos[0] if photos else None,
+                location=self.location,
+                model=self.model,
+            )
+            return self.follow(client, job, 0.1 if self.at is not None else 0.0, 1.0)
+
+    def succeeded(self, result: Job) -> None:
+        summary = result.summary or {}
+        above = None if self.layer_id is None else QgsProject.instance().mapLayer(self.layer_id)
+        self.heatmap_layer = add_heatmap(summary.get("out", self.out), summary.get("style"), above=above)
+        if self.embedding is not None and self.on_embedding is not None:
+            self.on_embedding(self.embedding)
+        push(
+            f"heatmap: {summary.get('query', '')}, similarity {summary.get('min', 0):.2f} to "
+            f"{summary.get('max', 0):.2f}",
+            Qgis.MessageLevel.Success,
+            self.iface,
+            duration=5,
+        )
