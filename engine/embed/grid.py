@@ -112,24 +112,8 @@ class FeatureGrid:
     ) -> None:
         """Compute the windows owning cells [r0, r1) x [c0, c1) (default: all) that are not done yet."""
         r0, r1, c0, c1 = cells if cells is not None else (0, self.rows, 0, self.cols)
-        r0, c0 = max(0, r0), max(0, c0)
-        r1, c1 = min(self.rows, r1), min(self.cols, c1)
-        todo = [(i, j) for i, j in self._windows_for(r0, r1, c0, c1) if not self.done[i, j]]
-        s = self.backbone.stride
-        for n, (i, j) in enumerate(todo):
-            if cancel is not None:
-                cancel.check()
-            wr, wc = self.plan_rows[i], self.plan_cols[j]
-            rows, cols = self.win
-            pixels, _ = self.backbone.read(self.raster, wc.offset * s, wr.offset * s, cols * s, rows * s)
-            feat = self.backbone.features(pixels)
-            self.feat[:, wr.own_start : wr.own_end, wc.own_start : wc.own_end] = feat[
-                :,
-                wr.own_start - wr.offset : wr.own_end - wr.offset,
-                wc.own_start - wc.offset : wc.own_end - wc.offset,
-            ]
-            self.done[i, j] = True
-            progress((n + 1) / len(todo), f"features: window {n + 1} of {len(todo)}")
+        windows = self._windows_for(max(0, r0), min(self.rows, r1), max(0, c0), min(self.cols, c1))
+        self._compute(windows, progress, cancel)
 
     def ensure_around(
         self,
@@ -140,10 +124,27 @@ class FeatureGrid:
     ) -> None:
         """Compute the windows for the cells within ``halo`` cells of each point (NILI reads +-2 cells)."""
         boxes = {self.box_around(p, halo) for p in np.asarray(points_xy)}
-        todo = sorted({w for b in boxes for w in self._windows_for(*b) if not self.done[w]})
+        self._compute(sorted({w for b in boxes for w in self._windows_for(*b)}), progress, cancel)
+
+    def _compute(
+        self, windows: list[tuple[int, int]], progress: ProgressFn, cancel: CancelToken | None
+    ) -> None:
+        """Run the backbone on the windows not done yet and keep the cells each one owns."""
+        todo = [(i, j) for i, j in windows if not self.done[i, j]]
+        s = self.backbone.stride
+        rows, cols = self.win
         for n, (i, j) in enumerate(todo):
+            if cancel is not None:
+                cancel.check()
             wr, wc = self.plan_rows[i], self.plan_cols[j]
-            self.ensure((wr.own_start, wr.own_end, wc.own_start, wc.own_end), cancel=cancel)
+            pixels, _ = self.backbone.read(self.raster, wc.offset * s, wr.offset * s, cols * s, rows * s)
+            feat = self.backbone.features(pixels)
+            self.feat[:, wr.own_start : wr.own_end, wc.own_start : wc.own_end] = feat[
+                :,
+                wr.own_start - wr.offset : wr.own_end - wr.offset,
+                wc.own_start - wc.offset : wc.own_end - wc.offset,
+            ]
+            self.done[i, j] = True
             progress((n + 1) / len(todo), f"features: window {n + 1} of {len(todo)}")
 
     def box_around(self, point_xy: np.ndarray, halo: int = 3) -> tuple[int, int, int, int]:
