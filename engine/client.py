@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -446,6 +447,48 @@ class LocalEngine:
         self.stop()
 
 
+def _start(
+    args: list[str],
+    extra_args: Sequence[str],
+    workdir: str,
+    env: Mapping[str, str] | None,
+    stdout: Any,
+    stderr: Any,
+) -> subprocess.Popen:
+    log = open(os.path.join(workdir, "engine.log"), "wb") if stderr is None else None  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            [*args, *extra_args],
+            stdout=stdout,
+            stderr=log if log is not None else stderr,
+            env=None if env is None else dict(env),
+            # its own process group: Ctrl-C in the parent's terminal does not reach it; stop() does
+            **(
+                {"start_new_session": True}
+                if os.name == "posix"
+                else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+            ),
+        )
+    except OSError as exc:  # no such executable, not executable
+        raise ServiceError(None, "engine_failed", f"cannot start the engine {args[0]!r}: {exc}") from exc
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _wait_ready(process: subprocess.Popen, ready: str, workdir: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(ready):
+        if process.poll() is not None:
+            tail = ""
+            with contextlib.suppress(OSError):
+                tail = Path(workdir, "engine.log").read_text(errors="replace")[-2000:]
+            raise ServiceError(None, "engine_failed", f"the engine exited with {process.returncode}: {tail}")
+        if time.monotonic() > deadline:
+            raise ServiceError(None, "engine_failed", f"the engine did not start within {timeout} s")
+        time.sleep(0.05)
+
+
 def launch(
     command: Sequence[str],
     *,
@@ -464,32 +507,16 @@ def launch(
     args = [*command, "--host", "127.0.0.1", "--port", "0", "--token-file", token_file, "--ready-file", ready]
     for root in roots:
         args += ["--root", str(root)]
-    log = open(os.path.join(workdir, "engine.log"), "wb") if stderr is None else None  # noqa: SIM115
-    process = subprocess.Popen(
-        [*args, *extra_args],
-        stdout=stdout,
-        stderr=log if log is not None else stderr,
-        env=None if env is None else dict(env),
-        # its own process group: Ctrl-C in the parent's terminal does not reach it; stop() does
-        **(
-            {"start_new_session": True}
-            if os.name == "posix"
-            else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
-        ),
-    )
-    if log is not None:
-        log.close()
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(ready):
-        if process.poll() is not None:
-            tail = ""
-            with contextlib.suppress(OSError):
-                tail = Path(workdir, "engine.log").read_text(errors="replace")[-2000:]
-            raise ServiceError(None, "engine_failed", f"the engine exited with {process.returncode}: {tail}")
-        if time.monotonic() > deadline:
+    process = None
+    try:
+        process = _start(args, extra_args, workdir, env, stdout, stderr)
+        _wait_ready(process, ready, workdir, timeout)
+    except BaseException:  # failed, timed out or interrupted: no engine left behind, no folder either
+        if process is not None and process.poll() is None:
             process.kill()
-            raise ServiceError(None, "engine_failed", f"the engine did not start within {timeout} s")
-        time.sleep(0.05)
+            process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)  # the error message carries the log's end
+        raise
     info = json.loads(Path(ready).read_text())
     client = SkylocClient(info["url"], token_file=info["token_file"])
     return LocalEngine(process, client, info["url"], info["token_file"], workdir)

@@ -660,3 +660,21 @@ def test_job_internal_error_and_cleanup(tmp_path):
         assert job.state == "succeeded" and job.result["files"] == [str(out)] and job.progress == 1.0
     finally:
         jobs.shutdown()
+
+
+def test_launch_failures_leave_no_engine_and_no_folder(tmp_path, monkeypatch):
+    import tempfile as _tempfile
+
+    from engine.client import ServiceError, launch
+
+    monkeypatch.setattr(_tempfile, "tempdir", str(tmp_path))
+    for command, text in (([str(tmp_path / "no-such-skyloc")], "cannot start"), (["false"], "exited with 1")):
+        with pytest.raises(ServiceError) as err:
+            launch(command, roots=[str(tmp_path)], timeout=20)
+        assert err.value.code == "engine_failed" and text in err.value.message
+    slow = tmp_path / "slow-engine"
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    with pytest.raises(ServiceError, match="did not start within"):
+        launch([str(slow)], roots=[str(tmp_path)], timeout=0.5)
+    assert not list(tmp_path.glob("skyloc-engine-*"))
