@@ -140,10 +140,13 @@ class LocalizePanel(QWidget):
         super().__init__()
         self.iface = iface
         form = QFormLayout(self)
+        form.setRowWrapPolicy(
+            QFormLayout.RowWrapPolicy.WrapLongRows
+        )  # labels go above fields in a narrow dock
 
         self.photo_list = QListWidget()
         self.photo_list.setMaximumHeight(90)
-        add_files, add_folder, clear = QPushButton("Photos…"), QPushButton("Folder…"), QPushButton("Clear")
+        add_files, add_folder, clear = QPushButton("Files…"), QPushButton("Folder…"), QPushButton("Clear")
         add_files.clicked.connect(self._add_files)
         add_folder.clicked.connect(self._add_folder)
         clear.clicked.connect(self.photo_list.clear)
@@ -159,11 +162,15 @@ class LocalizePanel(QWidget):
         refresh.clicked.connect(self.refresh_rasters)
         self.build_button = QPushButton("Build index")
         self.build_button.clicked.connect(self.build_index)
-        form.addRow("or build from", _row(self.rasters, refresh, self.build_button))
+        form.addRow("or build from", self.rasters)
+        form.addRow("", _row(refresh, self.build_button))
         self.tile_sizes = QLineEdit("256,512")
         form.addRow("Tile sizes", self.tile_sizes)
 
-        self.footprint = QCheckBox("Estimate footprints (georeference the photos)")
+        self.footprint = QCheckBox("Estimate footprints")
+        self.footprint.setToolTip(
+            "Match each photo against its candidates: footprint polygon, georeferenced GeoTIFF and .points"
+        )
         self.footprint.setChecked(True)
         form.addRow(self.footprint)
         self.top_k = QSpinBox()
@@ -174,7 +181,7 @@ class LocalizePanel(QWidget):
         self.area = QComboBox()
         self.area.addItems(self.AREAS)
         form.addRow("Search area", self.area)
-        self.extent = QgsExtentWidget()
+        self.extent = QgsExtentWidget(None, QgsExtentWidget.WidgetStyle.CondensedStyle)  # fits a narrow dock
         if iface is not None:
             self.extent.setMapCanvas(iface.mapCanvas())
         form.addRow("Box", self.extent)
@@ -183,8 +190,8 @@ class LocalizePanel(QWidget):
         pick = QPushButton("Pick")
         pick.setToolTip("Click the nadir point on the map")
         pick.clicked.connect(self._pick_point)
-        form.addRow("Near lat, lon", _row(self.lat, self.lon, pick))
-        form.addRow("Radius (km)", self.radius)
+        form.addRow("Near lat, lon", _row(self.lat, self.lon))
+        form.addRow("Radius (km)", _row(self.radius, pick))
         self.area.currentIndexChanged.connect(self._area_changed)
         self._area_changed()
 
@@ -322,7 +329,8 @@ class EmbeddingsPanel(QWidget):
         super().__init__()
         self.iface = iface
         lay = QVBoxLayout(self)
-        click = QPushButton("Click on a raster: embedding + heatmap")
+        click = QPushButton("Click on a raster…")
+        click.setToolTip("Map tool: click a raster layer to get the embedding there and a similarity heatmap")
         click.setCheckable(True)
         if map_tool_action is not None:
             click.toggled.connect(lambda on: on != map_tool_action.isChecked() and map_tool_action.trigger())
@@ -342,8 +350,9 @@ class EmbeddingsPanel(QWidget):
         lay.addWidget(self.embedding)
         lay.addWidget(copy)
 
-        box = QGroupBox("Heatmap from a photo or a location")
+        box = QGroupBox("Heatmap from a photo or a place")
         bform = QFormLayout(box)
+        bform.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         self.raster = QgsMapLayerComboBox()
         self.raster.setFilters(raster_filter())
         bform.addRow("Raster", self.raster)
@@ -439,6 +448,7 @@ class EnginePanel(QWidget):
         self.link = EngineLink.instance()
         s = EngineSettings.load()
         form = QFormLayout(self)
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         self.url = QLineEdit(s.url)
         self.url.setPlaceholderText("http://127.0.0.1:PORT of a running 'skyloc serve'")
         self.token_file = QgsFileWidget()
@@ -464,7 +474,8 @@ class EnginePanel(QWidget):
         self.start_button.clicked.connect(self.start)
         stop.clicked.connect(self.stop)
         refresh.clicked.connect(self.refresh)
-        form.addRow(_row(save, self.start_button, stop, refresh))
+        form.addRow(_row(self.start_button, stop, refresh))
+        form.addRow(save)
         self.status = QLabel("status: not checked yet")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
