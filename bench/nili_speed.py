@@ -100,7 +100,8 @@ def heatmap_rows(work: Path) -> list[str]:
     from engine.embed.models import load_embedding_model
 
     raster = big_raster(work / "mosaic_4000.tif")
-    _, t_load = timed(load_embedding_model, "default")
+    model, t_load = timed(load_embedding_model, "default")
+    stride = model.backbone.stride
     marks: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -119,7 +120,8 @@ def heatmap_rows(work: Path) -> list[str]:
         f"heatmap of {raster.name} (4000x4000 px RGB, default model, output on the raster's grid: 16 M pixels)",
         f"- model load (once per process): {t_load:.2f} s",
         f"- wall time: {total:.1f} s ({16e6 / total / 1e6:.2f} M output pixels/s)",
-        f"- features + query (encoder over {res.width // 32 + 1}^2 cells in windows with context): {feat_end - t0:.1f} s",
+        f"- features + query (encoder over {-(-res.width // stride)}^2 cells of {stride} px, in windows with "
+        f"context): {feat_end - t0:.1f} s",
         f"- cosine map + writing the COG: {t0 + total - feat_end:.1f} s",
         f"- similarity range {res.min:.3f}..{res.max:.3f}",
     ]

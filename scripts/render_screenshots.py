@@ -97,7 +97,7 @@ def render(out_dir: Path, outputs: dict[str, Path]) -> list[Path]:
             lay = QgsPrintLayout(project)
             lay.initializeDefaults()
             page = lay.pageCollection().page(0)
-            page.setPageSize(QgsLayoutSize(252, 170, QgsUnitTypes.LayoutMillimeters))
+            page.setPageSize(QgsLayoutSize(268, 170, QgsUnitTypes.LayoutMillimeters))
             m = QgsLayoutItemMap(lay)
             m.attemptMove(QgsLayoutPoint(5, 14, QgsUnitTypes.LayoutMillimeters))
             m.attemptResize(QgsLayoutSize(170 if legend else 230, 150, QgsUnitTypes.LayoutMillimeters))

@@ -47,7 +47,7 @@ def test_click_gives_heatmap_layer(plugin, qgis_canvas, qgis_iface, clean_projec
     tolerance = 3 * qgis_canvas.mapUnitsPerPixel()
     assert abs(task.at[0] - TARGET.x()) < tolerance and abs(task.at[1] - TARGET.y()) < tolerance
     assert plugin.dock.embeddings.embedding.toPlainText().startswith("model ")
-    assert "1280-d" in plugin.dock.embeddings.embedding.toPlainText()
+    assert "112-d" in plugin.dock.embeddings.embedding.toPlainText()
 
     heat = task.heatmap_layer
     assert heat is not None and heat.id() in QgsProject.instance().mapLayers()

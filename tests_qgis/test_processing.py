@@ -132,11 +132,11 @@ def test_embeddings_at_points(plugin, tmp_path, engine_settings):
     rows = {f["name"]: f for f in layer.getFeatures()}
     assert set(rows) == {"shore", "field", "away"}
     vec = json.loads(rows["shore"]["embedding"])
-    assert rows["shore"]["emb_dim"] == len(vec) == 1280
+    assert rows["shore"]["emb_dim"] == len(vec) == 112
     assert abs(sum(v * v for v in vec) - 1.0) < 1e-3  # L2-normalised
     assert rows["away"]["emb_dim"] is None or rows["away"]["emb_dim"] == NULL
     matrix = np.load(sidecar)
-    assert matrix.shape == (3, 1280)
+    assert matrix.shape == (3, 112)
     assert np.isnan(matrix[2]).all() and np.isfinite(matrix[:2]).all()
 
 

