@@ -96,10 +96,10 @@ class EffnetBackbone:
     def __init__(self, backend: str = "onnx") -> None:
         from ..nets.checkpoints import sha256_file
         from ..nets.effnet_gem import (
-            TF_LITE_MEAN,
-            TF_LITE_STD,
             S16_DIM,
             S16_LAST_BLOCK,
+            TF_LITE_MEAN,
+            TF_LITE_STD,
             EffnetGem,
             load_effnet_weights,
             wheel_weights_path,

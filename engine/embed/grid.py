@@ -89,10 +89,6 @@ class FeatureGrid:
             self._tmp.cleanup()
             self._tmp = None
 
-    @property
-    def windows_total(self) -> int:
-        return self.done.size
-
     def cell_coords(self, cols_px: np.ndarray, rows_px: np.ndarray) -> np.ndarray:
         """Pixel positions (0 = left/top edge of the raster) -> (N, 2) cell units (cell centres at integers)."""
         s = self.backbone.stride
