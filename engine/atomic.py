@@ -31,6 +31,21 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Pat
         raise
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (mkstemp's 0600 is too private for
+    outputs users share, and inconsistent with the other files of a folder)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: read the umask by setting it (and putting it back at once)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def replace_dir(staged: Path, final: Path) -> None:
     """Swap a fully written folder into place; the old one is removed only after the new one is there."""
     old = None

@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,14 @@ import shapely
 
 from . import __version__, faiss_index
 from .atomic import atomic_path, replace_dir
-from .errors import EmptyInputError, IndexNotFoundError, InputError, ModelMismatchError
+from .errors import (
+    EmptyInputError,
+    IndexNotFoundError,
+    InputError,
+    ModelMismatchError,
+    os_errors_as_user_errors,
+)
+from .locking import output_lock
 from .nets.base import ImageEncoder
 from .progress import CancelToken, ProgressFn, no_progress
 from .tiles.base import TileSource, TileSpec
@@ -90,17 +98,87 @@ def _params_fingerprint(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: Files a complete index folder holds; QGIS adds the -wal/-shm journals while it shows tiles.gpkg.
+INDEX_FILES = frozenset({MANIFEST, FAISS_FILE, TILES_FILE, f"{TILES_FILE}-wal", f"{TILES_FILE}-shm"})
+#: Staging folder contents: the build marker, descriptor chunks, the files being written, temp files.
+STAGING_FILES = frozenset({"build_params.json", "chunks", MANIFEST, FAISS_FILE, TILES_FILE})
+_TEMP = re.compile(r"^\..+\.tmp(\.[a-z]+)?$")
+
+
+def _is_temp(name: str) -> bool:
+    """A temporary file of an atomic write (``.index.faiss.XXXX.tmp``) left by a killed process."""
+    return _TEMP.match(name) is not None
+
+
+def is_index_folder(path: str | os.PathLike[str]) -> bool:
+    """True only for a folder with the full signature of a Skyloc index and nothing else in it.
+
+    The manifest must parse with Skyloc's schema (format, model, counts, complete) and the files it implies
+    (index.faiss, tiles.gpkg) must be there; any other file (a Planet delivery's scene.tif beside its own
+    manifest.json) means the folder is not only an index, so it is never replaced.
+    """
+    folder = Path(path)
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    names = {p.name for p in folder.iterdir()}
+    if not {MANIFEST, FAISS_FILE, TILES_FILE} <= names:
+        return False
+    if any(n not in INDEX_FILES and not _is_temp(n) for n in names):
+        return False
+    if not all((folder / n).is_file() and not (folder / n).is_symlink() for n in (FAISS_FILE, TILES_FILE)):
+        return False
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(manifest, dict)
+        and manifest.get("format") == FORMAT_VERSION
+        and isinstance(manifest.get("model"), dict)
+        and "model_id" in manifest["model"]
+        and isinstance(manifest.get("counts"), dict)
+        and isinstance(manifest.get("rotations"), list)
+    )
+
+
 def check_index_out(out_dir: str | os.PathLike[str]) -> Path:
-    """Refuse an output folder that exists and is not a Skyloc index: it would be replaced, i.e. deleted."""
+    """Refuse an output folder that exists and is not exactly a Skyloc index: it would be replaced (deleted)."""
     out = Path(out_dir)
+    if out.is_symlink():
+        raise InputError(f"{out} is a symbolic link: give the real folder for the index")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is a file: give a folder for the index")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if out.is_dir() and any(out.iterdir()) and not is_index_folder(out):
+        others = sorted(p.name for p in out.iterdir() if p.name not in INDEX_FILES)
+        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
         raise InputError(
-            f"{out} exists and is not a Skyloc index: it will not be replaced (choose a new folder, or "
-            "delete it yourself)"
+            f"{out} exists and is not a Skyloc index"
+            + (f" (it holds {shown})" if shown else "")
+            + ": it will not be replaced. Choose a new folder, or empty it yourself"
+        )
+    staged = out.with_name(out.name + ".partial")
+    if staged.is_symlink() or (staged.exists() and not _is_staging(staged)):
+        raise InputError(
+            f"{staged} exists and is not a Skyloc build in progress: it will not be touched (move it away or "
+            "choose another output folder)"
         )
     return out
+
+
+def _is_staging(folder: Path) -> bool:
+    """A ``.partial`` folder that holds nothing but what an index build puts there."""
+    if not folder.is_dir():
+        return False
+    for p in folder.iterdir():
+        if p.name == "chunks":
+            if not p.is_dir() or any(not (_CHUNK.match(c.name) or _is_temp(c.name)) for c in p.iterdir()):
+                return False
+        elif p.name not in STAGING_FILES and not _is_temp(p.name):
+            return False
+    return True
+
+
+_CHUNK = re.compile(r"^\d{9}-\d{9}\.npy$")
 
 
 def build_index(
@@ -117,6 +195,24 @@ def build_index(
 ) -> dict[str, Any]:
     """Encode every tile of ``sources`` at 4 rotations and write the index folder. Returns the manifest."""
     out_dir = check_index_out(out_dir)
+    with output_lock(out_dir), os_errors_as_user_errors(f"building the index {out_dir}"):
+        return _build_locked(
+            sources, encoder, out_dir, factory, build_params, batch_tiles, chunk_tiles, progress, cancel
+        )
+
+
+def _build_locked(
+    sources: list[TileSource],
+    encoder: ImageEncoder,
+    out_dir: Path,
+    factory: str,
+    build_params: dict[str, Any] | None,
+    batch_tiles: int | None,
+    chunk_tiles: int,
+    progress: ProgressFn,
+    cancel: CancelToken | None,
+) -> dict[str, Any]:
+    out_dir = check_index_out(out_dir)  # again, now that no other build can change it
     specs: list[tuple[TileSource, TileSpec]] = [(src, s) for src in sources for s in src.specs()]
     if not specs:
         raise EmptyInputError("no tile to index: every source was empty or fully nodata")
@@ -129,7 +225,7 @@ def build_index(
         **(build_params or {}),
     }
     staged = out_dir.with_name(out_dir.name + ".partial")
-    _prepare_staging(staged, params)
+    _prepare_staging(staged, params, progress)
 
     if batch_tiles is None:  # each tile is encoded at every rotation in the same call
         batch_tiles = max(1, getattr(encoder, "max_batch", 64) // len(ROTATIONS))
@@ -154,6 +250,8 @@ def build_index(
         "vector_id": "tile_id * 4 + k, rotation = k * 90 degrees counter-clockwise",
         "factory": factory,
         "build": params,
+        # where the index was built: tile sources that moved together with it are found again from here
+        "built_at": os.path.abspath(out_dir),
         "counts": {"sources": len(sources), "tiles": len(specs), "vectors": int(index.ntotal)},
         "complete": True,
     }
@@ -161,6 +259,9 @@ def build_index(
     (staged / "build_params.json").unlink(missing_ok=True)
     with atomic_path(staged / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
+    for leftover in staged.iterdir():  # temp files of a killed earlier attempt must not reach the index
+        if _is_temp(leftover.name):
+            leftover.unlink(missing_ok=True)
     if cancel is not None:
         cancel.check()
     replace_dir(staged, out_dir)
@@ -168,17 +269,32 @@ def build_index(
     return manifest
 
 
-def _prepare_staging(staged: Path, params: dict[str, Any]) -> None:
-    """Reuse a staging folder from an interrupted identical build (resume), else start it afresh."""
+def _prepare_staging(staged: Path, params: dict[str, Any], progress: ProgressFn = no_progress) -> None:
+    """Reuse a staging folder from an interrupted identical build (resume), else start it afresh.
+
+    The marker is written atomically; one that cannot be read (a disk that filled while writing it) means
+    "start again", said in one line, never a crash.
+    """
     marker = staged / "build_params.json"
+    fingerprint = _params_fingerprint(params)
     if staged.exists():
-        same = marker.exists() and json.loads(marker.read_text()).get("fingerprint") == _params_fingerprint(
-            params
-        )
-        if not same:
+        try:
+            recorded = json.loads(marker.read_text()).get("fingerprint")
+        except FileNotFoundError:
+            recorded = None
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+            progress(0.0, f"the resume marker {marker} is unreadable: starting this build again")
+        if recorded != fingerprint:
             shutil.rmtree(staged)
+        else:
+            for leftover in [*staged.iterdir(), *(staged / "chunks").glob(".*")]:
+                if _is_temp(leftover.name):
+                    leftover.unlink(missing_ok=True)
     (staged / "chunks").mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"fingerprint": _params_fingerprint(params), "params": params}))
+    if not marker.exists():
+        with atomic_path(marker, suffix=".json") as tmp:
+            tmp.write_text(json.dumps({"fingerprint": fingerprint, "params": params}))
 
 
 def _encode_all(
@@ -256,8 +372,14 @@ def open_index(path: str | os.PathLike[str], *, mmap: bool = False) -> TileIndex
         raise IndexNotFoundError(f"{manifest_path} is unreadable: {exc}") from exc
     if manifest.get("format") != FORMAT_VERSION or not manifest.get("complete"):
         raise IndexNotFoundError(f"{path}: unsupported or incomplete index (format {manifest.get('format')})")
+    for name in (FAISS_FILE, TILES_FILE):
+        if not (path / name).is_file():
+            raise IndexNotFoundError(
+                f"{path} is not a complete Skyloc index: {name} is missing (rebuild it with `skyloc index`)"
+            )
     index = faiss_index.read_index(path / FAISS_FILE, mmap=mmap)
     tiles = _read_tiles(path / TILES_FILE)
+    tiles.source = _locate_sources(tiles.source, path, manifest.get("built_at"))
     n_rot = len(manifest["rotations"])
     if index.ntotal != len(tiles) * n_rot or manifest["counts"]["tiles"] != len(tiles):
         raise IndexNotFoundError(
@@ -266,8 +388,36 @@ def open_index(path: str | os.PathLike[str], *, mmap: bool = False) -> TileIndex
     return TileIndex(path=path, manifest=manifest, faiss=index, tiles=tiles)
 
 
+def _locate_sources(sources: np.ndarray, index_dir: Path, built_at: str | None) -> np.ndarray:
+    """Absolute paths of the tiles' imagery, wherever the index is opened from.
+
+    Sources are stored absolute. Older indexes stored them as typed (relative to the build's working
+    folder, unknown now): those are tried against the index folder and its parent. An index moved
+    together with its imagery (same relative layout) finds it again through the folder it was built in.
+    """
+    here = Path(os.path.abspath(index_dir))
+    located: dict[str, str] = {}
+    for src in set(map(str, sources)):
+        candidates = []
+        if os.path.isabs(src):
+            candidates.append(src)
+            if built_at:
+                candidates.append(os.path.normpath(here / os.path.relpath(src, built_at)))
+        else:
+            candidates += [
+                os.path.normpath(here / src),
+                os.path.normpath(here.parent / src),
+                os.path.abspath(src),
+            ]
+        located[src] = next((c for c in candidates if os.path.exists(c)), candidates[0])
+    return np.array([located[str(s)] for s in sources], dtype=object)
+
+
 def _read_tiles(path: Path) -> TileTable:
-    geoms, cols = read_layer(path, TILES_LAYER)
+    try:
+        geoms, cols = read_layer(path, TILES_LAYER)
+    except Exception as exc:  # pyogrio's errors for a missing layer or a file that is not a GeoPackage
+        raise IndexNotFoundError(f"{path} is not readable as the index's tile table: {exc}") from None
     order = np.argsort(cols["tile_id"])
     if not np.array_equal(cols["tile_id"][order], np.arange(len(order))):
         raise IndexNotFoundError(f"{path}: tile ids are not 0..n-1")

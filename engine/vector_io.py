@@ -6,6 +6,7 @@ Every layer carries its CRS. Writes are atomic: the file appears complete or not
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import pyogrio
 import shapely
 
 from .atomic import atomic_path
-from .errors import InputError
+from .errors import InputError, os_errors_as_user_errors
+from .output_guard import GPKG_DESCRIPTION, check_output, is_geopackage, mark_written
 
 DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile"}
 
@@ -34,13 +36,19 @@ def write_polygons(
     *,
     layer: str,
     crs: str = "EPSG:4326",
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
+    overwrite: bool = False,
 ) -> Path:
     """Write one polygon layer with its attribute columns, atomically. Returns the path written.
 
     A ``None`` polygon is written as a feature without geometry (e.g. a photo that could not be placed).
+    Into an existing GeoPackage only ``layer`` is added or replaced (its other layers are kept): the file is
+    copied beside, the layer written into the copy, and the copy renamed over the original. What may be
+    written over follows :func:`engine.output_guard.check_output` (``inputs`` of the action are never).
     """
     path = Path(path)
     driver = driver_for(path)
+    check_output(path, inputs=inputs, overwrite=overwrite, layer=layer, what="output layer")
     n = len(polygons)
     for name, values in attributes.items():
         if len(values) != n:
@@ -52,22 +60,29 @@ def write_polygons(
     geometry = np.array([None if g is None else shapely.to_wkb(g) for g in polygons], dtype=object)
     fields = list(attributes)
     field_data = [_column(attributes[name]) for name in fields]
-    if driver == "ESRI Shapefile":
-        return _write_shapefile(path, geometry, field_data, fields, layer, crs, geometry_type)
-    with atomic_path(path, suffix=path.suffix) as tmp:
-        pyogrio.raw.write(
-            tmp,
-            geometry,
-            field_data,
-            fields,
-            layer=layer,
-            driver=driver,
-            geometry_type=geometry_type,
-            crs=crs,
-            promote_to_multi=geometry_type == "MultiPolygon",
-            # GeoPackage 1.3: what QGIS 3.22 LTR's GDAL (3.6) reads without "partially supported" warnings
-            dataset_options={"VERSION": "1.3"} if driver == "GPKG" else None,
-        )
+    with os_errors_as_user_errors(f"writing {path}"):
+        if driver == "ESRI Shapefile":
+            written = _write_shapefile(path, geometry, field_data, fields, layer, crs, geometry_type)
+            mark_written(written)
+            return written
+        keep_other_layers = path.is_file() and is_geopackage(path)
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            if keep_other_layers:
+                shutil.copyfile(path, tmp)
+            pyogrio.raw.write(
+                tmp,
+                geometry,
+                field_data,
+                fields,
+                layer=layer,
+                driver=driver,
+                geometry_type=geometry_type,
+                crs=crs,
+                promote_to_multi=geometry_type == "MultiPolygon",
+                # GeoPackage 1.3: what QGIS 3.22 LTR's GDAL (3.6) reads without "partially supported" warnings
+                dataset_options={"VERSION": "1.3"} if not keep_other_layers else None,
+                layer_options={"DESCRIPTION": f"{GPKG_DESCRIPTION} {layer} layer"},
+            )
     return path
 
 

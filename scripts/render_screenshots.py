@@ -56,7 +56,7 @@ def engine_outputs(work: Path) -> dict[str, Path]:
         "--out",
         str(heat),
     )
-    return {"footprint": fp, "georef": georef / "photo_2009_oblique.tif", "heatmap": heat}
+    return {"footprint": fp, "georef": georef / "photo_2009_oblique.jpg.tif", "heatmap": heat}
 
 
 def render(out_dir: Path, outputs: dict[str, Path]) -> list[Path]:

@@ -227,7 +227,7 @@ def test_sample_footprint_matches_its_recipe(sample_run, sample_truth):
 def test_sample_geotiff_overlays_the_reference(sample_run, sample_truth):
     out, (fp,) = sample_run
     truth, meta = sample_truth
-    tif = out.parent / "geo" / "photo_2009_oblique.tif"
+    tif = out.parent / "geo" / "photo_2009_oblique.jpg.tif"
     assert fp.geotiff == str(tif) and tif.is_file()
     assert layer_columns(out)[1]["geotiff"] == [str(tif)]
     outline = apply_h(np.array(fp.h), corners((400, 400)))
@@ -272,7 +272,7 @@ def test_sample_geotiff_overlays_the_reference(sample_run, sample_truth):
 
 def test_sample_points_file_maps_back_onto_the_footprint(sample_run):
     out, (fp,) = sample_run
-    path = out.parent / "geo" / "photo_2009_oblique.points"
+    path = out.parent / "geo" / "photo_2009_oblique.jpg.points"
     assert fp.points == str(path) and layer_columns(out)[1]["points"] == [str(path)]
     wkt, map_xy, pixel_xy = read_points(path)
     assert CRS.from_wkt(wkt).to_epsg() == 26914
@@ -362,8 +362,8 @@ def test_non_image_among_good_photos(tmp_path, capsys):
     assert "notes.jpg" in cols["reason"][0] or "bad_input" in cols["reason"][0]
     assert geoms[0] is None and geoms[1] is not None and geoms[1].is_valid
     # the CLI's default georef folder, beside the layer
-    assert (tmp_path / "fp_georef" / "photo_2009_oblique.tif").is_file()
-    assert (tmp_path / "fp_georef" / "photo_2009_oblique.points").is_file()
+    assert (tmp_path / "fp_georef" / "photo_2009_oblique.jpg.tif").is_file()
+    assert (tmp_path / "fp_georef" / "photo_2009_oblique.jpg.points").is_file()
     assert not (tmp_path / "fp_georef" / "notes.tif").exists()
 
 
@@ -434,8 +434,8 @@ def test_batch_resumes_after_an_interruption(naip09_ground, batch_photos, tmp_pa
     assert not out.exists()
     done = records(out)
     assert [json.loads(r.read_text())["photo"] for r in done] == [str(p) for p in paths[:2]]
-    assert (geo / "a_sample.tif").is_file() and (geo / "b_derived.tif").is_file()
-    assert not (geo / "c_derived.tif").exists()
+    assert (geo / "a_sample.jpg.tif").is_file() and (geo / "b_derived.png.tif").is_file()
+    assert not (geo / "c_derived.png.tif").exists()
 
     again = Locate(naip09_ground)
     messages = []
@@ -446,7 +446,7 @@ def test_batch_resumes_after_an_interruption(naip09_ground, batch_photos, tmp_pa
     geoms, cols = layer_columns(out)
     assert cols["photo"] == [str(p) for p in paths]
     assert cols["status"] == ["localized"] * 3 and [r.status for r in results] == ["localized"] * 3
-    assert cols["geotiff"] == [str(geo / f"{p.stem}.tif") for p in paths]
+    assert cols["geotiff"] == [str(geo / f"{p.name}.tif") for p in paths]
     for geom, path, truth in zip(geoms, paths, truths, strict=True):
         rows, cols_ = read_image(path).shape[:2]
         true_poly = shapely.Polygon(apply_h(truth, corners((rows, cols_))))

@@ -23,6 +23,7 @@ from rasterio.windows import Window
 
 from ..atomic import atomic_path
 from ..errors import InputError
+from ..output_guard import QML_MARK, TIFF_TAG
 from ..progress import CancelToken, ProgressFn, no_progress
 from .raster import EmbedRaster
 
@@ -90,6 +91,7 @@ def _qml(lo: float, hi: float, opacity: float = 0.65) -> str:
   <blendMode>0</blendMode>
   <layerGeometryType>-1</layerGeometryType>
   <!-- {escape("Skyloc similarity heatmap: cosine similarity, nodata " + str(NODATA))} -->
+  {QML_MARK}
 </qgis>
 """
 
@@ -152,7 +154,7 @@ def write_heatmap(
                 progress(
                     min(1.0, (row0 + rows) / grid.height), f"heatmap: row {row0 + rows} of {grid.height}"
                 )
-            dst.update_tags(**tags)
+            dst.update_tags(**{TIFF_TAG: "similarity heatmap", **tags})
             dst.set_band_description(1, "cosine similarity")
         if not math.isfinite(lo):
             raise InputError("the heatmap has no valid pixel (the raster is all nodata)")

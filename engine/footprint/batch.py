@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -21,7 +22,9 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_path
-from ..errors import CancelledError, InputError, SkylocError
+from ..errors import CancelledError, InputError, SkylocError, os_errors_as_user_errors
+from ..locking import output_lock
+from ..output_guard import check_output
 from ..progress import CancelToken, ProgressFn, no_progress
 from ..tiles.base import CORNER_ORDER
 from ..vector_io import driver_for, write_polygons
@@ -63,6 +66,8 @@ def run_batch(
     georef_dir: str | os.PathLike[str] | None = None,
     geotiff: str | None = None,
     points: str | None = None,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
     resume: bool = True,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
@@ -70,22 +75,52 @@ def run_batch(
     """Localize every photo, write per-photo GeoTIFF/.points, then the layer; resumable (see module doc).
 
     ``geotiff``/``points`` name the files for a single photo; otherwise each localized photo gets
-    ``<georef_dir>/<photo stem>.tif`` and ``<photo stem>.points`` (no georef_dir: none written).
+    ``<georef_dir>/<photo file name>.tif`` and ``.points`` (see :func:`georef_names`; no georef_dir: none
+    written). Every output is checked before any work (:func:`engine.output_guard.check_output`): never an
+    input (the photos, ``inputs``), never a file Skyloc did not write unless ``overwrite``.
     """
     out = Path(out)
     driver_for(out)  # refuse a bad extension before any work
     if (geotiff or points) and len(photos) != 1:
         raise InputError("--geotiff/--points name the files of ONE photo; for several use --georef-dir")
+    every_input = [*photos, *inputs]
+    check_output(out, inputs=every_input, overwrite=overwrite, layer=FOOTPRINT_LAYER, what="footprint layer")
+    names = georef_names(photos, georef_dir, geotiff, points)
+    for tif, pts in names.values():
+        for target in (tif, pts):
+            if target is not None:
+                check_output(target, inputs=every_input, overwrite=overwrite, what="georeferenced output")
+    with output_lock(out), os_errors_as_user_errors(f"writing the footprints of {out.name}"):
+        return _run_locked(
+            photos, out, locate, settings, names, resume, progress, cancel, overwrite, every_input
+        )
+
+
+def _run_locked(
+    photos: Sequence[Path],
+    out: Path,
+    locate: Locate,
+    settings: dict[str, Any],
+    names: dict[int, tuple[str | None, str | None]],
+    resume: bool,
+    progress: ProgressFn,
+    cancel: CancelToken | None,
+    overwrite: bool,
+    every_input: Sequence[str | os.PathLike[str]],
+) -> list[Footprint]:
     parts = parts_dir(out)
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     stamp = parts / "settings.json"
-    if parts.exists() and (
-        not resume or not stamp.exists() or json.loads(stamp.read_text()).get("fp") != fingerprint
-    ):
-        shutil.rmtree(parts)
+    if parts.exists():
+        recorded = _read_stamp(stamp)
+        if not resume or recorded != fingerprint:
+            if resume and recorded is None and stamp.exists():
+                progress(0.0, f"the resume record {stamp} is unreadable: starting this batch again")
+            _remove_parts(parts)
     parts.mkdir(parents=True, exist_ok=True)
-    if not stamp.exists():
-        stamp.write_text(json.dumps({"fp": fingerprint, "settings": settings}, default=str))
+    if _read_stamp(stamp) != fingerprint:
+        with atomic_path(stamp, suffix=".json") as tmp:
+            tmp.write_text(json.dumps({"fp": fingerprint, "settings": settings}, default=str))
 
     results: list[Footprint] = []
     resumed = 0
@@ -106,36 +141,103 @@ def run_batch(
         except SkylocError as exc:
             fp, rgb = Footprint(photo=str(photo), status="error", reason=f"{exc.code}: {exc.message}"), None
         if fp.status == "localized" and rgb is not None:
-            _write_georef(fp, rgb, photo, georef_dir, geotiff, points)
+            tif, pts = names[i]
+            _write_georef(fp, rgb, tif, pts, overwrite, every_input)
         with atomic_path(record, suffix=".json") as tmp:
             tmp.write_text(json.dumps(asdict(fp), default=str))
         results.append(fp)
     progress(1.0, f"writing {out.name}" + (f" ({resumed} photos resumed)" if resumed else ""))
-    write_footprints(out, results)
-    shutil.rmtree(parts, ignore_errors=True)
+    write_footprints(out, results, inputs=every_input, overwrite=overwrite)
+    _remove_parts(parts)
     return results
+
+
+def _read_stamp(stamp: Path) -> str | None:
+    """The settings fingerprint of a previous run, or None when absent or unreadable (e.g. a disk that filled)."""
+    try:
+        return json.loads(stamp.read_text()).get("fp")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _remove_parts(parts: Path) -> None:
+    """Remove a resume folder, but only if it holds nothing but Skyloc's own records."""
+    if not parts.is_dir():
+        return
+    foreign = [p.name for p in parts.iterdir() if not _is_record_file(p.name)]
+    if foreign:
+        raise InputError(
+            f"{parts} holds files Skyloc did not write ({', '.join(sorted(foreign)[:3])}): it will not be "
+            "removed; move them away or choose another output name"
+        )
+    shutil.rmtree(parts, ignore_errors=True)
+
+
+_RECORD = re.compile(r"^(settings\.json|\d{6}-[0-9a-f]{12}\.json|\..+\.tmp(\.json)?)$")
+
+
+def _is_record_file(name: str) -> bool:
+    return _RECORD.match(name) is not None
+
+
+def georef_names(
+    photos: Sequence[Path],
+    georef_dir: str | os.PathLike[str] | None,
+    geotiff: str | None = None,
+    points: str | None = None,
+) -> dict[int, tuple[str | None, str | None]]:
+    """Unique, stable GeoTIFF / .points names for every photo of a batch: ``{i: (tif, points)}``.
+
+    ``<georef_dir>/<photo file name>.tif`` and ``.points`` (``p.jpg.points`` is also the name QGIS's
+    Georeferencer looks for beside ``p.jpg``), so ``p.jpg`` and ``p.png`` never share a name. Photos with
+    the same file name from different folders get their folder's name in front (``a__query.jpg.tif``),
+    and, should that still collide, a short hash of the folder's full path: the names depend only on the
+    photos' paths, never on their order.
+    """
+    if georef_dir is None:
+        return {i: (geotiff, points) for i in range(len(photos))}
+    folder = Path(georef_dir)
+    by_name: dict[str, list[Path]] = {}
+    for p in photos:
+        by_name.setdefault(p.name, []).append(p)
+    names: dict[int, tuple[str | None, str | None]] = {}
+    for i, p in enumerate(photos):
+        base = p.name
+        clashes = {os.path.realpath(q.parent) for q in by_name[p.name]}
+        if len(clashes) > 1:
+            parents = [Path(os.path.realpath(q.parent)).name for q in by_name[p.name]]
+            base = f"{Path(os.path.realpath(p.parent)).name}__{p.name}"
+            if parents.count(Path(os.path.realpath(p.parent)).name) > 1:
+                digest = hashlib.sha256(os.path.realpath(p.parent).encode()).hexdigest()[:8]
+                base = f"{Path(os.path.realpath(p.parent)).name}-{digest}__{p.name}"
+        names[i] = (geotiff or str(folder / f"{base}.tif"), points or str(folder / f"{base}.points"))
+    return names
 
 
 def _write_georef(
     fp: Footprint,
     rgb: np.ndarray,
-    photo: Path,
-    georef_dir: str | os.PathLike[str] | None,
     geotiff: str | None,
     points: str | None,
+    overwrite: bool,
+    inputs: Sequence[str | os.PathLike[str]],
 ) -> None:
     h = np.array(fp.h)
-    if georef_dir is not None:
-        folder = Path(georef_dir)
-        geotiff = geotiff or str(folder / f"{photo.stem}.tif")
-        points = points or str(folder / f"{photo.stem}.points")
     if geotiff:
+        check_output(geotiff, inputs=inputs, overwrite=overwrite, what="georeferenced GeoTIFF")
         fp.geotiff = str(write_geotiff(geotiff, rgb, h, fp.crs))
     if points:
+        check_output(points, inputs=inputs, overwrite=overwrite, what="GCP file")
         fp.points = str(write_points(points, h, rgb.shape[:2], fp.crs))
 
 
-def write_footprints(out: str | os.PathLike[str], results: Sequence[Footprint]) -> Path:
+def write_footprints(
+    out: str | os.PathLike[str],
+    results: Sequence[Footprint],
+    *,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+) -> Path:
     """One feature per photo (no geometry when not localized), EPSG:4326; field names fit a Shapefile."""
     order = ",".join(CORNER_ORDER)
     return write_polygons(
@@ -160,4 +262,6 @@ def write_footprints(out: str | os.PathLike[str], results: Sequence[Footprint]) 
             "seconds": np.array([r.seconds for r in results], dtype=np.float64),
         },
         layer=FOOTPRINT_LAYER,
+        inputs=inputs,
+        overwrite=overwrite,
     )

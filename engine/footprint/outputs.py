@@ -41,6 +41,7 @@ from rasterio.transform import Affine
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..geo.crs import crs_label
+from ..output_guard import TIFF_TAG, mark_written
 from .ground import affine_matrix, apply_h, corners, cv_matrix, frame_outline, local_scale, scaling
 
 POINTS_HEADER = "mapX,mapY,sourceX,sourceY,enable,dX,dY,residual"
@@ -116,6 +117,7 @@ def write_points(
         lines.append(f"{_number(gx)},{_number(gy)},{_number(col)},{_number(-row + 0.0)},1,0,0,0")
     with atomic_path(path, ".points") as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        mark_written(tmp)
     return Path(path)
 
 
@@ -218,6 +220,7 @@ def write_geotiff(
         profile.update(driver="GTiff", tiled=True, blockxsize=512, blockysize=512, predictor=2)
         profile.update(photometric="RGB", alpha="YES")
     tags = {
+        TIFF_TAG: "georeferenced photo",
         "SKYLOC_CORNER_ORDER": CORNER_ORDER,
         "SKYLOC_HOMOGRAPHY": json.dumps(h.tolist()),
         "SKYLOC_CORNERS": json.dumps(corners.tolist()),
