@@ -7,6 +7,7 @@ Long actions take ``progress(fraction, message)`` and a ``CancelToken``; they re
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,18 +23,19 @@ from .embed.actions import embed_at as embed_at
 from .embed.actions import heatmap as heatmap
 from .embed.models import embedding_models
 from .errors import EmptyInputError, InputError, SkylocError
-from .footprint.batch import run_batch
+from .footprint.batch import FOOTPRINT_LAYER, run_batch
 from .footprint.coregister import CoregParams
 from .footprint.estimate import Footprint, estimate
 from .footprint.places import IndexPlaces, RasterPlaces
 from .imageio import DEFAULT_MAX_PIXELS, read_image
-from .index_store import TileIndex, build_index, open_index
+from .index_store import FAISS_FILE, MANIFEST, TILES_FILE, TileIndex, build_index, open_index
 from .nets.base import ImageEncoder
 from .nets.registry import available_models, load_encoder, resolve_name
+from .output_guard import check_output
 from .progress import CancelToken, ProgressFn, no_progress
 from .search_area import SearchArea
 from .tiles import open_source
-from .vector_io import write_polygons
+from .vector_io import driver_for, write_polygons
 
 #: ONNX Runtime by default: same descriptors as PyTorch (cosine >= 0.9999) and faster on a CPU: per photo
 #: 26 ms vs 55 ms on an idle 2-core machine, 61 ms vs 2.1 s when the cores are shared (PyTorch's OpenMP
@@ -81,6 +83,8 @@ def index(
     if not 0 <= overlap < 1:
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     encoder = get_encoder(model, weights, backend, input_size, sha256)
+    # absolute: the index is used from other working folders (the plugin's engine, the service)
+    sources = [os.path.abspath(s) for s in sources]
     opened = [
         open_source(s, tile_sizes=tuple(tile_sizes), overlap=overlap, bands=bands, span=span, exclude=exclude)
         for s in sources
@@ -150,7 +154,11 @@ def expand_photos(paths: Sequence[str]) -> list[Path]:
     """Files as given; folders give their image files (sorted). Nothing at all is an error."""
     photos: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
+        try:
+            is_dir = p.is_dir()
+        except OSError:  # e.g. a 4,000-character name: that photo fails alone, later, with its reason
+            is_dir = False
+        if is_dir:
             found = sorted(f for f in p.iterdir() if f.suffix.lower() in PHOTO_SUFFIXES and f.is_file())
             if not found:
                 raise EmptyInputError(f"folder {p} holds no photo ({', '.join(sorted(PHOTO_SUFFIXES))})")
@@ -174,6 +182,7 @@ def localize(
     sha256: str | None = None,
     backend: str = DEFAULT_BACKEND,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    overwrite: bool = False,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> LocalizeResult:
@@ -196,6 +205,9 @@ def localize(
     idx.check_encoder(encoder)
     tiles = retrieval.allowed_tiles(idx, area)
     paths = expand_photos(photos)
+    inputs = [*paths, *index_files(idx)]
+    if out is not None:
+        check_output(out, inputs=inputs, overwrite=overwrite, layer="candidates", what="candidates layer")
 
     results: list[PhotoResult] = []
     first_error: SkylocError | None = None
@@ -220,7 +232,7 @@ def localize(
         photos=results,
     )
     if out is not None:
-        result.out = str(write_candidates(out, result, idx))
+        result.out = str(write_candidates(out, result, idx, inputs=inputs, overwrite=overwrite))
     progress(1.0, "done")
     return result
 
@@ -258,7 +270,19 @@ def _localize_one(
     )
 
 
-def write_candidates(out: str, result: LocalizeResult, idx: TileIndex) -> Path:
+def index_files(idx: TileIndex) -> list[Path]:
+    """The files of an index folder: inputs of any action that reads it, so never outputs."""
+    return [idx.path / name for name in (MANIFEST, FAISS_FILE, TILES_FILE)]
+
+
+def write_candidates(
+    out: str,
+    result: LocalizeResult,
+    idx: TileIndex,
+    *,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+) -> Path:
     """One polygon per (photo, candidate): the candidate tile's footprint, EPSG:4326."""
     rows = [(p, c) for p in result.photos for c in p.candidates]
     return write_polygons(
@@ -276,6 +300,8 @@ def write_candidates(out: str, result: LocalizeResult, idx: TileIndex) -> Path:
             "zoom": np.array([-1 if c.zoom is None else c.zoom for _, c in rows], dtype=np.int32),
         },
         layer="candidates",
+        inputs=inputs,
+        overwrite=overwrite,
     )
 
 
@@ -305,6 +331,7 @@ def footprint(
     backend: str = DEFAULT_BACKEND,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     resume: bool = True,
+    overwrite: bool = False,
     params: CoregParams | None = None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
@@ -342,6 +369,8 @@ def footprint(
             georef_dir=georef_dir,
             geotiff=geotiff,
             points=points,
+            inputs=[against],
+            overwrite=overwrite,
             resume=resume,
             progress=progress,
             cancel=cancel,
@@ -364,6 +393,7 @@ def localize_footprints(
     backend: str = DEFAULT_BACKEND,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     resume: bool = True,
+    overwrite: bool = False,
     params: CoregParams | None = None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
@@ -375,6 +405,14 @@ def localize_footprints(
     """
     params = params or CoregParams()
     idx = index if isinstance(index, TileIndex) else open_index(index)
+    driver_for(out)
+    check_output(
+        out,
+        inputs=[*expand_photos(photos), *index_files(idx)],
+        overwrite=overwrite,
+        layer=FOOTPRINT_LAYER,
+        what="footprint layer",
+    )
     retrieved = localize(
         photos,
         idx,
@@ -383,6 +421,7 @@ def localize_footprints(
         area=area,
         backend=backend,
         max_pixels=max_pixels,
+        overwrite=overwrite,
         progress=lambda f, m: progress(0.1 * f, m),
         cancel=cancel,
     )
@@ -416,6 +455,8 @@ def localize_footprints(
             georef_dir=georef_dir,
             geotiff=geotiff,
             points=points,
+            inputs=[*index_files(idx), *({str(s) for s in idx.tiles.source})],
+            overwrite=overwrite,
             resume=resume,
             progress=lambda f, m: progress(0.1 + 0.9 * f, m),
             cancel=cancel,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import InputError, SkylocError
+from .errors import InputError, SkylocError, from_os_error
 from .imageio import DEFAULT_MAX_PIXELS
+from .output_guard import JSON_KEY, check_output, mark_written
 from .search_area import SearchArea
 
 EXIT_CODES = __doc__.split("Exit codes: ", 1)[1].strip()
@@ -66,6 +68,17 @@ def _ints(text: str, what: str) -> list[int]:
         raise InputError(f"{what}: expected comma-separated integers, got {text!r}") from exc
 
 
+def _sha256(text: str) -> str:
+    """``--sha256``: the full 64 hex digits (``sha256:`` prefix allowed); a short prefix proves nothing."""
+    digest = text.strip().lower().removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise argparse.ArgumentTypeError(
+            f"expected the full sha256 of the weights file, 64 hex digits (as `sha256sum FILE` prints), "
+            f"got {text!r} ({len(digest)} characters)"
+        )
+    return digest
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skyloc",
@@ -84,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
             + (f"; default {default}" if default else "; default: the index's model"),
         )
         p.add_argument("--weights", help="checkpoint file for models that need one (astroloc)")
-        p.add_argument("--sha256", help="expected sha256 of --weights: a different file is refused")
+        p.add_argument(
+            "--sha256", type=_sha256, help="expected sha256 of --weights (64 hex digits): others are refused"
+        )
         p.add_argument(
             "--backend",
             choices=("torch", "onnx"),
@@ -110,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
             "(default: OUT_georef/ beside --out)",
         )
         p.add_argument("--restart", action="store_true", help="ignore the records of an interrupted run")
+        overwrite_arg(p)
+
+    def overwrite_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace existing output files that Skyloc did not write (never the inputs)",
+        )
 
     p = sub.add_parser("index", help="build a tile database from GeoTIFFs and/or XYZ mosaic folders")
     p.add_argument(
@@ -184,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--model", default="default", choices=("default", "gair"), help="embedding model")
         p.add_argument("--weights", metavar="FILE", help="checkpoint for --model gair (not shipped)")
-        p.add_argument("--sha256", help="expected sha256 of --weights")
+        p.add_argument("--sha256", type=_sha256, help="expected sha256 of --weights (64 hex digits)")
         p.add_argument(
             "--bands",
             help="default model: 3 band numbers for R,G,B; gair: the 10 bands B2,B3,B4,B5,B6,B7,B8,B8A,B11,B12",
@@ -199,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--points", metavar="FILE", help="many points: a CSV of x,y lines (header optional) or a point layer"
     )
     p.add_argument("--out", metavar="OUT.json|OUT.npy", help="write here (default: JSON on stdout)")
+    overwrite_arg(p)
 
     p = sub.add_parser(
         "heatmap", help="similarity heatmap (Cloud-Optimized GeoTIFF) of a raster against a query"
@@ -219,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger photos (default 100 MP)"
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    overwrite_arg(p)
 
     p = sub.add_parser("models", help="list the encoders and what they can do")
     p.add_argument("--json", action="store_true")
@@ -307,6 +332,7 @@ def _run(args: argparse.Namespace) -> int:
         sha256=args.sha256,
         backend=args.backend,
         max_pixels=args.max_pixels,
+        overwrite=args.overwrite,
         progress=progress,
     )
     if args.json:
@@ -353,6 +379,7 @@ def _footprints(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
         "backend": args.backend,
         "max_pixels": args.max_pixels,
         "resume": not args.restart,
+        "overwrite": args.overwrite,
         "progress": progress,
     }
     if args.command == "footprint":
@@ -419,6 +446,13 @@ def _embeddings(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
     if args.command == "embed":
         if args.out and Path(args.out).suffix.lower() not in (".json", ".npy"):
             raise InputError(f"--out must end in .json or .npy, got {args.out}")
+        if args.out:
+            check_output(
+                args.out,
+                inputs=[args.raster, args.points, args.weights],
+                overwrite=args.overwrite,
+                what="--out",
+            )
         if args.at:
             points, crs = [_floats(args.at, 2, "--at")], args.crs
         else:
@@ -429,8 +463,10 @@ def _embeddings(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
 
             from .atomic import atomic_path
 
-            with atomic_path(args.out, suffix=".npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, result.matrix())
+            with atomic_path(args.out, suffix=".npy") as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, result.matrix())
+                mark_written(tmp)
             print(
                 f"{len(result.points)} embeddings ({result.dim}-d, L2-normalised, {result.model_id}): {args.out}"
             )
@@ -438,7 +474,7 @@ def _embeddings(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
             from .atomic import atomic_path
 
             with atomic_path(args.out, suffix=".json") as tmp:
-                tmp.write_text(json.dumps(result.to_json()), encoding="utf-8")
+                tmp.write_text(json.dumps({JSON_KEY: "embeddings", **result.to_json()}), encoding="utf-8")
             print(f"{len(result.points)} embeddings ({result.dim}-d, {result.model_id}): {args.out}")
         else:
             print(json.dumps(result.to_json()))
@@ -458,6 +494,7 @@ def _embeddings(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
         crs=args.crs,
         resolution=args.resolution,
         max_pixels=args.max_pixels,
+        overwrite=args.overwrite,
         progress=progress,
         **query,
         **common,
@@ -505,6 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SkylocError as exc:
         print(f"skyloc: error: {exc.message}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # last resort: a full disk or a 4,000-character name, wherever it is met
+        mapped = from_os_error(exc, f"running `skyloc {args.command}`")
+        if mapped is None:
+            raise  # anything else is a bug: exit 1 with the traceback to report
+        print(f"skyloc: error: {mapped.message}", file=sys.stderr)
+        return mapped.exit_code
     except KeyboardInterrupt:
         print("skyloc: interrupted", file=sys.stderr)
         return 130

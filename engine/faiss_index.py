@@ -40,7 +40,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .errors import IndexNotFoundError, InputError
+from .atomic import default_file_mode
+from .errors import IndexNotFoundError, InputError, from_os_error
 from .progress import CancelToken, ProgressFn, no_progress
 
 __all__ = [
@@ -85,6 +86,15 @@ POINTS_PER_CENTROID = 39
 DEFAULT_NPROBE_FRACTION = 1 / 16  # nprobe = nlist / 16 (256 for IVF4096: SQ8 recall@100 0.93 vs 0.74 at 64)
 DEFAULT_EF_SEARCH = 128
 
+#: Upper bounds on what a factory string makes FAISS allocate when the index is made or filled. FAISS
+#: allocates IVF lists (and PQ codebooks, HNSW links) up front, with no check: ``IVF1000000000,Flat`` is
+#: std::bad_alloc, or the kernel's OOM killer, before any Python code can say why. The bounds are far
+#: above any sensible index (suggest_factory stops at IVF65536; FAISS's billion-scale examples use 2^20).
+MAX_NLIST = 1 << 20
+MAX_GRAPH_DEGREE = 512  # HNSW{M} / NSG{R}: links per vector and level
+MAX_CODE_BITS = 16  # PQ{m}x{nbits} ...: a 2^nbits-entry codebook per sub-quantizer
+MAX_OUT_DIM = 1 << 16  # PCA{d} / OPQ{m}_{d} / RR{d}: a d x dim matrix
+
 # Rows per add() chunk: 256 MiB of float32, whatever the dim.
 _CHUNK_BYTES = 1 << 28
 
@@ -103,6 +113,41 @@ def _faiss_reason(exc: BaseException) -> str:
     return m.group(1) if m else text
 
 
+def declared_nlist(factory: str) -> int:
+    """Inverted lists a factory string asks for (IVF{n}, IMI{k}x{b} = 2^(k*b)); 0 without an IVF stage."""
+    nlist = 0
+    for m in re.finditer(r"IVF(\d+)", factory):
+        nlist = max(nlist, int(m.group(1)))
+    for m in re.finditer(r"IMI(\d+)x(\d+)", factory):
+        k, bits = int(m.group(1)), int(m.group(2))
+        nlist = max(nlist, MAX_NLIST + 1 if k * bits > 62 else 1 << (k * bits))
+    return nlist
+
+
+def _check_factory_sizes(dim: int, factory: str) -> None:
+    """Refuse sizes that FAISS would try to allocate whole (see MAX_NLIST) with a readable InputError."""
+    problems = []
+    nlist = declared_nlist(factory)
+    if nlist > MAX_NLIST:
+        problems.append(f"{nlist:,} inverted lists (at most {MAX_NLIST:,})")
+    for m in re.finditer(r"(?:HNSW|NSG)(\d+)", factory):
+        if int(m.group(1)) > MAX_GRAPH_DEGREE:
+            problems.append(f"graph degree {int(m.group(1)):,} (at most {MAX_GRAPH_DEGREE})")
+    for m in re.finditer(r"(?:PQ|RQ|LSQ)\d+((?:x\d+)+)", factory):
+        nbits = int(m.group(1).rsplit("x", 1)[1])
+        if nbits > MAX_CODE_BITS:
+            problems.append(f"{nbits}-bit codes (at most {MAX_CODE_BITS})")
+    for m in re.finditer(r"(?:PCAW?R?|OPQ\d+_|RR|ITQ)(\d+)", factory):
+        if int(m.group(1)) > MAX_OUT_DIM:
+            problems.append(f"a {int(m.group(1)):,}-d transform (at most {MAX_OUT_DIM:,})")
+    if problems:
+        raise InputError(
+            f"index factory {factory!r} asks for {', '.join(problems)}: more memory than any index of "
+            f"{dim}-d vectors needs. Examples that work: {', '.join(FACTORY_EXAMPLES)}; 'auto' picks one "
+            "for the database size"
+        )
+
+
 def make_index(dim: int, factory: str = "Flat") -> faiss.Index:
     """An empty index for ``dim``-d vectors scored by inner product; InputError on a bad factory string."""
     if not isinstance(dim, (int, np.integer)) or dim <= 0:
@@ -115,8 +160,11 @@ def make_index(dim: int, factory: str = "Flat") -> faiss.Index:
             "factory 'auto' depends on the database size: call build(vectors, 'auto') or "
             "suggest_factory(n_vectors, dim), or name one such as 'Flat'"
         )
+    _check_factory_sizes(int(dim), factory)
     try:
         return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except MemoryError:  # std::bad_alloc, for sizes under our bounds on a small machine
+        raise InputError(f"not enough memory to make a FAISS index {factory!r} for {dim}-d vectors") from None
     except RuntimeError as exc:
         raise InputError(
             f"cannot make a FAISS index from factory string {factory!r} for {dim}-d vectors "
@@ -316,6 +364,9 @@ def check_buildable(n_vectors: int, dim: int, factory: str) -> str:
     """
     if factory.strip().lower() == "auto":
         factory = suggest_factory(n_vectors, dim)
+    nlist = declared_nlist(factory)  # checked before make_index: the lists are allocated when it is made
+    if nlist and n_vectors < POINTS_PER_CENTROID * nlist:
+        raise InputError(_too_small_message(factory, POINTS_PER_CENTROID * nlist, n_vectors, n_vectors, dim))
     need = min_train_size(make_index(dim, factory))
     if n_vectors < need:
         raise InputError(_too_small_message(factory, need, n_vectors, n_vectors, dim))
@@ -567,7 +618,9 @@ def write_index(index: faiss.Index, path: str | os.PathLike) -> Path:
 
     An interrupted or failed write leaves the previous file (or nothing) at ``path``, never a truncated
     index, and removes its temp file. An index read with mmap=True may be rewritten to its own path: the
-    mapping keeps the old inode alive.
+    mapping keeps the old inode alive. The bytes go through a Python file, not FAISS's own: FAISS closes its
+    file in a destructor that only prints a failed fclose, so a disk that fills on the last buffered block
+    would leave a truncated index behind a success; here every write error (ENOSPC included) is raised.
     """
     final = Path(path)
     folder = final.parent if str(final.parent) else Path(".")
@@ -576,17 +629,27 @@ def write_index(index: faiss.Index, path: str | os.PathLike) -> Path:
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise InputError(f"cannot write index {final}: {exc.strerror or exc}") from None
+        raise from_os_error(exc, f"writing index {final}") or InputError(
+            f"cannot write index {final}: {exc.strerror or exc}"
+        ) from None
+    os.fchmod(fd, default_file_mode())  # the mode of the index's other files (mkstemp makes it 0600)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        faiss.write_index(index, str(tmp))
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb") as fh:
+            writer = faiss.PyCallbackIOWriter(fh.write)
+            try:
+                faiss.write_index(index, writer)
+            finally:
+                del writer
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and (mapped := from_os_error(exc, f"writing index {final}")):
+            raise mapped from None
         if isinstance(exc, RuntimeError):
             raise InputError(f"cannot write index {final}: {_faiss_reason(exc)}") from None
         raise

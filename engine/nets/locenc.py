@@ -170,7 +170,7 @@ def geoclip_weights_path() -> Path:
 def load_geoclip_location_encoder(sha256: str | None = None) -> LocationEncoder:
     """GeoCLIP's pretrained location encoder ([lat, lon] order, 512-d), from the weights in the geoclip wheel.
 
-    ``sha256`` (>= 8 hex digits) defaults to the digest of the file shipped in geoclip 1.3.0; a different
+    ``sha256`` (all 64 hex digits) defaults to the digest of the file shipped in geoclip 1.3.0; a different
     file raises WeightsError. The model is in eval mode; ``model_id`` is ``geoclip-location/sha256:xxxxxxxx``.
     """
     path = geoclip_weights_path()

@@ -6,13 +6,18 @@ both :class:`TorchEncoder` and :class:`OnnxEncoder`, so the two backends cannot 
 
 ONNX files are exported once per (model id, input size) and cached under ``$SKYLOC_CACHE/onnx``
 (default ``~/.cache/skyloc/onnx``). The export is written beside its final name and renamed, so an
-interrupted export never leaves a truncated model that a later run would trust.
+interrupted export never leaves a truncated model that a later run would trust; its sha256 is then
+recorded in ``<file>.onnx.json``, and a cached file that does not match it (damaged on disk, truncated by
+a full disk or another tool, or left by a build without the record) is exported again instead of failing
+every run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import re
 import tempfile
@@ -30,6 +35,8 @@ from engine.errors import EmptyInputError, InputError, WeightsError
 
 if TYPE_CHECKING:
     from engine.nets.checkpoints import LoadReport
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -169,12 +176,40 @@ def onnx_path_for(net: nn.Module, model_id: str, size: int, cache_dir: Path | No
     return (cache_dir or onnx_cache_dir()) / f"{safe}-{size}-{hashlib.sha256(key).hexdigest()[:8]}.onnx"
 
 
+def record_path(path: str | os.PathLike) -> Path:
+    """The sidecar that records an export's sha256: ``<file>.onnx.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared $SKYLOC_CACHE must stay readable
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
 def export_onnx(net: nn.Module, size: int, path: str | os.PathLike) -> Path:
-    """Export ``net`` ((B,3,size,size) -> (B,D)) to ONNX with a dynamic batch axis, atomically."""
+    """Export ``net`` ((B,3,size,size) -> (B,D)) to ONNX with a dynamic batch axis, atomically.
+
+    The sha256 of the written file goes to :func:`record_path` afterwards (atomically too): a file without
+    a matching record is never trusted by :func:`cached_onnx`.
+    """
+    from engine.nets.checkpoints import sha256_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
     os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        record_path(path).unlink()  # the old record must not vouch for the file about to be replaced
     try:
         net = net.eval()
         dummy = torch.zeros(2, 3, size, size)
@@ -191,24 +226,79 @@ def export_onnx(net: nn.Module, size: int, path: str | os.PathLike) -> Path:
                 do_constant_folding=True,
                 dynamo=False,
             )
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared $SKYLOC_CACHE must stay readable
+        record = {
+            "sha256": sha256_file(tmp),
+            "bytes": os.path.getsize(tmp),
+            "export_version": EXPORT_VERSION,
+            "opset": OPSET,
+        }
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+    _write_atomic(record_path(path), json.dumps(record).encode())
     return path
 
 
+def cached_export_ok(path: str | os.PathLike) -> bool:
+    """Whether ``path`` exists and is byte for byte the export its record describes."""
+    from engine.nets.checkpoints import sha256_file
+
+    path = Path(path)
+    try:
+        record = json.loads(record_path(path).read_text())
+        return (
+            isinstance(record, dict)
+            and record.get("bytes") == path.stat().st_size
+            and record.get("sha256") == sha256_file(path)
+        )
+    except (OSError, ValueError):  # no file, no record, unreadable or malformed record
+        return False
+
+
+def cached_onnx(net: nn.Module, size: int, path: str | os.PathLike) -> Path:
+    """``path`` if it holds a verified export of ``net``, else a fresh export written there."""
+    path = Path(path)
+    return path if cached_export_ok(path) else _export_again(net, size, path)
+
+
+def _export_again(net: nn.Module, size: int, path: Path) -> Path:
+    if path.exists() and record_path(path).exists():
+        log.warning("cached ONNX model %s does not match its recorded sha256: exporting it again", path)
+    elif path.exists():
+        log.info("cached ONNX model %s has no export record (an older cache): exporting it again", path)
+    return export_onnx(net, size, path)
+
+
 def to_onnx(encoder: TorchEncoder, cache_dir: Path | None = None, threads: int | None = None) -> OnnxEncoder:
-    """The ONNX Runtime twin of a torch encoder (same id, size, preprocessing), exporting if not cached."""
+    """The ONNX Runtime twin of a torch encoder (same id, size, preprocessing), exporting if not cached.
+
+    A cached export that onnxruntime refuses although its hash matches (written by a broken build) is
+    exported again once before the error is reported.
+    """
     path = onnx_path_for(encoder.net, encoder.model_id, encoder.input_size, cache_dir)
-    if not path.exists():
+    fresh = not cached_export_ok(path)
+    if fresh:
+        _export_again(encoder.net, encoder.input_size, path)
+
+    def open_session() -> OnnxEncoder:
+        return OnnxEncoder(
+            path,
+            name=encoder.name,
+            model_id=encoder.model_id,
+            dim=encoder.dim,
+            preprocess=encoder.preprocess,
+            threads=threads,
+        )
+
+    try:
+        return open_session()
+    except WeightsError:
+        if fresh:
+            raise
+        log.warning("onnxruntime cannot open the cached %s: exporting it again", path)
         export_onnx(encoder.net, encoder.input_size, path)
-    return OnnxEncoder(
-        path,
-        name=encoder.name,
-        model_id=encoder.model_id,
-        dim=encoder.dim,
-        preprocess=encoder.preprocess,
-        threads=threads,
-    )
+        return open_session()

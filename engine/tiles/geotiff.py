@@ -7,9 +7,10 @@ whole raster, so that the same ground value gives the same colour in every tile.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from ..errors import InputError, NoCRSError
+from ..errors import InputError, NoCRSError, SkylocError, from_os_error
 from ..geo.crs import crs_label, densified_ring_lonlat
-from ..imageio import apply_stretch, percentile_stretch_params
+from ..imageio import apply_stretch, percentile_stretch_params, short_path
 from .base import TileSpec
 
 #: Longest side of the decimated read that gives the stretch and the nodata fractions.
@@ -136,14 +137,42 @@ def window_offsets(length: int, size: int, stride: int) -> list[int]:
     return offsets
 
 
+def _gdal_reason(exc: BaseException) -> str:
+    """rasterio says "Read failed. See previous exception for details.": the GDAL message is its cause."""
+    cause = exc.__cause__ or exc.__context__
+    return str(cause) if cause is not None and str(cause) else str(exc)
+
+
+@contextlib.contextmanager
+def raster_errors(path: str, what: str = "reading") -> Iterator[None]:
+    """GDAL failures while ``what`` a raster -> InputError naming the file (a truncated or corrupt file).
+
+    Why: a truncated GeoTIFF opens fine (its header is intact) and fails only when a block is read, with a
+    RasterioIOError that batch loops and the CLI would otherwise report as a bug.
+    """
+    try:
+        yield
+    except SkylocError:
+        raise
+    except RasterioError as exc:
+        raise InputError(
+            f"{path}: cannot be read, it is truncated or corrupt ({what}: {_gdal_reason(exc)})"
+        ) from exc
+    except OSError as exc:
+        name = short_path(Path(path))
+        raise from_os_error(exc, f"{what} {name}") or InputError(f"{name}: {what} failed: {exc}") from exc
+
+
 def _open_dataset(path: str) -> Any:
     p = Path(path)
-    if not p.exists():
+    with raster_errors(path, "opening"):
+        exists = p.exists()
+    if not exists:
         raise InputError(f"{path}: no such file")
     try:
         return rasterio.open(path)
     except RasterioError as exc:
-        raise InputError(f"{path}: not a raster GDAL can read ({exc})") from exc
+        raise InputError(f"{path}: not a raster GDAL can read ({_gdal_reason(exc)})") from exc
 
 
 def _check_georeferenced(ds: Any, path: str) -> None:
@@ -241,9 +270,10 @@ class GeoTiffSource:
             shape = (max(1, round(self.height * scale)), max(1, round(self.width * scale)))
             data = None
             if any(self.dataset.dtypes[b - 1] != "uint8" for b in self.rgb_bands):
-                data = self.dataset.read(
-                    list(self.rgb_bands), out_shape=(3, *shape), resampling=Resampling.nearest
-                )
+                with raster_errors(self.path, "reading an overview"):
+                    data = self.dataset.read(
+                        list(self.rgb_bands), out_shape=(3, *shape), resampling=Resampling.nearest
+                    )
             valid = self._valid(data, window=None, shape=shape)
             self._stats = (valid, None if data is None else compute_stretch(data, valid))
         return self._stats
@@ -255,9 +285,10 @@ class GeoTiffSource:
         if all(f == [MaskFlags.all_valid] for f in flags):
             valid = np.ones(shape, dtype=bool)
         else:
-            masks = ds.read_masks(
-                list(self.rgb_bands), window=window, out_shape=(3, *shape), resampling=Resampling.nearest
-            )
+            with raster_errors(self.path, "reading the nodata mask"):
+                masks = ds.read_masks(
+                    list(self.rgb_bands), window=window, out_shape=(3, *shape), resampling=Resampling.nearest
+                )
             valid = np.any(masks > 0, axis=0)
         if data is not None and np.issubdtype(data.dtype, np.floating):
             valid &= np.all(np.isfinite(data), axis=0)
@@ -319,12 +350,13 @@ class GeoTiffSource:
         """
         _, stretch = self._overview()
         shrinking = window.width >= shape[1] and window.height >= shape[0]
-        data = self.dataset.read(
-            list(self.rgb_bands),
-            window=window,
-            out_shape=(3, *shape),
-            resampling=Resampling.average if shrinking else Resampling.bilinear,
-        )
+        with raster_errors(self.path, "reading pixels"):
+            data = self.dataset.read(
+                list(self.rgb_bands),
+                window=window,
+                out_shape=(3, *shape),
+                resampling=Resampling.average if shrinking else Resampling.bilinear,
+            )
         valid = self._valid(data, window=window, shape=shape)
         rgb = apply_band_stretch(data, stretch)
         rgb[:, ~valid] = 0
