@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError, SkylocError, from_os_error
-from .imageio import DEFAULT_MAX_PIXELS
+from .imageio import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
 from .output_guard import JSON_KEY, check_output, mark_written
 from .search_area import SearchArea
 
@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
             "(default: OUT_georef/ beside --out)",
         )
         p.add_argument("--restart", action="store_true", help="ignore the records of an interrupted run")
+        p.add_argument(
+            "--matcher",
+            choices=("sift", "aliked", "disk", "auto"),
+            default=None,
+            help="local matcher: sift (RootSIFT, fastest), aliked or disk (+ LightGlue: haze, season, "
+            "obliquity), auto (SIFT, then ALIKED where SIFT places nothing); default: see README",
+        )
         overwrite_arg(p)
 
     def overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -241,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger photos (default 100 MP)"
+    )
+    p.add_argument(
+        "--max-raster-pixels",
+        type=int,
+        default=DEFAULT_MAX_RASTER_PIXELS,
+        help=f"refuse heatmaps of larger rasters (default {DEFAULT_MAX_RASTER_PIXELS:,} pixels)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     overwrite_arg(p)
@@ -366,6 +379,8 @@ def _layer_path(args: argparse.Namespace) -> str:
 
 
 def _footprints(api: Any, args: argparse.Namespace, progress: StderrProgress) -> int:
+    from .footprint.coregister import CoregParams  # noqa: PLC0415 - keep the CLI's start fast
+
     out = _layer_path(args)
     georef_dir = args.georef_dir
     if georef_dir is None and not (args.geotiff or args.points):
@@ -381,6 +396,7 @@ def _footprints(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
         "resume": not args.restart,
         "overwrite": args.overwrite,
         "progress": progress,
+        "params": CoregParams(matcher=args.matcher) if args.matcher else None,
     }
     if args.command == "footprint":
         results = api.footprint(args.photos, args.against, **common)
@@ -494,6 +510,7 @@ def _embeddings(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
         crs=args.crs,
         resolution=args.resolution,
         max_pixels=args.max_pixels,
+        max_raster_pixels=args.max_raster_pixels,
         overwrite=args.overwrite,
         progress=progress,
         **query,

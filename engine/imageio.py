@@ -19,6 +19,8 @@ from .errors import ImageTooLargeError, InputError, SkylocError, from_os_error
 
 #: Default pixel budget of one photo (width x height); 100 MP is a large DSLR frame, not a bomb.
 DEFAULT_MAX_PIXELS = 100_000_000
+#: Heatmaps need the feature grid of the whole raster: refuse rasters declaring more (a 44,700-px square)
+DEFAULT_MAX_RASTER_PIXELS = 2_000_000_000
 
 # PIL's own bomb check runs inside Image.open, before ours: keep its threshold at least ours so that it
 # never rejects (or warns about) an image we accept. read_image raises it further if a caller asks for more.

@@ -118,17 +118,23 @@ class EffnetBackbone:
         self._session: object | None = None
 
     def _onnx(self) -> object:
-        """The ONNX Runtime session for full windows, exported on first use (atomic, cached on disk)."""
+        """The ONNX Runtime session for full windows, exported on first use (atomic, cached on disk).
+
+        The cached file is used only if it matches the sha256 recorded at export (a corrupt or truncated
+        cache file is exported again instead of failing every run), and once more if onnxruntime refuses it.
+        """
         if self._session is None:
             import onnxruntime as ort
 
-            from ..nets.onnx_backend import export_onnx, onnx_path_for
+            from ..nets.onnx_backend import cached_onnx, export_onnx, onnx_path_for
 
             size = self.window_cells * self.stride
-            path = onnx_path_for(self.trunk, self.model_id, size)
-            if not path.is_file():
+            path = cached_onnx(self.trunk, size, onnx_path_for(self.trunk, self.model_id, size))
+            try:
+                self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            except Exception:  # onnxruntime's own error types: a file it cannot load although hashed
                 export_onnx(self.trunk, size, path)
-            self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return self._session
 
     def check(self, raster: EmbedRaster) -> None:  # any raster GeoTiffSource can render as RGB

@@ -75,15 +75,28 @@ class EmbeddingModel:
         return np.asarray(self.photo_encoder(rgb), np.float64)
 
 
-@functools.lru_cache(maxsize=4)
 def load_embedding_model(
     name: str = "default",
     weights: str | os.PathLike | None = None,
     sha256: str | None = None,
-    bands: tuple[int, ...] | None = None,
+    bands: Sequence[int] | None = None,
 ) -> EmbeddingModel:
-    """Build (and cache) an embedding model by name; InputError for an unknown name or missing weights."""
-    key = (name or "default").strip().lower()
+    """Build (and cache) an embedding model by name; InputError for an unknown name or missing weights.
+
+    The arguments are normalised before the cache sees them: ``("default")`` and ``("default", None,
+    None, None)`` must not build two copies of the model (each holds its network and an onnxruntime
+    session, hundreds of MB in a long-running service).
+    """
+    return _load(
+        (name or "default").strip().lower(),
+        os.fspath(weights) if weights else None,
+        sha256 or None,
+        bands_key(bands),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load(key: str, weights: str | None, sha256: str | None, bands: tuple[int, ...] | None) -> EmbeddingModel:
     if key == "default":
         if weights:
             raise InputError(
@@ -124,7 +137,7 @@ def load_embedding_model(
             location_in_feature_space=True,
             photo_encoder=None if gair.photo_unavailable else gair.photo_embed,
         )
-    raise InputError(f"unknown embedding model {name!r}; available: {', '.join(EMBED_MODELS)}")
+    raise InputError(f"unknown embedding model {key!r}; available: {', '.join(EMBED_MODELS)}")
 
 
 def bands_key(bands: Sequence[int] | None) -> tuple[int, ...] | None:

@@ -144,6 +144,25 @@ def nili_reference(feat: np.ndarray, points_xy: np.ndarray, decoder: NiliDecoder
 # ------------------------------------------------------------------------------------------------- fast
 
 
+def decode_rows(feat: np.ndarray, decoder: NiliDecoder, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of ``A = W_z . unfold3x3(feat) + b``: (D, r1 - r0, W) float32.
+
+    Reads only feature rows r0 - 1 .. r1 (zeros beyond the grid, as the released code's unfold pads), so a
+    heatmap decodes a large (possibly memory-mapped) grid chunk by chunk instead of all at once.
+    """
+    c, h, w = feat.shape
+    weight, bias = decoder.dense()
+    a, b = max(0, r0 - 1), min(h, r1 + 1)
+    slab = np.zeros((c, r1 - r0 + 2, w + 2), np.float32)
+    slab[:, a - (r0 - 1) : b - (r0 - 1), 1:-1] = feat[:, a:b]
+    acc = np.broadcast_to(bias[:, None], (decoder.dim, (r1 - r0) * w)).copy()
+    for k in range(9):  # one (D, C) product per tap, k = ky*3+kx: never the 9C-wide unfolding
+        ky, kx = divmod(k, 3)
+        tap = np.ascontiguousarray(weight[:, k : 9 * c : 9])
+        acc += tap @ slab[:, ky : ky + r1 - r0, kx : kx + w].reshape(c, -1)
+    return acc.reshape(decoder.dim, r1 - r0, w)
+
+
 def decode_cells(feat: np.ndarray, decoder: NiliDecoder, rows_per_chunk: int = 64) -> np.ndarray:
     """``A = W_z . unfold3x3(feat) + b`` for every cell: (C, H, W) -> (D, H, W) float32.
 
@@ -151,18 +170,11 @@ def decode_cells(feat: np.ndarray, decoder: NiliDecoder, rows_per_chunk: int = 6
     """
     if decoder.is_identity:
         return np.ascontiguousarray(feat, dtype=np.float32)
-    c, h, w = feat.shape
-    weight, bias = decoder.dense()
-    taps = [np.ascontiguousarray(weight[:, k : 9 * c : 9]) for k in range(9)]  # (D, C) per tap, k = ky*3+kx
-    padded = np.pad(feat.astype(np.float32, copy=False), ((0, 0), (1, 1), (1, 1)))
+    _, h, w = feat.shape
     out = np.empty((decoder.dim, h, w), np.float32)
     for r0 in range(0, h, rows_per_chunk):
         r1 = min(h, r0 + rows_per_chunk)
-        acc = np.broadcast_to(bias[:, None], (decoder.dim, (r1 - r0) * w)).copy()
-        for k, tap in enumerate(taps):
-            ky, kx = divmod(k, 3)
-            acc += tap @ padded[:, r0 + ky : r1 + ky, kx : kx + w].reshape(c, -1)
-        out[:, r0:r1] = acc.reshape(decoder.dim, r1 - r0, w)
+        out[:, r0:r1] = decode_rows(feat, decoder, r0, r1)
     return out
 
 
@@ -216,25 +228,65 @@ def _cells(nb: Neighbours) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 class NiliField:
-    """A decoded feature grid, queried at any point (fast path). Build once per grid and decoder."""
+    """A decoded feature grid, queried at any point (fast path). Build once per grid and decoder.
 
-    def __init__(self, feat: np.ndarray, decoder: NiliDecoder, decoded: np.ndarray | None = None) -> None:
+    ``feat`` may be a part of a larger grid: ``origin`` (row, col) says where it lies in a grid of
+    ``full_shape`` (rows, cols), and points are then in that grid's cell units. The 4 cells around each
+    point are looked up in the full grid (the same rounding and edge clamping as on the whole grid, so the
+    result is exactly the whole grid's) and must lie in the part, with one more cell around them for a
+    trained decoder (its 3x3 neighbourhood): give the part 2 cells of margin around the points' cells.
+    Decoding is lazy: :meth:`embed` decodes the part once, :meth:`cosine` chunk by chunk.
+    """
+
+    def __init__(
+        self,
+        feat: np.ndarray,
+        decoder: NiliDecoder,
+        decoded: np.ndarray | None = None,
+        origin: tuple[int, int] = (0, 0),
+        full_shape: tuple[int, int] | None = None,
+    ) -> None:
         _, self.height, self.width = feat.shape
+        self.feat = feat
         self.decoder = decoder
-        self.cells = decoded if decoded is not None else decode_cells(feat, decoder)  # A: (D, H, W)
+        self.origin = (int(origin[0]), int(origin[1]))
+        self.full_shape = (self.height, self.width) if full_shape is None else tuple(full_shape)
+        self._cells = decoded if decoded is not None else (feat if decoder.is_identity else None)
         self.w_r = decoder.offset_weight()  # (D, 2), (x, y)
         self._rows: np.ndarray | None = None  # (H*W, D) copy for fast gathers, made on first embed()
 
     @property
+    def cells(self) -> np.ndarray:
+        """A: (D, H, W), decoded on first use."""
+        if self._cells is None:
+            self._cells = decode_cells(self.feat, self.decoder)
+        return self._cells
+
+    def decoded_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of A (decoding only those rows when the whole part is not decoded)."""
+        if self._cells is not None:
+            return self._cells[:, r0:r1]
+        return decode_rows(self.feat, self.decoder, r0, r1)
+
+    @property
     def dim(self) -> int:
-        return int(self.cells.shape[0])
+        return self.decoder.dim
 
     def embed(self, points_xy: np.ndarray) -> np.ndarray:
-        """(N, 2) points in cell units -> (N, D) float32 embeddings (not normalised)."""
+        """(N, 2) points in cell units (of the full grid) -> (N, D) float32 embeddings (not normalised)."""
         if self._rows is None:  # one vector per row: a point's 4 cells are 4 contiguous reads
-            self._rows = np.ascontiguousarray(self.cells.reshape(self.dim, -1).T, dtype=np.float32)
-        nb = neighbours(points_xy, self.width, self.height)
-        cells = np.stack([r * self.width + c for r, c in _cells(nb)], axis=1)  # (N, 4) flat cell indices
+            cells_ = self.cells
+            self._rows = np.ascontiguousarray(cells_.reshape(cells_.shape[0], -1).T, dtype=np.float32)
+        full_h, full_w = self.full_shape
+        nb = neighbours(points_xy, full_w, full_h)
+        r_off, c_off = self.origin
+        pairs = [(r - r_off, c - c_off) for r, c in _cells(nb)]
+        if any(
+            len(r) and (r.min() < 0 or c.min() < 0 or r.max() >= self.height or c.max() >= self.width)
+            for r, c in pairs
+        ):
+            raise ValueError("a point's cells lie outside the part of the grid given to NiliField")
+        cells = np.stack([r * self.width + c for r, c in pairs], axis=1)  # (N, 4) flat cell indices
         w = nb.weights.astype(np.float32)
         out = nb.offset.astype(np.float32) @ self.w_r.T
         step = 1024  # points per block: the (n, 4, D) gather stays small (large temporaries cost page faults)
@@ -257,12 +309,20 @@ class CosineField:
     """
 
     def __init__(self, field: NiliField, vector: np.ndarray, rows_per_chunk: int = 64) -> None:
-        cells = field.cells
-        if cells.shape[1] == 1 or cells.shape[2] == 1:  # blocks need 2x2 cells: replicate the single row/col
-            cells = np.pad(
-                cells, ((0, 0), (0, int(cells.shape[1] == 1)), (0, int(cells.shape[2] == 1))), "edge"
+        if field.origin != (0, 0) or field.full_shape != (field.height, field.width):
+            raise ValueError("a cosine map needs the whole grid, not a part of it")
+        rows_of = field.decoded_rows
+        if field.height == 1 or field.width == 1:  # blocks need 2x2 cells: replicate the single row/col
+            padded = np.pad(
+                field.cells, ((0, 0), (0, int(field.height == 1)), (0, int(field.width == 1))), "edge"
             )
-        _, h, w = cells.shape
+
+            def rows_of(a: int, b: int) -> np.ndarray:
+                return padded[:, a:b]
+
+            h, w = padded.shape[1:]
+        else:
+            h, w = field.height, field.width
         self.width, self.height = field.width, field.height
         self.v_norm = float(np.linalg.norm(vector))
         w_r = field.w_r.astype(np.float64)
@@ -277,7 +337,7 @@ class CosineField:
         self.anti = np.empty((h - 1, w - 1))  # right . lower
         for r0 in range(0, h, rows_per_chunk):  # float64 per chunk (with the next row): bounded memory
             r1 = min(h, r0 + rows_per_chunk)
-            a = cells[:, r0 : min(h, r1 + 1)].astype(np.float64)
+            a = rows_of(r0, min(h, r1 + 1)).astype(np.float64)  # decoded chunk by chunk: bounded memory
             n = r1 - r0
             self.va[r0:r1] = np.einsum("d,dhw->hw", vector, a[:, :n])
             self.ra[:, r0:r1] = np.einsum("dk,dhw->khw", w_r, a[:, :n])

@@ -1,8 +1,9 @@
 """A georeferenced raster opened for embeddings: coordinates in any CRS to pixels, boundless pixel reads.
 
 Points go through pyproj (any CRS -> the raster's CRS) and the raster's affine transform, never a linear map
-in degrees. Reads outside the raster return zeros flagged invalid, so windows with context can hang over
-the edges.
+in degrees; on a geographic raster, longitudes wrap (a raster spanning 179.8..180.25 holds lon -179.9).
+Reads outside the raster return zeros flagged invalid, so windows with context can hang over the edges. A
+file that fails while its pixels are read (truncated, corrupt) is an InputError naming it, not a crash.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from pyproj.exceptions import CRSError
 from rasterio.windows import Window
 
 from ..errors import InputError, OutsideAreaError
-from ..tiles.geotiff import GeoTiffSource
+from ..tiles.geotiff import GeoTiffSource, raster_errors
+
+#: Pixels of the largest box :meth:`EmbedRaster.valid_at` reads at once.
+MASK_READ_PIXELS = 1 << 22
 
 
 def parse_crs(text: str | None) -> CRS | None:
@@ -80,8 +84,7 @@ class EmbedRaster:
             tr = Transformer.from_crs(user, self.crs, always_xy=True)
             xs, ys = tr.transform(pts[:, 0], pts[:, 1], errcheck=False)
             xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-        cols, rows = ~self.transform @ (xs, ys)
-        cols, rows = np.asarray(cols, dtype=np.float64), np.asarray(rows, dtype=np.float64)
+        cols, rows = self._wrapped_pixels(np.asarray(xs, np.float64), np.asarray(ys, np.float64))
         outside = ~(np.isfinite(cols) & np.isfinite(rows))
         outside |= (cols < 0) | (rows < 0) | (cols > self.width) | (rows > self.height)
         label = user.to_string() if user.to_epsg() is None else f"EPSG:{user.to_epsg()}"
@@ -92,6 +95,41 @@ class EmbedRaster:
                 f"bounds are {self._bounds_text(user, label)}"
             )
         return PixelPoints(pts, label, cols, rows)
+
+    def _lon_period(self) -> float | None:
+        """360 in the raster's angular unit when its x axis is a longitude, else None."""
+        if not self.crs.is_geographic:
+            return None
+        unit = (self.crs.axis_info[0].unit_name or "").lower() if self.crs.axis_info else "degree"
+        if "degree" in unit:
+            return 360.0
+        if "grad" in unit or "gon" in unit:
+            return 400.0
+        if "radian" in unit:
+            return 2 * np.pi
+        return None
+
+    def _wrapped_pixels(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel positions of points in the raster's CRS; a longitude off the raster by a turn is wrapped.
+
+        Why: pyproj (and users) give longitudes in -180..180, while a raster across the antimeridian can
+        span e.g. 179.8..180.25; the same place is lon +- 360.
+        """
+        inv = ~self.transform
+        with np.errstate(invalid="ignore"):  # a point pyproj could not transform is inf: outside, said later
+            cols, rows = (np.asarray(v, np.float64) for v in inv @ (xs, ys))
+            period = self._lon_period()
+            if period is None:
+                return cols, rows
+            for turn in (period, -period):
+                off = ~((cols >= 0) & (rows >= 0) & (cols <= self.width) & (rows <= self.height))
+                if not off.any():
+                    break
+                c2, r2 = (np.asarray(v, np.float64) for v in inv @ (xs[off] + turn, ys[off]))
+                inside = (c2 >= 0) & (r2 >= 0) & (c2 <= self.width) & (r2 <= self.height)
+                idx = np.flatnonzero(off)[inside]
+                cols[idx], rows[idx] = c2[inside], r2[inside]
+        return cols, rows
 
     def _bounds_text(self, user: CRS, label: str) -> str:
         left, bottom, right, top = self.bounds()
@@ -142,7 +180,8 @@ class EmbedRaster:
         box = self._clip(col0, row0, w, h)
         if box is not None:
             c0, r0, c1, r1 = box
-            part, ok = self.source.read_window(Window(c0, r0, c1 - c0, r1 - r0), (r1 - r0, c1 - c0))
+            with raster_errors(self.path, "reading pixels"):
+                part, ok = self.source.read_window(Window(c0, r0, c1 - c0, r1 - r0), (r1 - r0, c1 - c0))
             rgb[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = part
             valid[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = ok
         return rgb, valid
@@ -158,8 +197,9 @@ class EmbedRaster:
             c0, r0, c1, r1 = box
             ds = self.source.dataset
             win = Window(c0, r0, c1 - c0, r1 - r0)
-            part = ds.read(list(bands), window=win).astype(np.float32)
-            masks = ds.read_masks(list(bands), window=win)
+            with raster_errors(self.path, "reading pixels"):
+                part = ds.read(list(bands), window=win).astype(np.float32)
+                masks = ds.read_masks(list(bands), window=win)
             data[:, r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = part
             valid[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = np.all(masks > 0, axis=0) & np.all(
                 np.isfinite(part), axis=0
@@ -167,17 +207,48 @@ class EmbedRaster:
         return data, valid
 
     def valid_at(self, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Validity (RGB bands' masks) of the raster pixels under fractional positions; False off the raster."""
+        """Validity of the raster pixels under fractional positions; False off the raster.
+
+        Valid: at least one RGB band unmasked (nodata value, alpha, mask band) and, for floating-point
+        rasters, finite in all of them (a NaN hole is nodata even where no nodata value is declared). A
+        position on the right or bottom edge (col == width) belongs to the last pixel.
+        """
         cols, rows = np.asarray(cols, np.float64), np.asarray(rows, np.float64)
-        ci, ri = np.floor(cols).astype(np.int64), np.floor(rows).astype(np.int64)
+        ci = np.floor(np.where(cols == self.width, self.width - 1, cols)).astype(np.int64)
+        ri = np.floor(np.where(rows == self.height, self.height - 1, rows)).astype(np.int64)
         inside = (ci >= 0) & (ri >= 0) & (ci < self.width) & (ri < self.height)
         out = np.zeros(cols.shape, bool)
-        if not inside.any():
+        idx = np.flatnonzero(inside.ravel())
+        if len(idx) == 0:
             return out
-        c0, c1 = int(ci[inside].min()), int(ci[inside].max()) + 1
-        r0, r1 = int(ri[inside].min()), int(ri[inside].max()) + 1
+        ci, ri = ci.ravel()[idx], ri.ravel()[idx]
+        # bands of rows read one at a time, each at most MASK_READ_PIXELS: points spread over a huge raster
+        # (or a coarse heatmap strip) never read the whole box around them at once
+        span = int(ci.max() - ci.min()) + 1
+        band = (ri - ri.min()) // max(1, MASK_READ_PIXELS // span)
+        order = np.argsort(band, kind="stable")
+        cuts = np.flatnonzero(np.diff(band[order])) + 1
+        flat = out.ravel()
+        for part in np.split(order, cuts):
+            flat[idx[part]] = self._valid_box(ci[part], ri[part])
+        return flat.reshape(cols.shape)
+
+    def _valid_box(self, ci: np.ndarray, ri: np.ndarray) -> np.ndarray:
+        """Validity of pixels (ci, ri) inside the raster, read from the box around them (split if large)."""
+        c0, c1 = int(ci.min()), int(ci.max()) + 1
+        r0, r1 = int(ri.min()), int(ri.max()) + 1
+        if (c1 - c0) * (r1 - r0) > MASK_READ_PIXELS and len(ci) > 1:  # far apart along a row: halves
+            order = np.argsort(ci, kind="stable")
+            half = len(ci) // 2
+            out = np.empty(len(ci), bool)
+            out[order[:half]] = self._valid_box(ci[order[:half]], ri[order[:half]])
+            out[order[half:]] = self._valid_box(ci[order[half:]], ri[order[half:]])
+            return out
         ds = self.source.dataset
-        masks = ds.read_masks(list(self.source.rgb_bands), window=Window(c0, r0, c1 - c0, r1 - r0))
-        valid = np.any(masks > 0, axis=0)
-        out[inside] = valid[ri[inside] - r0, ci[inside] - c0]
-        return out
+        bands = list(self.source.rgb_bands)
+        win = Window(c0, r0, c1 - c0, r1 - r0)
+        with raster_errors(self.path, "reading the nodata mask"):
+            valid = np.any(ds.read_masks(bands, window=win) > 0, axis=0)
+            if any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in bands):
+                valid &= np.all(np.isfinite(ds.read(bands, window=win)), axis=0)
+        return valid[ri - r0, ci - c0]

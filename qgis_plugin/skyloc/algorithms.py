@@ -458,6 +458,7 @@ class EmbeddingsAtPoints(SkylocAlgorithm):
             feedback.pushWarning(f"{skipped} feature(s) without geometry or outside the raster: no embedding")
         vectors: dict[int, dict[str, Any]] = {}
         answer: dict[str, Any] = {}
+        nodata = 0
         model = self.model(parameters, context)
         for start in range(0, len(points), EMBED_CHUNK):
             if feedback.isCanceled():
@@ -467,8 +468,13 @@ class EmbeddingsAtPoints(SkylocAlgorithm):
             if len(answer["points"]) != len(chunk):
                 raise QgsProcessingException(tr("The engine answered a different number of points."))
             for (n, _), emb in zip(chunk, answer["points"]):  # noqa: B905 (QGIS 3.22 may run Python 3.9)
+                if emb.get("vector") is None:  # a nodata place of the raster: flagged, no embedding
+                    nodata += 1
+                    continue
                 vectors[n] = emb
             feedback.setProgress(90.0 * (start + len(chunk)) / max(1, len(points)))
+        if nodata:
+            feedback.pushWarning(f"{nodata} point(s) fall on nodata pixels of the raster: no embedding")
         for n, f in enumerate(features):
             out = QgsFeature(fields)
             out.setGeometry(f.geometry())

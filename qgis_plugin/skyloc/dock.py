@@ -383,6 +383,12 @@ class EmbeddingsPanel(QWidget):
             f"model {answer.get('model_id')} ({answer.get('dim')}-d); x={p['x']:.3f} y={p['y']:.3f} "
             f"({answer.get('crs')}); pixel col={p['col']:.1f} row={p['row']:.1f}"
         )
+        if p.get("vector") is None:  # the raster has no data there: say so instead of a vector
+            reason = p.get("reason") or "no data"
+            self.embedding.setPlainText(
+                f"{head}\nno embedding here: {reason} (the raster has no data at this point)"
+            )
+            return
         self.embedding.setPlainText(head + "\n" + json.dumps([round(v, 6) for v in p["vector"]]))
 
     def _heatmap(self, **query: Any) -> HeatmapTask | None:
