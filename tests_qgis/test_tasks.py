@@ -59,7 +59,7 @@ def test_dock_localize_adds_layers(
     assert cands.renderer().type() == "categorizedSymbol"
     assert isinstance(feet, QgsVectorLayer) and feet.featureCount() == 1
     assert next(feet.getFeatures())["status"] == "localized"
-    photo = layers["photo_2009_oblique"]
+    photo = layers["photo_2009_oblique.jpg"]
     assert isinstance(photo, QgsRasterLayer) and photo.isValid()
     assert panel.progress.bar.value() == 100
     assert qgis_canvas.extent().intersects(
