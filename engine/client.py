@@ -245,6 +245,7 @@ class SkylocClient:
         weights: str | None = None,
         sha256: str | None = None,
         backend: str | None = None,
+        overwrite: bool | None = None,
     ) -> Job:
         """The ``top_k`` most similar tiles of ``index`` for each photo (a job). ``near`` is [lat, lon]."""
         return self._job(
@@ -261,6 +262,7 @@ class SkylocClient:
                 "weights": weights,
                 "sha256": sha256,
                 "backend": backend,
+                "overwrite": overwrite,
             },
         )
 
@@ -282,6 +284,7 @@ class SkylocClient:
         model: str | None = None,
         backend: str | None = None,
         resume: bool | None = None,
+        overwrite: bool | None = None,
     ) -> Job:
         """Footprints of photos on a raster (``against``) or on an index's candidates (a job)."""
         return self._job(
@@ -302,6 +305,7 @@ class SkylocClient:
                 "model": model,
                 "backend": backend,
                 "resume": resume,
+                "overwrite": overwrite,
             },
         )
 
@@ -343,6 +347,7 @@ class SkylocClient:
         weights: str | None = None,
         sha256: str | None = None,
         bands: Sequence[int] | None = None,
+        overwrite: bool | None = None,
     ) -> Job:
         """Similarity heatmap (COG at ``out``) to a point ``at``, a ``photo``, a ``location`` [lat, lon]
         or a ``vector`` layer (a job)."""
@@ -361,6 +366,7 @@ class SkylocClient:
                 "weights": weights,
                 "sha256": sha256,
                 "bands": None if bands is None else list(bands),
+                "overwrite": overwrite,
             },
         )
 
@@ -489,6 +495,48 @@ def _wait_ready(process: subprocess.Popen, ready: str, workdir: str, timeout: fl
         time.sleep(0.05)
 
 
+WORKDIR_PREFIX = "skyloc-engine-"
+OWNERS = "owners.json"
+
+
+def _pid_alive(pid: object) -> bool:
+    """True unless ``pid`` is certainly not running (POSIX; elsewhere: assumed running, never swept)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def sweep_workdirs(base: str | None = None) -> list[str]:
+    """Remove the folders of earlier :func:`launch` calls whose client AND engine processes are both gone.
+
+    Such a folder (token, ready file, engine log) stays behind when the engine was killed (kill -9, a
+    crash) and the program that launched it (QGIS) ended without :meth:`LocalEngine.stop`. A folder whose
+    client or engine may still run, or that names no owners, is left alone.
+    """
+    removed = []
+    root = Path(base or tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for folder in root.glob(WORKDIR_PREFIX + "*"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                if folder.is_symlink() or not folder.is_dir():
+                    continue
+                if hasattr(os, "getuid") and folder.stat().st_uid != os.getuid():
+                    continue
+                owners = json.loads((folder / OWNERS).read_text())
+                pids = [owners.get("client_pid"), owners.get("engine_pid")]
+                if any(p is None or _pid_alive(p) for p in pids):
+                    continue
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(str(folder))
+    return removed
+
+
 def launch(
     command: Sequence[str],
     *,
@@ -501,7 +549,10 @@ def launch(
 ) -> LocalEngine:
     """Start ``command`` (e.g. ``["/venv/bin/skyloc", "serve"]``) on a free loopback port with a fresh
     token, and wait until it answers. ``stderr`` None: a log file in the engine's private folder."""
-    workdir = tempfile.mkdtemp(prefix="skyloc-engine-")
+    sweep_workdirs()  # what engines killed together with their launcher left behind
+    workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
+    owners = Path(workdir, OWNERS)
+    owners.write_text(json.dumps({"client_pid": os.getpid()}))
     ready = os.path.join(workdir, "ready.json")
     token_file = os.path.join(workdir, "token")
     args = [*command, "--host", "127.0.0.1", "--port", "0", "--token-file", token_file, "--ready-file", ready]
@@ -510,6 +561,7 @@ def launch(
     process = None
     try:
         process = _start(args, extra_args, workdir, env, stdout, stderr)
+        owners.write_text(json.dumps({"client_pid": os.getpid(), "engine_pid": process.pid}))
         _wait_ready(process, ready, workdir, timeout)
     except BaseException:  # failed, timed out or interrupted: no engine left behind, no folder either
         if process is not None and process.poll() is None:

@@ -238,6 +238,37 @@ def test_index_never_replaces_a_folder_that_is_not_an_index(client, workspace):
     assert status_of(lambda: client.index(["naip_2018.tif"], "my_documents")) == (422, "bad_input")
     assert status_of(lambda: client.index(["naip_2018.tif"], ".")) == (422, "bad_input")
     assert (folder / "thesis.txt").read_text() == "precious"
+    order = workspace["root"] / "planet_order"  # a delivery with its own manifest.json
+    order.mkdir(exist_ok=True)
+    (order / "manifest.json").write_text("{}")
+    (order / "scene.txt").write_text("imagery")
+    assert status_of(lambda: client.index(["naip_2018.tif"], "planet_order")) == (422, "bad_input")
+    assert (order / "scene.txt").read_text() == "imagery" and (order / "manifest.json").read_text() == "{}"
+
+
+def test_outputs_never_replace_inputs_or_foreign_files(client, workspace):
+    root = workspace["root"]
+    raster = root / "naip_2018.tif"
+    before = raster.stat().st_size, raster.stat().st_mtime_ns
+    at = [488000.0, 5207000.0]
+    for overwrite in (None, True):
+        assert status_of(
+            lambda: client.heatmap("naip_2018.tif", "naip_2018.tif", at=at, overwrite=overwrite)
+        ) == (
+            409,
+            "output_exists",
+        )
+    assert (raster.stat().st_size, raster.stat().st_mtime_ns) == before
+    foreign = root / "notes_heat.tif"
+    shutil.copy(SAMPLE / "naip_2009.tif", foreign)
+    assert status_of(lambda: client.heatmap("naip_2018.tif", "notes_heat.tif", at=at)) == (
+        409,
+        "output_exists",
+    )
+    job = client.wait(
+        client.heatmap("naip_2018.tif", "notes_heat.tif", at=at, resolution=30, overwrite=True), timeout=300
+    )
+    assert job.state == "succeeded" and job.summary["width"] > 0
 
 
 # ---------------------------------------------------------------------------------------------- uploads
@@ -365,8 +396,8 @@ def test_footprint_job_writes_the_georeferenced_photo(client, workspace):
     assert job.summary["localized"] == 1
     assert set(job.files) == {
         str(root / "fp.gpkg"),
-        str(root / "fp_georef" / "photo.tif"),
-        str(root / "fp_georef" / "photo.points"),
+        str(root / "fp_georef" / "photo.jpg.tif"),
+        str(root / "fp_georef" / "photo.jpg.points"),
     }
     assert all(Path(f).is_file() for f in job.files)
 
@@ -402,7 +433,7 @@ def test_cancelled_footprint_batch_leaves_no_partial_output(client, workspace):
     # cancel while the second photo runs: the first one's GeoTIFF, .points and record are on disk
     wait_state(client, job.id, lambda j: "photo 2 of 2" in j.message or j.done, timeout=300)
     georef = root / "batch_fp_georef"
-    assert (georef / "p1.tif").exists() and (root / "batch_fp.gpkg.parts").exists()
+    assert (georef / "p1.jpg.tif").exists() and (root / "batch_fp.gpkg.parts").exists()
     job = client.cancel(job)
     job = client.wait(job, timeout=120, check=False)
     assert job.state == "cancelled", job

@@ -154,7 +154,10 @@ class EffnetBackbone:
         full = self.window_cells * self.stride
         if self.backend == "onnx" and pixels.shape[:2] == (full, full):
             session = self._onnx()
-            (out,) = session.run(None, {session.get_inputs()[0].name: self._tensor(pixels).numpy()})  # type: ignore[attr-defined]
+            inputs = {session.get_inputs()[0].name: self._tensor(pixels).numpy()}  # type: ignore[attr-defined]
+            from ..nets.onnx_backend import shrinking_run_options
+
+            (out,) = session.run(None, inputs, shrinking_run_options())
             return out[0]
         return self.trunk(self._tensor(pixels))[0].numpy()
 

@@ -24,7 +24,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -155,8 +155,21 @@ class OnnxEncoder:
         x = self.preprocess(images)
         if len(x) == 0:
             return np.zeros((0, self.dim), np.float32)
-        (out,) = self.session.run(None, {self._input: x})
+        (out,) = self.session.run(None, {self._input: x}, shrinking_run_options())
         return _l2n(out)
+
+
+def shrinking_run_options() -> Any:
+    """Run options that hand ONNX Runtime's arena back after each run.
+
+    Without them the CPU arena keeps the peak of the largest batch for the life of the process: a
+    long-running service that built one index held ~1.7 GB more for ever (bench/soak.py, issue 11 item 7).
+    """
+    import onnxruntime as ort
+
+    ro = ort.RunOptions()
+    ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return ro
 
 
 def onnx_cache_dir() -> Path:

@@ -8,9 +8,10 @@ limit from their header before anything decodes them.
 
 Errors: ``{"code": ..., "message": ...}`` with the engine's own codes and statuses (``engine.errors``:
 422 ``bad_input``, 413 ``too_large``, 404 ``index_not_found``, 409 ``model_mismatch`` ...) plus the
-service's (401 ``unauthorized``, 403 ``forbidden_path``, 404 ``job_not_found``/``not_found``, 409
-``output_in_use``, 503 ``busy``); anything unexpected is logged with its traceback and answered 500
-``internal_error`` without one. The server keeps serving after any of them.
+service's (401 ``unauthorized``, 403 ``forbidden_path``, 404 ``job_not_found``/``not_found``, 408
+``timeout``, 409 ``output_in_use``, 503 ``busy``); an OSError with a user-side cause is answered as
+``engine.errors.from_os_error`` maps it (a full disk: 507 ``no_space``); anything unexpected is logged with
+its traceback and answered 500 ``internal_error`` without one. The server keeps serving after any of them.
 """
 
 from __future__ import annotations
@@ -38,13 +39,30 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import ImageTooLargeError, IndexNotFoundError, InputError, ModelMismatchError, SkylocError
-from ..imageio import DEFAULT_MAX_PIXELS
+from ..errors import (
+    ImageTooLargeError,
+    IndexNotFoundError,
+    InputError,
+    ModelMismatchError,
+    SkylocError,
+    from_os_error,
+)
+from ..imageio import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
 from ..index_store import check_index_out
+from ..output_guard import check_output
 from .auth import TokenMiddleware
-from .errors import BusyError, NotFoundError, UploadTooLargeError
-from .jobs import JobManager, JobOutcome
-from .middleware import BodyLimitMiddleware, CatchAllMiddleware, error_body, plain
+from .errors import BusyError, ForbiddenPathError, NotFoundError, UploadTooLargeError
+from .gdal_guard import GdalGuard, disable_gdal_network
+from .jobs import JobFn, JobManager, JobOutcome
+from .middleware import (
+    BODY_IDLE_TIMEOUT_S,
+    BODY_TIMEOUT_S,
+    INTERNAL_MESSAGE,
+    BodyLimitMiddleware,
+    CatchAllMiddleware,
+    error_body,
+    plain,
+)
 from .paths import PathPolicy
 from .schemas import (
     AreaFields,
@@ -79,9 +97,13 @@ class ServiceConfig:
     max_upload_total_bytes: int = 1024 * 2**20
     max_json_bytes: int = 4 * 2**20
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_raster_pixels: int = DEFAULT_MAX_RASTER_PIXELS
     sync_slots: int = 4
     sync_wait_s: float = 30.0
     keep_jobs: int = 200
+    keep_jobs_seconds: float = 3600.0
+    body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
     upload_dir: str | None = None
     on_ready: Callable[[], None] | None = None
     on_shutdown: Callable[[], None] | None = None
@@ -121,6 +143,61 @@ class IndexCache:
         return idx
 
 
+# ----------------------------------------------------------------------------------------------- uploads
+
+UPLOAD_ID = re.compile(r"[0-9a-f]{16}")
+
+
+class Uploads:
+    """The upload folder's bookkeeping, in memory: ids that are complete, and the bytes each holds.
+
+    The quota check reads these numbers instead of walking the folder, which another request may be
+    deleting from at that moment (that walk met vanished files: 500s, and the upload was lost). An upload
+    counts against the quota from the moment its bytes are stored, and becomes visible (to DELETE) only
+    once it is complete; a DELETE and an upload of other ids never touch the same files.
+    """
+
+    def __init__(self, folder: Path, max_total: int) -> None:
+        self.folder = folder
+        self.max_total = max_total
+        self._bytes: dict[str, int] = {}
+        self._ready: set[str] = set()
+        self._lock = threading.Lock()
+        for entry in folder.iterdir():  # a configured folder may already hold uploads (start-up only)
+            if entry.is_dir() and UPLOAD_ID.fullmatch(entry.name):
+                self._bytes[entry.name] = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
+                self._ready.add(entry.name)
+
+    def reserve(self, upload_id: str, nbytes: int) -> None:
+        """Count ``nbytes`` for ``upload_id``, or UploadTooLargeError (413) when the folder would be over."""
+        with self._lock:
+            total = sum(self._bytes.values())
+            if total + nbytes > self.max_total:
+                raise UploadTooLargeError(
+                    f"the upload folder holds over {self.max_total:,} bytes: delete uploads you no longer "
+                    "need (DELETE /uploads/{id})"
+                )
+            self._bytes[upload_id] = nbytes
+
+    def commit(self, upload_id: str) -> None:
+        with self._lock:
+            self._ready.add(upload_id)
+
+    def release(self, upload_id: str) -> None:
+        with self._lock:
+            self._bytes.pop(upload_id, None)
+            self._ready.discard(upload_id)
+
+    def take(self, upload_id: str) -> Path:
+        """Forget a complete upload (NotFoundError when there is none) and return its folder to remove."""
+        with self._lock:
+            if upload_id not in self._ready:
+                raise NotFoundError(f"no upload {upload_id!r}")
+            self._ready.discard(upload_id)
+            self._bytes.pop(upload_id, None)
+        return self.folder / upload_id
+
+
 # ----------------------------------------------------------------------------------------------- the app
 
 
@@ -137,10 +214,13 @@ class Service:
         os.makedirs(upload_dir, mode=0o700, exist_ok=True)
         self.upload_dir = Path(os.path.realpath(upload_dir))
         self.policy = PathPolicy(config.roots, read_only_roots=[str(self.upload_dir)])
-        self.jobs = JobManager(config.workers, config.queue_size, keep=config.keep_jobs)
+        self.gdal = GdalGuard(self.policy.allowed, self.policy.describe)
+        self.jobs = JobManager(
+            config.workers, config.queue_size, keep=config.keep_jobs, keep_seconds=config.keep_jobs_seconds
+        )
         self.indexes = IndexCache()
         self.sync_slots = threading.BoundedSemaphore(config.sync_slots)
-        self.upload_lock = threading.Lock()
+        self.uploads = Uploads(self.upload_dir, config.max_upload_total_bytes)
 
     def close(self) -> None:
         self.jobs.shutdown()
@@ -164,7 +244,10 @@ class Service:
         for given in photos:
             real = self.policy.resolve_input(given, what="photo")
             if real.is_dir():
-                files.extend(Path(os.path.realpath(p)) for p in self.api.expand_photos([str(real)]))
+                for p in self.api.expand_photos([str(real)]):
+                    photo = Path(os.path.realpath(p))
+                    self.gdal.image(photo, "photo")
+                    files.append(photo)
             else:
                 files.append(self.photo_file(given))
         return files
@@ -174,6 +257,7 @@ class Service:
         from ..imageio import image_size
 
         real = self.input_file(given, what="photo")
+        self.gdal.image(real, "photo")  # a TIFF that is a VRT: what it refers to is checked too
         w, h = image_size(real)  # header only: a bomb is refused before any decoding
         if w * h > self.config.max_pixels:
             raise ImageTooLargeError(
@@ -189,13 +273,58 @@ class Service:
 
     def index(self, path: str):
         """An opened index (cached): 403 outside the roots, 404 when it is not a Skyloc index."""
+        from ..index_store import TILES_FILE
+
         real = self.policy.resolve(path, what="index")
         if not real.is_dir():
             raise IndexNotFoundError(f"index {path!r}: no such index folder")
+        self.policy.check_folder(real, what="index")  # no index.faiss symlinked to a file outside
+        tiles = real / TILES_FILE
+        if tiles.exists():  # OGR opens it: a VRT (or anything else) in its place is refused
+            self.policy.resolve(str(tiles), what="index tiles")
+            self.gdal.geopackage(tiles, "index tiles")
         return self.indexes.get(real)
+
+    def raster_file(self, path: str, what: str) -> Path:
+        """A raster file inside the roots, and every file GDAL would open for it (VRT sources ...) too."""
+        real = self.input_file(path, what=what)
+        self.gdal.raster(real, what)
+        return real
+
+    def raster_input(self, path: str, what: str) -> Path:
+        """A raster file or an XYZ mosaic folder (read by PIL, checked entry by entry by the policy)."""
+        real = self.policy.resolve_input(path, what=what)
+        if real.is_file():
+            self.gdal.raster(real, what)
+        return real
+
+    def index_sources(self, idx: Any) -> None:
+        """The imagery an index's tiles name must lie inside the roots (footprints read it)."""
+        tiles = idx.tiles
+        checked: set[str] = set()
+        for source, kind in zip(tiles.source, tiles.kind, strict=True):
+            src = str(source)
+            if src in checked:
+                continue
+            checked.add(src)
+            real = os.path.realpath(src)
+            if not self.policy.allowed(real):
+                raise ForbiddenPathError(
+                    f"index {idx.path}: the imagery of its tiles, {src}, lies outside the folders this "
+                    f"service may read ({self.policy.describe()})"
+                )
+            if str(kind) != "xyz" and os.path.isfile(real):
+                self.gdal.raster(Path(real), "index imagery")
 
     def optional_input(self, path: str | None, what: str) -> str | None:
         return None if path is None else str(self.policy.resolve_input(path, what=what))
+
+    def vector_input(self, path: str | None, what: str) -> str | None:
+        if path is None:
+            return None
+        real = self.policy.resolve_input(path, what=what)
+        self.gdal.vector(real, what)
+        return str(real)
 
     def output(self, path: str | None, what: str, suffixes: Sequence[str] | None = None) -> Path | None:
         if path is None:
@@ -251,6 +380,7 @@ class Service:
 
 def create_app(config: ServiceConfig) -> FastAPI:
     """The application; ``config.on_ready`` runs once it is ready to answer (models list loaded)."""
+    disable_gdal_network()  # before the service opens any raster; `skyloc serve` did it already
     svc = Service(config)
     api = svc.api
 
@@ -265,7 +395,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             if config.on_shutdown is not None:
                 config.on_shutdown()
 
-    errors = {s: {"model": ErrorOut} for s in (401, 403, 404, 409, 413, 422, 500, 503)}
+    errors = {s: {"model": ErrorOut} for s in (401, 403, 404, 409, 413, 422, 500, 503, 507)}
     app = FastAPI(
         title="Skyloc engine",
         version=__version__,
@@ -288,7 +418,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return config.max_json_bytes
 
     # added last = outermost: token first, then the catch-all, then the body limit
-    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit_for=body_limit,
+        idle_timeout=config.body_idle_timeout_s,
+        total_timeout=config.body_timeout_s,
+    )
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(TokenMiddleware, token=config.token)
 
@@ -298,6 +433,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
             level = logging.WARNING if isinstance(exc, BusyError) else logging.ERROR
             log.log(level, "%s on %s %s: %s", exc.code, request.method, request.url.path, exc.message)
         return JSONResponse(error_body(exc.code, exc.message), status_code=exc.http_status)
+
+    @app.exception_handler(OSError)
+    async def os_error(request: Request, exc: OSError) -> JSONResponse:
+        """A full disk (507 ``no_space``), a name too long (422) ... is the user's side, not a 500."""
+        mapped = from_os_error(exc, f"answering {request.method} {request.url.path}")
+        if mapped is None:
+            log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+            return JSONResponse(error_body("internal_error", INTERNAL_MESSAGE), status_code=500)
+        return await skyloc_error(request, mapped)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -316,7 +460,22 @@ def create_app(config: ServiceConfig) -> FastAPI:
             message = f"no endpoint {request.method} {request.url.path}"
         return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
 
-    def submit(kind: str, fn, params: dict[str, Any], outputs: Sequence[Path]) -> JSONResponse:
+    def submit(
+        kind: str,
+        fn: JobFn,
+        params: dict[str, Any],
+        outputs: Sequence[Path],
+        recheck: Callable[[], None] | None = None,
+    ) -> JSONResponse:
+        """Queue ``fn``; ``recheck`` runs again, when the job starts, the input checks that a file changed
+        while the job waited could defeat (a raster replaced by a VRT pointing out of the roots)."""
+        if recheck is not None:
+            inner = fn
+
+            def fn(progress, cancel):  # noqa: F811
+                recheck()
+                return inner(progress, cancel)
+
         job = svc.jobs.submit(kind, fn, params=plain(params), outputs=outputs)
         return JSONResponse(job.snapshot(), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
@@ -374,17 +533,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
                             f"upload over the limit of {config.max_upload_bytes:,} bytes"
                         )
                     f.write(chunk)
-            with svc.upload_lock:
-                total = sum(p.stat().st_size for p in svc.upload_dir.glob("*/*") if p.is_file())
-            if total > config.max_upload_total_bytes:
-                raise UploadTooLargeError(
-                    f"the upload folder holds over {config.max_upload_total_bytes:,} bytes: delete uploads "
-                    "you no longer need (DELETE /uploads/{id})"
-                )
+            svc.uploads.reserve(upload_id, size)  # the folder's quota, from memory (413 when over)
+            svc.gdal.image(dest, "upload")  # a .tif that is a VRT may only refer to files in the roots
             width, height = image_size(dest)  # header only: bombs stop here
             with svc.sync_slot():
                 read_image(dest, max_pixels=config.max_pixels)  # a corrupt or truncated image stops here
+            svc.uploads.commit(upload_id)
         except BaseException:
+            svc.uploads.release(upload_id)
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return {
@@ -399,10 +555,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.delete("/uploads/{upload_id}", tags=["service"])
     def delete_upload(upload_id: str) -> dict[str, str]:
         """Remove an upload."""
-        folder = svc.upload_dir / upload_id
-        if not re.fullmatch(r"[0-9a-f]{16}", upload_id) or not folder.is_dir():
+        if not UPLOAD_ID.fullmatch(upload_id):
             raise NotFoundError(f"no upload {upload_id!r}")
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(svc.uploads.take(upload_id), ignore_errors=True)
         return {"deleted": upload_id}
 
     if hasattr(api, "embed_at"):
@@ -410,7 +565,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         @app.post("/embed", tags=["engine"])
         def embed(req: EmbedRequest) -> dict[str, Any]:
             """Embeddings of the raster at points (synchronous)."""
-            raster = svc.input_file(req.raster, what="raster")
+            raster = svc.raster_file(req.raster, what="raster")
             weights = svc.optional_input(req.weights, "weights")
             with svc.sync_slot():
                 result = api.embed_at(
@@ -429,7 +584,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.post("/index", status_code=202, response_model=JobOut, tags=["jobs"])
     def post_index(req: IndexRequest):
         """Build a tile database (a job)."""
-        sources = [str(svc.policy.resolve_input(s, what="source")) for s in req.sources]
+        sources = [str(svc.raster_input(s, what="source")) for s in req.sources]
         out = svc.policy.resolve(req.out, write=True, what="out")
         if any(out == Path(r) or Path(r).is_relative_to(out) for r in svc.policy.roots):
             raise InputError(f"out {req.out!r} is (or holds) a root folder")
@@ -458,7 +613,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
             )
             return JobOutcome(sorted(str(p) for p in out.iterdir()), plain(manifest))
 
-        return submit("index", run, {**req.model_dump(), "sources": sources, "out": out}, [out, staged])
+        params = {**req.model_dump(), "sources": sources, "out": out}
+        recheck = lambda: [svc.raster_input(s, what="source") for s in sources]  # noqa: E731
+        return submit("index", run, params, [out, staged], recheck)
 
     @app.post("/localize", status_code=202, response_model=JobOut, tags=["jobs"])
     def post_localize(req: LocalizeRequest):
@@ -482,18 +639,24 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 sha256=req.sha256,
                 backend=req.backend,
                 max_pixels=config.max_pixels,
+                overwrite=req.overwrite,
                 progress=progress,
                 cancel=cancel,
             )
             return JobOutcome([result.out] if result.out else [], plain(result.to_json()))
 
+        if out is not None:  # refused at once (409) rather than as a failed job
+            check_output(
+                out, inputs=[*photos, *api.index_files(idx)], overwrite=req.overwrite, layer="candidates"
+            )
         params = {**req.model_dump(), "photos": photos, "index": idx.path, "out": out}
-        return submit("localize", run, params, svc.layer_files(out))
+        recheck = lambda: [svc.gdal.image(p, "photo") for p in photos]  # noqa: E731
+        return submit("localize", run, params, svc.layer_files(out), recheck)
 
     @app.post("/footprint", status_code=202, response_model=JobOut, tags=["jobs"])
     def post_footprint(req: FootprintRequest):
         """Footprints of photos, on a raster (``against``) or on an index's candidates (``index``): a job."""
-        from ..footprint.batch import parts_dir
+        from ..footprint.batch import georef_names, parts_dir
 
         if (req.against is None) == (req.index is None):
             raise InputError("give either against (a raster or XYZ folder) or index, not both")
@@ -509,10 +672,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         elif not (geotiff or points):
             georef_dir = out.with_name(out.stem + "_georef")
         outputs = [*svc.layer_files(out), parts_dir(out)]
-        if georef_dir is not None:
-            outputs += [georef_dir] + [
-                georef_dir / f"{p.stem}{ext}" for p in photos for ext in (".tif", ".points")
-            ]
+        if georef_dir is not None:  # the engine's own names for each photo's GeoTIFF and .points
+            names = georef_names(photos, georef_dir)
+            outputs += [georef_dir] + [Path(f) for pair in names.values() for f in pair if f]
         outputs += [p for p in (geotiff, points) if p is not None]
         common = dict(
             out=str(out),
@@ -522,12 +684,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
             backend=req.backend,
             max_pixels=config.max_pixels,
             resume=req.resume,
+            overwrite=req.overwrite,
         )
+        check_output(out, inputs=photos, overwrite=req.overwrite, layer="footprints", what="footprint layer")
         candidates_out = None
         if req.against is not None:
             if req.near or req.bbox or req.radius_km or req.candidates_out:
                 raise InputError("near/radius_km/bbox/candidates_out go with index, not against")
-            against = str(svc.policy.resolve_input(req.against, what="against"))
+            against = str(svc.raster_input(req.against, what="against"))
             svc.check_model_name(req.model)
 
             def call(progress, cancel):
@@ -544,6 +708,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             params = {**req.model_dump(), "against": against}
         else:
             idx = svc.index(req.index)
+            svc.index_sources(idx)  # footprints read the tiles' imagery: it must lie inside the roots
             area = svc.area(req)
             candidates_out = svc.layer_output(req.candidates_out, "candidates_out")
             outputs += svc.layer_files(candidates_out)
@@ -577,17 +742,26 @@ def create_app(config: ServiceConfig) -> FastAPI:
             return JobOutcome(files, summary)
 
         params.update(photos=photos, out=out, georef_dir=georef_dir, geotiff=geotiff, points=points)
-        return submit("footprint", run, params, outputs)
+
+        def recheck() -> None:
+            for p in photos:
+                svc.gdal.image(p, "photo")
+            if req.against is not None:
+                svc.raster_input(str(params["against"]), what="against")
+            else:
+                svc.index_sources(svc.index(str(params["index"])))
+
+        return submit("footprint", run, params, outputs, recheck)
 
     if hasattr(api, "heatmap"):
 
         @app.post("/heatmap", status_code=202, response_model=JobOut, tags=["jobs"])
         def post_heatmap(req: HeatmapRequest):
             """Similarity heatmap over a raster, written as a Cloud-Optimized GeoTIFF (a job)."""
-            raster = str(svc.input_file(req.raster, what="raster"))
+            raster = str(svc.raster_file(req.raster, what="raster"))
             out = svc.output(req.out, "out", (".tif", ".tiff"))
             photo = None if req.photo is None else str(svc.photo_file(req.photo))
-            vector = svc.optional_input(req.vector, "vector")
+            vector = svc.vector_input(req.vector, "vector")
             weights = svc.optional_input(req.weights, "weights")
 
             def run(progress, cancel) -> JobOutcome:
@@ -605,13 +779,25 @@ def create_app(config: ServiceConfig) -> FastAPI:
                     sha256=req.sha256,
                     bands=req.bands,
                     max_pixels=config.max_pixels,
+                    max_raster_pixels=config.max_raster_pixels,
+                    overwrite=req.overwrite,
                     progress=progress,
                     cancel=cancel,
                 )
                 return JobOutcome([result.out, result.style], plain(result.to_json()))
 
+            for target in (out, out.with_suffix(".qml")):  # refused at once (409) rather than as a failed job
+                check_output(target, inputs=[raster, photo, vector, weights], overwrite=req.overwrite)
             params = {**req.model_dump(), "raster": raster, "out": out}
-            return submit("heatmap", run, params, [out, out.with_suffix(".qml")])
+
+            def recheck() -> None:
+                svc.gdal.raster(Path(raster), "raster")
+                if photo is not None:
+                    svc.gdal.image(Path(photo), "photo")
+                if vector is not None:
+                    svc.gdal.vector(Path(vector), "vector")
+
+            return submit("heatmap", run, params, [out, out.with_suffix(".qml")], recheck)
 
     @app.get("/jobs", response_model=list[JobOut], tags=["jobs"])
     def list_jobs() -> list[dict[str, Any]]:

@@ -58,12 +58,23 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
     return text
 
 
+def bearer_token(header: bytes) -> bytes:
+    """The credentials of an ``Authorization: Bearer <token>`` header, b"" for any other scheme.
+
+    RFC 7235: the scheme is case-insensitive (``bearer``, ``BEARER``) and is followed by one or more spaces.
+    """
+    scheme, _, rest = header.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return b""
+    return rest.lstrip(b" ").rstrip(b" \t")
+
+
 class TokenMiddleware:
     """401 ``{"code": "unauthorized"}`` unless the request carries the token; nothing else is read first."""
 
     def __init__(self, app, token: str) -> None:
         self.app = app
-        self.expected = b"Bearer " + token.encode()
+        self.expected = token.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -74,7 +85,8 @@ class TokenMiddleware:
             if name == b"authorization":
                 given = value
                 break
-        if hmac.compare_digest(given, self.expected):
+        # constant-time on the token itself; an empty or foreign-scheme credential never matches
+        if hmac.compare_digest(bearer_token(given), self.expected) and self.expected:
             await self.app(scope, receive, send)
             return
         if scope["type"] != "http":  # websockets: none are served

@@ -6,7 +6,11 @@ result: the files written and a JSON summary), ``failed`` (with ``{"code", "mess
 or ``cancelled``. A job that does not succeed leaves nothing behind: the engine writes its final outputs
 atomically, and the :class:`OutputGuard` removes what the job created on the way (an index build's
 ``.partial`` folder, a footprint batch's ``.parts`` records and the GeoTIFFs of the photos it finished).
-Finished jobs are kept (the most recent ``keep``) for clients to read.
+Finished jobs are kept for clients to read: the most recent ``keep``, none older than ``keep_seconds``.
+A finished job keeps only JSON (its result, error, parameters): the job function and everything its
+closure held (opened indexes, photos' arrays, the cancel token's waiters) are released when it ends, and
+freed heap pages are handed back to the system (``release_memory``), so memory does not ratchet up with
+every job a client starts and cancels.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from traceback import format_exc
 from typing import Any
 
-from ..errors import CancelledError, SkylocError
+from ..errors import CancelledError, SkylocError, from_os_error
 from ..progress import CancelToken, ProgressFn
 from .errors import BusyError, ConflictError, JobNotFoundError
 
@@ -76,7 +81,7 @@ class Job:
     id: str
     kind: str
     params: dict[str, Any]
-    fn: JobFn
+    fn: JobFn | None  # None once the job ended: its closure may hold large objects
     outputs: list[Path]
     state: str = QUEUED
     progress: float = 0.0
@@ -107,13 +112,40 @@ class Job:
         }
 
 
-class JobManager:
-    """``workers`` threads run jobs; at most ``queue_size`` wait; the last ``keep`` finished are kept."""
+def release_memory() -> None:
+    """Hand freed heap pages back to the system (glibc ``malloc_trim``); a no-op elsewhere.
 
-    def __init__(self, workers: int = 1, queue_size: int = 8, keep: int = 200) -> None:
+    A job allocates and frees large buffers (tiles, feature windows, decoded photos) in worker threads;
+    glibc keeps such freed memory in per-thread arenas, so without this the process's RSS stays at its
+    peak after every job, cancelled ones included.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _malloc_trim = libc.malloc_trim
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
+class JobManager:
+    """``workers`` threads run jobs; at most ``queue_size`` wait; finished jobs are forgotten beyond the
+    last ``keep`` or after ``keep_seconds``."""
+
+    def __init__(
+        self, workers: int = 1, queue_size: int = 8, keep: int = 200, keep_seconds: float = 3600.0
+    ) -> None:
         if workers < 1 or queue_size < 0:
             raise ValueError("workers >= 1 and queue_size >= 0")
         self.workers, self.queue_size, self.keep = workers, queue_size, keep
+        self.keep_seconds = keep_seconds
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -157,14 +189,21 @@ class JobManager:
         return job
 
     def _evict(self) -> None:
-        finished = [j.id for j in self._jobs.values() if j.state in FINISHED]
-        for job_id in finished[: max(0, len(finished) - self.keep)]:
-            del self._jobs[job_id]
+        """Forget finished jobs beyond the last ``keep`` and those finished over ``keep_seconds`` ago.
+
+        Caller holds the lock."""
+        finished = [j for j in self._jobs.values() if j.state in FINISHED]
+        old = time.time() - self.keep_seconds
+        excess = max(0, len(finished) - self.keep)
+        for n, job in enumerate(finished):
+            if n < excess or (job.finished is not None and job.finished < old):
+                del self._jobs[job.id]
 
     # -------------------------------------------------------------------------------------------- read
 
     def get(self, job_id: str) -> Job:
         with self._lock:
+            self._evict()
             job = self._jobs.get(job_id)
         if job is None:
             raise JobNotFoundError(f"no job {job_id!r} (finished jobs are kept for a while, then forgotten)")
@@ -172,6 +211,7 @@ class JobManager:
 
     def list(self) -> list[Job]:
         with self._lock:
+            self._evict()
             return list(self._jobs.values())
 
     def counts(self) -> dict[str, int]:
@@ -231,10 +271,12 @@ class JobManager:
     def _finish(self, job: Job, state: str, message: str) -> None:
         """Caller holds the lock."""
         job.state, job.message, job.finished = state, message, time.time()
+        job.fn = None  # release what the job's closure held (indexes, arrays): only JSON stays
         if state == SUCCEEDED:
             job.progress = 1.0
         if job.discard_when_done:
             self._jobs.pop(job.id, None)
+        self._evict()
         job.done.set()
 
     def _work(self) -> None:
@@ -249,6 +291,12 @@ class JobManager:
             self._run(job)
 
     def _run(self, job: Job) -> None:
+        try:
+            self._run_job(job)
+        finally:
+            release_memory()
+
+    def _run_job(self, job: Job) -> None:
         def progress(fraction: float, message: str) -> None:
             if isinstance(fraction, (int, float)) and math.isfinite(fraction):
                 job.progress = min(1.0, max(0.0, float(fraction)))
@@ -256,9 +304,19 @@ class JobManager:
 
         guard = OutputGuard(job.outputs)
         t0 = time.monotonic()
+        fn, job.fn = job.fn, None
         try:
             job.cancel_token.check()
-            outcome = job.fn(progress, job.cancel_token)
+            assert fn is not None
+            try:
+                outcome = fn(progress, job.cancel_token)
+            except OSError as exc:  # disk full, name too long ...: the user's side, not a bug
+                mapped = from_os_error(exc, f"running the {job.kind} job")
+                if mapped is None:
+                    raise
+                raise mapped from exc
+            finally:
+                del fn
         except CancelledError:
             removed = guard.discard()
             log.info("job %s (%s) cancelled; removed %d partial outputs", job.id, job.kind, len(removed))
@@ -272,7 +330,9 @@ class JobManager:
                 self._finish(job, FAILED, exc.message)
             return
         except Exception:
-            log.exception("job %s (%s) failed with an internal error", job.id, job.kind)
+            # the text of the traceback, not its frames: a log record kept by a handler would keep the
+            # job's arrays alive through them
+            log.error("job %s (%s) failed with an internal error:\n%s", job.id, job.kind, format_exc())
             guard.discard()
             with self._lock:
                 job.error = {

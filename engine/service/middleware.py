@@ -1,12 +1,14 @@
-"""ASGI middlewares and JSON helpers: body size limits before reading, and the last-line 500 handler."""
+"""ASGI middlewares and JSON helpers: body size and time limits, and the last-line 500 handler."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -44,31 +46,49 @@ def error_body(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
 
 
-async def send_json(send, status: int, content: dict[str, Any]) -> None:
+async def send_json(send, status: int, content: dict[str, Any], *, close: bool = False) -> None:
     body = json.dumps(content).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
 # ------------------------------------------------------------------------------------------ middlewares
 
 
+#: Longest pause between two pieces of a request body (seconds), and longest time to receive one body.
+BODY_IDLE_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 300.0
+
+
 class _BodyTooLarge(Exception):
     pass
 
 
-class BodyLimitMiddleware:
-    """413 when a body is (or declares itself) larger than the limit for its path; read no further."""
+class _BodyTooSlow(Exception):
+    pass
 
-    def __init__(self, app, limit_for: Callable[[str], int]) -> None:
+
+class BodyLimitMiddleware:
+    """413 when a body is (or declares itself) larger than the limit for its path; read no further.
+
+    408 ``timeout`` (and the connection closed) when the body pauses longer than ``idle_timeout`` or takes
+    longer than ``total_timeout`` in all: a client that trickles a body holds no connection for long.
+    """
+
+    def __init__(
+        self,
+        app,
+        limit_for: Callable[[str], int],
+        idle_timeout: float = BODY_IDLE_TIMEOUT_S,
+        total_timeout: float = BODY_TIMEOUT_S,
+    ) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.idle_timeout = idle_timeout
+        self.total_timeout = total_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -86,10 +106,20 @@ class BodyLimitMiddleware:
             if too_big:
                 await send_json(send, 413, error_body("too_large", message))
                 return
-        state = {"received": 0, "exceeded": False, "started": False}
+        state = {"received": 0, "exceeded": False, "started": False, "body_done": False, "slow": False}
+        deadline = time.monotonic() + self.total_timeout
 
         async def limited_receive():
-            msg = await receive()
+            if state["body_done"]:  # after the body: only a disconnect can come, wait as long as it takes
+                return await receive()
+            wait = min(self.idle_timeout, deadline - time.monotonic())
+            try:
+                msg = await asyncio.wait_for(receive(), timeout=max(0.0, wait))
+            except asyncio.TimeoutError:
+                state["slow"] = True
+                raise _BodyTooSlow() from None
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                state["body_done"] = True
             if msg["type"] == "http.request":
                 state["received"] += len(msg.get("body", b""))
                 if state["received"] > limit:
@@ -98,8 +128,8 @@ class BodyLimitMiddleware:
             return msg
 
         async def guarded_send(msg):
-            if state["exceeded"]:
-                return  # whatever the app makes of the interrupted body, the answer is 413
+            if state["exceeded"] or state["slow"]:
+                return  # whatever the app makes of the interrupted body, the answer is 413 / 408
             if msg["type"] == "http.response.start":
                 state["started"] = True
             await send(msg)
@@ -107,9 +137,13 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not state["exceeded"]:
+            if not (state["exceeded"] or state["slow"]):
                 raise
-        if state["exceeded"] and not state["started"]:
+        if state["slow"] and not state["started"]:
+            slow = f"the request body did not arrive in time (pauses over {self.idle_timeout:g} s, or over "
+            slow += f"{self.total_timeout:g} s in all)"
+            await send_json(send, 408, error_body("timeout", slow), close=True)
+        elif state["exceeded"] and not state["started"]:
             await send_json(send, 413, error_body("too_large", message))
 
 

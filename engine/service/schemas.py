@@ -96,6 +96,10 @@ class LocalizeRequest(AreaFields):
     weights: Path_ | None = None
     sha256: Sha256 | None = None
     backend: Backend = "onnx"
+    overwrite: bool = Field(
+        False,
+        description="replace existing outputs that Skyloc did not write (never an input of the request)",
+    )
 
 
 class FootprintRequest(AreaFields):
@@ -113,6 +117,10 @@ class FootprintRequest(AreaFields):
     model: Annotated[str, Field(max_length=100)] = "default"
     backend: Backend = "onnx"
     resume: bool = True
+    overwrite: bool = Field(
+        False,
+        description="replace existing outputs that Skyloc did not write (never an input of the request)",
+    )
 
 
 class EmbedRequest(Strict):
@@ -131,6 +139,10 @@ class EmbedRequest(Strict):
 class HeatmapRequest(Strict):
     raster: Path_
     out: Path_ = Field(description="the similarity heatmap (Cloud-Optimized GeoTIFF) to write")
+    overwrite: bool = Field(
+        False,
+        description="replace existing outputs that Skyloc did not write (never an input of the request)",
+    )
     at: Annotated[list[Finite], Field(min_length=2, max_length=2)] | None = Field(
         None, description="[x, y] in crs: similarity to the embedding at this point"
     )

@@ -5,6 +5,11 @@ from ``--token-file`` when that file exists, else it is generated and written th
 ``~/.cache/skyloc/serve-PORT.token``, removed at exit) with mode 0600. Prints the URL and the token file,
 writes ``--ready-file`` (JSON: url, port, token_file, pid) once it answers, and stops cleanly on
 SIGINT/SIGTERM: running jobs are cancelled (leaving no partial output) and the process exits with 0.
+
+Uploads and temporary files live in a private per-process folder (``runtime.py``); at start-up the folders,
+token and ready files of engines that were killed are swept. GDAL's network access is turned off before
+any GDAL call (``gdal_guard.py``), and connections that do not deliver a request in time are closed
+(``protocol.py``).
 """
 
 from __future__ import annotations
@@ -20,9 +25,14 @@ import socket
 import sys
 from pathlib import Path
 
-from ..imageio import DEFAULT_MAX_PIXELS
+from ..imageio import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
+from .protocol import HEADER_TIMEOUT_S, MAX_IDLE_CONNECTIONS
+from .runtime import RunDir
 
 EXIT_BAD_COMMAND_LINE = 2
+#: GDAL's block cache, in MB, unless the user set GDAL_CACHEMAX (GDAL's default, 5% of the machine's RAM
+#: per GDAL library, made the service's memory climb by gigabytes and stay there).
+GDAL_CACHE_MB = 256
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -59,9 +69,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse larger photos, checked before decoding (default {DEFAULT_MAX_PIXELS:,})",
     )
+    p.add_argument(
+        "--max-raster-pixels",
+        type=int,
+        default=DEFAULT_MAX_RASTER_PIXELS,
+        help=f"refuse heatmaps of larger rasters (default {DEFAULT_MAX_RASTER_PIXELS:,})",
+    )
     p.add_argument("--ready-file", metavar="PATH", help="write JSON {url, port, token_file, pid} when ready")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=HEADER_TIMEOUT_S,
+        metavar="S",
+        help=f"close a connection that sends no complete request headers within S seconds, or pauses over "
+        f"S seconds in a request body (default {HEADER_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--max-idle-connections",
+        type=int,
+        default=MAX_IDLE_CONNECTIONS,
+        help=f"connections that may wait for a request at once; beyond, the oldest is closed "
+        f"(default {MAX_IDLE_CONNECTIONS})",
+    )
     return p
 
 
@@ -106,8 +137,29 @@ def _write_json_atomically(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def raise_fd_limit(wanted: int = 8192) -> None:
+    """Raise the soft limit of open files towards the hard one (a 1,024 default is quickly met)."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def prepare_process() -> None:
+    """Process-wide settings, before anything imports or calls GDAL: no network, a bounded block cache."""
+    from .gdal_guard import disable_gdal_network
+
+    disable_gdal_network()
+    os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
+    raise_fd_limit()
+
+
 def run(args: argparse.Namespace) -> int:
     from .auth import generate_token, read_token_file, write_token_file
+    from .runtime import sweep, token_digest
 
     def fail(message: str) -> int:
         print(f"skyloc serve: error: {message}", file=sys.stderr)
@@ -120,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.workers < 1 or args.queue < 0 or args.max_upload_mb <= 0 or args.max_pixels < 1:
         return fail("--workers must be >= 1, --queue >= 0, --max-upload-mb and --max-pixels > 0")
+    if not args.request_timeout > 0 or args.max_idle_connections < 1:
+        return fail("--request-timeout must be > 0 and --max-idle-connections >= 1")
     roots = [os.path.realpath(r) for r in (args.root or [os.getcwd()])]
     for r in roots:
         if not os.path.isdir(r):
@@ -130,15 +184,40 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     port = sock.getsockname()[1]
 
+    prepare_process()
+    rundir: RunDir | None = None
     token_file = Path(args.token_file).expanduser() if args.token_file else default_token_path(port)
     remove_token = args.token_file is None
-    if args.token_file and token_file.exists():
-        token = read_token_file(token_file)  # InputError: exit code 3 with the message
-    else:
-        token = generate_token()
-        write_token_file(token_file, token)
     ready_file = Path(args.ready_file) if args.ready_file else None
+    try:
+        sweep()  # what killed engines left: their uploads, grid files, token and ready files
+        rundir = RunDir.create()
+        rundir.use_for_temporary_files()
+        if args.token_file and token_file.exists():
+            token = read_token_file(token_file)  # InputError: exit code 3 with the message
+        else:
+            token = generate_token()
+            if remove_token:  # ours to remove at exit, and the sweep's if we are killed
+                rundir.record(token_file=str(token_file), token_sha256=token_digest(token))
+            write_token_file(token_file, token)
+        return _serve(args, sock, roots, port, token, token_file, remove_token, ready_file, rundir)
+    finally:
+        sock.close()
+        if rundir is not None:
+            rundir.remove()
 
+
+def _serve(
+    args: argparse.Namespace,
+    sock: socket.socket,
+    roots: list[str],
+    port: int,
+    token: str,
+    token_file: Path,
+    remove_token: bool,
+    ready_file: Path | None,
+    rundir: RunDir,
+) -> int:
     logging.basicConfig(
         level=logging.WARNING,  # the libraries' chatter (faiss, pyogrio) only when it matters
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -153,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"token file: {token_file}", flush=True)
         print(f"roots: {', '.join(roots)}", flush=True)
         if ready_file is not None:
+            rundir.record(ready_file=str(ready_file.resolve()))
             _write_json_atomically(
                 ready_file, {"url": url, "port": port, "token_file": str(token_file), "pid": os.getpid()}
             )
@@ -160,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import ServiceConfig, create_app
+    from .protocol import guarded_protocol
 
     try:
         app = create_app(
@@ -171,6 +252,9 @@ def run(args: argparse.Namespace) -> int:
                 max_upload_bytes=int(args.max_upload_mb * 2**20),
                 max_upload_total_bytes=max(int(args.max_upload_mb * 2**20) * 10, 1024 * 2**20),
                 max_pixels=args.max_pixels,
+                max_raster_pixels=args.max_raster_pixels,
+                upload_dir=str(rundir.uploads),
+                body_idle_timeout_s=args.request_timeout,
                 on_ready=on_ready,
             )
         )
@@ -182,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
                 lifespan="on",
                 timeout_graceful_shutdown=10,
                 server_header=False,
+                http=guarded_protocol(args.request_timeout, args.max_idle_connections),
+                timeout_keep_alive=5,
             )
         )
         # uvicorn re-raises the signal it caught once it has shut down; these no-op handlers make that
@@ -193,7 +279,6 @@ def run(args: argparse.Namespace) -> int:
             for s, handler in previous.items():
                 signal.signal(s, handler)
     finally:
-        sock.close()
         if remove_token:
             with contextlib.suppress(OSError):
                 token_file.unlink()
