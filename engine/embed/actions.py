@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from .cache import grid_for
 from .grid import FeatureGrid
 from .heatmap_io import NODATA, OutputGrid, output_grid, write_heatmap
 from .models import EmbeddingModel, bands_key, load_embedding_model
-from .nili import NiliDecoder, NiliField
+from .nili import CosineField, NiliDecoder, NiliField, scalar_on_grid
 from .raster import EmbedRaster
 
 try:  # GDAL errors rasterio raises as they are (not wrapped in RasterioError)
@@ -390,19 +390,49 @@ def _query(
         raise InputError(f"the {query} has no usable embedding (all zero): is it blank or nodata?")
     grid.ensure(progress=lambda f, msg: progress(0.05 + 0.8 * f, msg), cancel=cancel)
     cosine = NiliField(grid.feat, m.decoder).cosine(v)
+    return query, cosine_rows(cosine, r, grid.backbone.stride, og)
 
-    def values_for_rows(row0: int, rows: int) -> np.ndarray:
+
+def cosine_rows(
+    cosine: CosineField, r: EmbedRaster, stride: int, og: OutputGrid, *, pointwise: bool = False
+) -> Callable[[int, int], np.ndarray]:
+    """``values_for_rows(row0, rows)`` of a cosine heatmap on ``og``: NaN where the raster has no data.
+
+    The fast path samples the cosine on the separable grid of the strip's pixel centres
+    (:meth:`CosineField.on_grid`, :meth:`EmbedRaster.valid_grid`); ``pointwise`` (or an output grid
+    that does not factor per axis) takes the reference path, one point at a time, kept to test and
+    benchmark the fast one against.
+    """
+    axes = None if pointwise else og.axes_in_raster(r)
+    step_rows = max(1, POINTS_PER_CHUNK // max(1, og.width))  # rows at once: bounded temporaries
+    if axes is None:
+
+        def pointwise_rows(row0: int, rows: int) -> np.ndarray:
+            out = np.empty((rows, og.width), np.float32)
+            for a in range(0, rows, step_rows):
+                n = min(step_rows, rows - a)
+                cols_px, rows_px = og.pixel_centres_in_raster(r, row0 + a, n)
+                pts = np.stack([cols_px / stride - 0.5, rows_px / stride - 0.5], axis=1)
+                vals = cosine(pts)
+                vals[~r.valid_at(cols_px, rows_px)] = np.nan
+                out[a : a + n] = vals.reshape(n, og.width)
+            return out
+
+        return pointwise_rows
+
+    cols_px, rows_px = axes
+    xs = cosine.blend_x(cols_px / stride - 0.5)  # the same for every strip
+
+    def grid_rows(row0: int, rows: int) -> np.ndarray:
         out = np.empty((rows, og.width), np.float32)
-        step = max(1, POINTS_PER_CHUNK // max(1, og.width))  # rows at once: bounded temporaries
-        for a in range(0, rows, step):
-            n = min(step, rows - a)
-            cols_px, rows_px = og.pixel_centres_in_raster(r, row0 + a, n)
-            vals = cosine(grid.cell_coords(cols_px, rows_px))
-            vals[~r.valid_at(cols_px, rows_px)] = np.nan
-            out[a : a + n] = vals.reshape(n, og.width)
+        for a in range(0, rows, step_rows):
+            n = min(step_rows, rows - a)
+            ys = rows_px[row0 + a : row0 + a + n]
+            out[a : a + n] = cosine.on_grid(xs, cosine.blend_y(ys / stride - 0.5))
+        out[~r.valid_grid(cols_px, rows_px[row0 : row0 + rows])] = np.nan
         return out
 
-    return query, values_for_rows
+    return grid_rows
 
 
 def _check_raster_size(r: EmbedRaster, max_raster_pixels: int) -> None:
@@ -488,15 +518,18 @@ def _location_field(m: EmbeddingModel, r: EmbedRaster, og: OutputGrid, lat: floa
     emb = _normalize(m.location_encoder.embed(lats, lons))
     q = _normalize(m.location_vector(lat, lon)[None])[0]
     coarse = (emb @ q).reshape(1, gh, gw).astype(np.float32)
-    field_ = NiliField(coarse, NiliDecoder.identity(1))
+    xs_cells = (np.arange(og.width) + 0.5) * gw / og.width - 0.5  # the coarse grid's cells, per axis
+    axes = og.axes_in_raster(r)
 
     def values_for_rows(row0: int, rows: int) -> np.ndarray:
-        j, i = np.meshgrid(np.arange(og.width) + 0.5, np.arange(row0, row0 + rows) + 0.5)
-        pts = np.column_stack([j.ravel() * gw / og.width - 0.5, i.ravel() * gh / og.height - 0.5])
-        vals = field_.embed(pts)[:, 0]
-        cols_px, rows_px = og.pixel_centres_in_raster(r, row0, rows)
-        vals[~r.valid_at(cols_px, rows_px)] = np.nan
-        return vals.reshape(rows, og.width)
+        ys_cells = (np.arange(row0, row0 + rows) + 0.5) * gh / og.height - 0.5
+        vals = scalar_on_grid(coarse[0], xs_cells, ys_cells)
+        if axes is not None:
+            vals[~r.valid_grid(axes[0], axes[1][row0 : row0 + rows])] = np.nan
+        else:
+            cols_px, rows_px = og.pixel_centres_in_raster(r, row0, rows)
+            vals[~r.valid_at(cols_px, rows_px).reshape(rows, og.width)] = np.nan
+        return vals
 
     return values_for_rows
 

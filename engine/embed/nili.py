@@ -16,7 +16,11 @@ Two implementations:
   2-column product: ``z = sum_k w_k A[c_k] + W_r (sum_k w_k r_k)``. This is exact everywhere (also on the
   border strip where shifted queries are clamped), not only in the interior. For a cosine map against a
   fixed vector ``v`` (:meth:`NiliField.cosine`), ``v.z`` needs the per-cell scalars ``v.A`` and
-  ``|z|^2`` needs the dot products between the 4 cells of a 2x2 block: tens of flops per point.
+  ``|z|^2`` needs the dot products between the 4 cells of a 2x2 block: tens of flops per point. On a
+  heatmap's axis-aligned grid of points the weights factor per axis (:class:`AxisBlend`), and
+  :meth:`CosineField.on_grid` blends those per-cell quantities along y at cell resolution, then along x
+  per pixel: a handful of image operations per output pixel (:meth:`CosineField.__call__`, one point at
+  a time, is kept as the reference).
 
 Coordinates: ``x`` grows to the right and ``y`` down, in *cell units* with cell centres at integers
 (a pixel column ``col`` of a raster cut in cells of ``s`` pixels is at ``x = col / s - 0.5``). The
@@ -348,8 +352,64 @@ class CosineField:
             self.diag[r0 : r0 + m] = np.einsum("dhw,dhw->hw", a[:, :m, :-1], a[:, 1 : m + 1, 1:])
             self.anti[r0 : r0 + m] = np.einsum("dhw,dhw->hw", a[:, :m, 1:], a[:, 1 : m + 1, :-1])
 
+    def blend_x(self, xs: np.ndarray) -> AxisBlend:
+        """The x half of a separable grid of points (cell units); reused by every strip of a heatmap."""
+        return axis_blend(xs, self.width, self.va.shape[1])
+
+    def blend_y(self, ys: np.ndarray) -> AxisBlend:
+        """The y half of a separable grid of points (cell units)."""
+        return axis_blend(ys, self.height, self.va.shape[0])
+
+    def on_grid(self, xs: AxisBlend, ys: AxisBlend) -> np.ndarray:
+        """Cosine at every (y, x) of a separable grid of points: (len(ys), len(xs)) float32.
+
+        The fast path of a heatmap strip. The weights factor per axis, so the 2x2-block quantities are first
+        blended along y at cell resolution (rows x cells: cheap), then gathered and blended along x per
+        output pixel: 5 gathers and a dozen flops a pixel, against the pointwise path's per-point lookup
+        and scatter. Equal to :meth:`__call__` on the same points (tested); the few columns or rows where
+        the weights do not factor (``exact`` False) are computed by :meth:`__call__`.
+        """
+        by, a0, a1 = ys.lo, ys.w_lo[:, None], ys.w_hi[:, None]
+        y1 = by + 1
+        # along y, at cell resolution: (rows, cells) float64
+        dot_c = a0 * self.va[by] + a1 * self.va[y1]
+        sq_c = a0 * a0 * self.norm[by] + a1 * a1 * self.norm[y1] + 2 * a0 * a1 * self.vert[by]
+        pair_c = (
+            a0 * a0 * self.horiz[by] + a1 * a1 * self.horiz[y1] + a0 * a1 * (self.diag[by] + self.anti[by])
+        )
+        bx, x0, x1 = xs.lo, xs.w_lo, xs.w_hi
+        # along x, per output pixel
+        dot = x0 * np.take(dot_c, bx, axis=1)
+        dot += x1 * np.take(dot_c, bx + 1, axis=1)
+        sq = (x0 * x0) * np.take(sq_c, bx, axis=1)
+        sq += (x1 * x1) * np.take(sq_c, bx + 1, axis=1)
+        sq += (2 * x0 * x1) * np.take(pair_c, bx, axis=1)
+        if np.any(self.vr) or np.any(self.rr) or np.any(self.ra):  # a trained decoder reads the offset
+            sx, sy = xs.offset[None, :], ys.offset[:, None]
+            ra0 = a0 * self.ra[0][by] + a1 * self.ra[0][y1]
+            ra1 = a0 * self.ra[1][by] + a1 * self.ra[1][y1]
+            cross = sx * (x0 * np.take(ra0, bx, axis=1) + x1 * np.take(ra0, bx + 1, axis=1))
+            cross += sy * (x0 * np.take(ra1, bx, axis=1) + x1 * np.take(ra1, bx + 1, axis=1))
+            dot += sx * self.vr[0] + sy * self.vr[1]
+            sq += 2 * cross
+            sq += self.rr[0, 0] * sx * sx + 2 * self.rr[0, 1] * sx * sy + self.rr[1, 1] * sy * sy
+        np.maximum(sq, 0.0, out=sq)
+        np.sqrt(sq, out=sq)
+        sq *= self.v_norm
+        pos = sq > 0
+        np.divide(dot, sq, out=dot, where=pos)
+        dot[~pos] = 0.0
+        out = dot.astype(np.float32)
+        bad_x, bad_y = np.flatnonzero(~xs.exact), np.flatnonzero(~ys.exact)
+        # rare: weights that do not factor (see AxisBlend), pointwise on those lines only
+        if len(bad_x) and len(ys.coords):
+            out[:, bad_x] = self(_grid_points(xs.coords[bad_x], ys.coords)).reshape(len(ys.coords), -1)
+        if len(bad_y) and len(xs.coords):
+            out[bad_y, :] = self(_grid_points(xs.coords, ys.coords[bad_y])).reshape(len(bad_y), -1)
+        return out
+
     def __call__(self, points_xy: np.ndarray) -> np.ndarray:
-        """(N, 2) points in cell units -> (N,) cosine similarity (float32)."""
+        """(N, 2) points in cell units -> (N,) cosine similarity (float32). The pointwise (reference) path."""
         nb = neighbours(points_xy, self.width, self.height)
         rows_all, cols_all = self.va.shape
         by = np.clip(nb.iy[:, 0], 0, rows_all - 2)
@@ -383,6 +443,90 @@ class CosineField:
         with np.errstate(invalid="ignore", divide="ignore"):
             cos = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), 0.0)
         return cos.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class AxisBlend:
+    """NILI's neighbour lookup along one axis, for sample positions on a separable grid.
+
+    Why separable: a heatmap samples NILI on an axis-aligned grid of points, and the lookup of the -/+
+    shifted cells and their offsets along x depends on x only (along y, on y only). The ensemble weights
+    ``|r_x r_y| + EPS_AREA`` are then products of per-axis weights up to ``EPS_AREA``; where the per-axis
+    offsets sum to almost nothing (a point within hundredths of a cell of the outermost cell centres,
+    which a raster's own grid never samples) that floor matters, and ``exact`` is False there: those
+    columns or rows go through the pointwise path.
+    """
+
+    lo: np.ndarray  # (n,) int: first cell of the 2-cell block holding both shifted cells
+    w_lo: np.ndarray  # (n,) float64: weight collapsed onto cell ``lo``
+    w_hi: np.ndarray  # (n,) float64: weight collapsed onto cell ``lo + 1``
+    offset: np.ndarray  # (n,) float64: ``sum_k w_k r_k`` along this axis (what ``W_r`` multiplies)
+    exact: np.ndarray  # (n,) bool: the separable weights equal the released code's (within 2e-6)
+    coords: np.ndarray  # (n,) float64: the positions themselves (cell units)
+
+
+#: Per-axis offset sum below which the separable weights are not trusted (EPS_AREA relative to it^2).
+SEPARABLE_MIN_SPAN = 0.05
+
+
+def axis_blend(coords: np.ndarray, n_cells: int, block_cells: int) -> AxisBlend:
+    """The per-axis part of :func:`neighbours` (same float32 rounding) for ``coords`` in cell units.
+
+    ``block_cells`` is the grid size the 2-cell blocks live in (``n_cells``, or 2 for a single-cell axis
+    that :class:`CosineField` pads by replication).
+    """
+    q = (2 * np.asarray(coords, np.float64) + 1) / n_cells - 1
+
+    def lookup(v: int) -> tuple[np.ndarray, np.ndarray]:
+        s = np.clip(q + v / n_cells + EPS_SHIFT, -1 + EPS_SHIFT, 1 - EPS_SHIFT).astype(np.float32)
+        idx = np.clip(np.rint(((s + 1) * n_cells - 1) / 2), 0, n_cells - 1).astype(np.int64)
+        return idx, (q - (-1 + (2 * idx + 1) / n_cells)) * n_cells
+
+    im, rm = lookup(-1)
+    ip, rp = lookup(1)
+    span = np.abs(rm) + np.abs(rp)
+    ok = span >= SEPARABLE_MIN_SPAN
+    safe = np.where(ok, span, 1.0)
+    wm = np.where(ok, np.abs(rp) / safe, 0.5)  # the -shift cell weighs the +shift side's area (LIIF swap)
+    wp = 1.0 - wm
+    lo = np.clip(im, 0, block_cells - 2)
+    exact = ok & (ip - im >= 0) & (ip - im <= 1) & (im >= lo) & (ip <= lo + 1)
+    w_lo = wm * (im == lo) + wp * (ip == lo)
+    w_hi = wm * (im == lo + 1) + wp * (ip == lo + 1)
+    return AxisBlend(lo, w_lo, w_hi, wm * rm + wp * rp, exact, np.asarray(coords, np.float64))
+
+
+def scalar_on_grid(grid: np.ndarray, xs_cells: np.ndarray, ys_cells: np.ndarray) -> np.ndarray:
+    """NILI with the identity decoder of a one-channel (H, W) grid on the separable grid ys x xs (cell units).
+
+    That is bilinear interpolation with edges replicated, sampled per axis as :meth:`CosineField.on_grid`
+    does (a location heatmap: a coarse grid of similarities brought to every output pixel); the lines
+    where the weights do not factor go through :meth:`NiliField.embed`.
+    """
+    h, w = grid.shape
+    padded = np.pad(np.asarray(grid, np.float64), ((0, int(h == 1)), (0, int(w == 1))), "edge")
+    xs, ys = axis_blend(xs_cells, w, padded.shape[1]), axis_blend(ys_cells, h, padded.shape[0])
+    rows = ys.w_lo[:, None] * padded[ys.lo] + ys.w_hi[:, None] * padded[ys.lo + 1]
+    out = (xs.w_lo * np.take(rows, xs.lo, axis=1) + xs.w_hi * np.take(rows, xs.lo + 1, axis=1)).astype(
+        np.float32
+    )
+    bad_x, bad_y = np.flatnonzero(~xs.exact), np.flatnonzero(~ys.exact)
+    if len(bad_x) or len(bad_y):
+        field = NiliField(np.asarray(grid, np.float32)[None], NiliDecoder.identity(1))
+        if len(bad_x) and len(ys.coords):
+            out[:, bad_x] = field.embed(_grid_points(xs.coords[bad_x], ys.coords))[:, 0].reshape(
+                len(ys.coords), -1
+            )
+        if len(bad_y) and len(xs.coords):
+            out[bad_y, :] = field.embed(_grid_points(xs.coords, ys.coords[bad_y]))[:, 0].reshape(
+                len(bad_y), -1
+            )
+    return out
+
+
+def _grid_points(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """(len(ys) * len(xs), 2) points of the grid ys x xs, row-major (x varies fastest)."""
+    return np.stack([np.tile(xs, len(ys)), np.repeat(ys, len(xs))], axis=1)
 
 
 def bilinear_reference(feat: np.ndarray, points_xy: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from pyproj import CRS, Transformer
 from pyproj.exceptions import CRSError
+from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from ..errors import InputError, OutsideAreaError
@@ -233,6 +234,61 @@ class EmbedRaster:
             flat[idx[part]] = self._valid_box(ci[part], ri[part])
         return flat.reshape(cols.shape)
 
+    def all_valid(self) -> bool:
+        """True when no pixel can be nodata: no nodata value, mask or alpha, and integer bands (no NaN)."""
+        ds = self.source.dataset
+        bands = list(self.source.rgb_bands)
+        return all(ds.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands) and not any(
+            np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in bands
+        )
+
+    def valid_grid(self, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """:meth:`valid_at` on the separable grid ``rows x cols`` (1-D positions): (len(rows), len(cols)).
+
+        Why: a heatmap strip samples the raster on an axis-aligned grid, so the pixel indices are computed
+        once per axis and the mask is read as row boxes (or single rows, for an output coarser than the
+        raster: reading only the rows sampled keeps the cost proportional to the output), instead of
+        sorting and splitting every point of the strip. A raster that cannot hold nodata reads nothing.
+        """
+        cols, rows = np.asarray(cols, np.float64), np.asarray(rows, np.float64)
+        ci = np.floor(np.where(cols == self.width, self.width - 1, cols)).astype(np.int64)
+        ri = np.floor(np.where(rows == self.height, self.height - 1, rows)).astype(np.int64)
+        in_c = np.flatnonzero((ci >= 0) & (ci < self.width))
+        in_r = np.flatnonzero((ri >= 0) & (ri < self.height))
+        out = np.zeros((len(rows), len(cols)), bool)
+        if len(in_c) == 0 or len(in_r) == 0:
+            return out
+        if self.all_valid():
+            out[np.ix_(in_r, in_c)] = True
+            return out
+        c0, c1 = int(ci[in_c].min()), int(ci[in_c].max()) + 1
+        need = np.unique(ri[in_r])
+        per_read = max(1, MASK_READ_PIXELS // (c1 - c0))
+        start = 0
+        while start < len(need):  # runs of raster rows: a box when dense, one row at a time when sparse
+            stop = start + 1
+            while (
+                stop < len(need) and need[stop] - need[start] < per_read and need[stop] - need[stop - 1] <= 2
+            ):
+                stop += 1
+            r0, r1 = int(need[start]), int(need[stop - 1]) + 1
+            box = self._mask_box(r0, r1, c0, c1)  # (r1 - r0, c1 - c0)
+            sel = in_r[(ri[in_r] >= r0) & (ri[in_r] < r1)]
+            out[np.ix_(sel, in_c)] = box[np.ix_(ri[sel] - r0, ci[in_c] - c0)]
+            start = stop
+        return out
+
+    def _mask_box(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Validity of the raster pixels [r0, r1) x [c0, c1), as :meth:`valid_at` defines it."""
+        ds = self.source.dataset
+        bands = list(self.source.rgb_bands)
+        win = Window(c0, r0, c1 - c0, r1 - r0)
+        with raster_errors(self.path, "reading the nodata mask"):
+            valid = np.any(ds.read_masks(bands, window=win) > 0, axis=0)
+            if any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in bands):
+                valid &= np.all(np.isfinite(ds.read(bands, window=win)), axis=0)
+        return valid
+
     def _valid_box(self, ci: np.ndarray, ri: np.ndarray) -> np.ndarray:
         """Validity of pixels (ci, ri) inside the raster, read from the box around them (split if large)."""
         c0, c1 = int(ci.min()), int(ci.max()) + 1
@@ -244,11 +300,4 @@ class EmbedRaster:
             out[order[:half]] = self._valid_box(ci[order[:half]], ri[order[:half]])
             out[order[half:]] = self._valid_box(ci[order[half:]], ri[order[half:]])
             return out
-        ds = self.source.dataset
-        bands = list(self.source.rgb_bands)
-        win = Window(c0, r0, c1 - c0, r1 - r0)
-        with raster_errors(self.path, "reading the nodata mask"):
-            valid = np.any(ds.read_masks(bands, window=win) > 0, axis=0)
-            if any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in bands):
-                valid &= np.all(np.isfinite(ds.read(bands, window=win)), axis=0)
-        return valid[ri - r0, ci - c0]
+        return self._mask_box(r0, r1, c0, c1)[ri - r0, ci - c0]
