@@ -25,7 +25,7 @@ from .embed.models import embedding_models
 from .errors import EmptyInputError, InputError, SkylocError
 from .footprint.batch import FOOTPRINT_LAYER, run_batch
 from .footprint.coregister import CoregParams
-from .footprint.estimate import Footprint, estimate
+from .footprint.estimate import Footprint, check_matcher, estimate
 from .footprint.places import IndexPlaces, RasterPlaces
 from .imageio import DEFAULT_MAX_PIXELS, read_image
 from .index_store import FAISS_FILE, MANIFEST, TILES_FILE, TileIndex, build_index, open_index
@@ -185,11 +185,13 @@ def localize(
     overwrite: bool = False,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
+    keep_decoded: dict[str, np.ndarray] | None = None,
 ) -> LocalizeResult:
     """Retrieve the ``top_k`` most similar tiles for each photo; optionally write their footprints.
 
     A photo that cannot be read is reported with ``status="error"`` and the others go on; if none succeeds
-    nothing is written and the first error is raised.
+    nothing is written and the first error is raised. ``keep_decoded`` receives the decoded photos (by
+    path, up to ``KEEP_DECODED_BYTES`` in all) so that ``localize --footprint`` does not decode them again.
     """
     if top_k < 1:
         raise InputError(f"--top-k must be >= 1, got {top_k}")
@@ -216,7 +218,7 @@ def localize(
             cancel.check()
         progress(i / len(paths), f"photo {i + 1} of {len(paths)}: {path.name}")
         try:
-            results.append(_localize_one(path, idx, encoder, top_k, tiles, max_pixels))
+            results.append(_localize_one(path, idx, encoder, top_k, tiles, max_pixels, keep_decoded))
         except SkylocError as exc:
             first_error = first_error or exc
             results.append(
@@ -237,10 +239,22 @@ def localize(
     return result
 
 
+#: Decoded photos handed from retrieval to footprint matching, at most (bytes); beyond, decoded again.
+KEEP_DECODED_BYTES = 1 << 30
+
+
 def _localize_one(
-    path: Path, idx: TileIndex, encoder: ImageEncoder, top_k: int, tiles: np.ndarray | None, max_pixels: int
+    path: Path,
+    idx: TileIndex,
+    encoder: ImageEncoder,
+    top_k: int,
+    tiles: np.ndarray | None,
+    max_pixels: int,
+    keep: dict[str, np.ndarray] | None = None,
 ) -> PhotoResult:
     image = read_image(path, max_pixels=max_pixels)
+    if keep is not None and sum(a.nbytes for a in keep.values()) + image.nbytes <= KEEP_DECODED_BYTES:
+        keep[str(path)] = image
     t0 = time.perf_counter()
     desc = encoder.encode(image[None])
     t1 = time.perf_counter()
@@ -345,6 +359,7 @@ def footprint(
     if top_k < 1:
         raise InputError(f"--top-k must be >= 1, got {top_k}")
     params = params or CoregParams()
+    check_matcher(params)  # weights checked before any output
     paths = expand_photos(photos)
     places = RasterPlaces(against, get_encoder(model, None, backend, None, None))
     try:
@@ -404,6 +419,7 @@ def localize_footprints(
     first). ``candidates_out`` also writes the retrieved tiles, as ``localize --out`` does.
     """
     params = params or CoregParams()
+    check_matcher(params)  # weights checked before any output
     idx = index if isinstance(index, TileIndex) else open_index(index)
     driver_for(out)
     check_output(
@@ -413,6 +429,7 @@ def localize_footprints(
         layer=FOOTPRINT_LAYER,
         what="footprint layer",
     )
+    decoded: dict[str, np.ndarray] = {}  # photos decoded for retrieval, passed on to matching
     retrieved = localize(
         photos,
         idx,
@@ -424,6 +441,7 @@ def localize_footprints(
         overwrite=overwrite,
         progress=lambda f, m: progress(0.1 * f, m),
         cancel=cancel,
+        keep_decoded=decoded,
     )
     by_photo = {p.photo: p for p in retrieved.photos}
     places = IndexPlaces(idx)
@@ -435,8 +453,12 @@ def localize_footprints(
                 return Footprint(
                     photo=str(path), status="error", reason=f"{hit.error_code}: {hit.message}"
                 ), None
-            rgb = read_image(path, max_pixels=max_pixels)
+            rgb = decoded.pop(str(path), None)
+            if rgb is None:
+                rgb = read_image(path, max_pixels=max_pixels)
             cands = [places.candidate(c.tile_id, c.rank) for c in hit.candidates]
+            for cand, c in zip(cands, hit.candidates, strict=True):
+                cand.rotation = float(c.rotation_deg)  # the learned matchers try this turn first
             return estimate(str(path), rgb, cands, params, cancel), rgb
 
         settings = dict(

@@ -285,6 +285,7 @@ class SkylocClient:
         backend: str | None = None,
         resume: bool | None = None,
         overwrite: bool | None = None,
+        matcher: str | None = None,
     ) -> Job:
         """Footprints of photos on a raster (``against``) or on an index's candidates (a job)."""
         return self._job(
@@ -306,6 +307,7 @@ class SkylocClient:
                 "backend": backend,
                 "resume": resume,
                 "overwrite": overwrite,
+                "matcher": matcher,
             },
         )
 

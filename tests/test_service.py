@@ -253,7 +253,7 @@ def test_outputs_never_replace_inputs_or_foreign_files(client, workspace):
     at = [488000.0, 5207000.0]
     for overwrite in (None, True):
         assert status_of(
-            lambda: client.heatmap("naip_2018.tif", "naip_2018.tif", at=at, overwrite=overwrite)
+            lambda ow=overwrite: client.heatmap("naip_2018.tif", "naip_2018.tif", at=at, overwrite=ow)
         ) == (
             409,
             "output_exists",
@@ -400,6 +400,18 @@ def test_footprint_job_writes_the_georeferenced_photo(client, workspace):
         str(root / "fp_georef" / "photo.jpg.points"),
     }
     assert all(Path(f).is_file() for f in job.files)
+
+
+def test_footprint_job_with_the_learned_matcher(client, workspace):
+    job = client.footprint(
+        ["photo.jpg"], "fp_aliked.gpkg", against="naip_2009.tif", top_k=1, matcher="aliked"
+    )
+    job = client.wait(job, timeout=600)
+    (photo,) = job.summary["photos"]
+    assert job.summary["localized"] == 1 and photo["matcher"] == "aliked", photo
+    assert status_of(
+        lambda: client.footprint(["photo.jpg"], "fp_x.gpkg", against="naip_2009.tif", matcher="superpoint")
+    ) == (422, "bad_input")
 
 
 def _tree(folder: Path) -> set[str]:

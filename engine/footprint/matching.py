@@ -26,6 +26,7 @@ class Features:
     xy: np.ndarray  # (n, 2) float64, GDAL pixel coordinates
     desc: np.ndarray  # (n, 128) float32, RootSIFT (unit L2 norm)
     shape: tuple[int, int]  # (rows, cols) of the image they come from
+    scores: np.ndarray | None = None  # (n,) detection scores (learned extractors), strongest first
 
     def __len__(self) -> int:
         return len(self.xy)

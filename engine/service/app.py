@@ -47,6 +47,7 @@ from ..errors import (
     SkylocError,
     from_os_error,
 )
+from ..footprint.coregister import CoregParams
 from ..imageio import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
 from ..index_store import check_index_out
 from ..output_guard import check_output
@@ -685,6 +686,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             max_pixels=config.max_pixels,
             resume=req.resume,
             overwrite=req.overwrite,
+            params=CoregParams(matcher=req.matcher),
         )
         check_output(out, inputs=photos, overwrite=req.overwrite, layer="footprints", what="footprint layer")
         candidates_out = None

@@ -117,6 +117,9 @@ class FootprintRequest(AreaFields):
     model: Annotated[str, Field(max_length=100)] = "default"
     backend: Backend = "onnx"
     resume: bool = True
+    matcher: Literal["sift", "aliked", "disk", "auto"] = Field(
+        "sift", description="local matcher: sift, aliked or disk (+ LightGlue), auto (SIFT, then LightGlue)"
+    )
     overwrite: bool = Field(
         False,
         description="replace existing outputs that Skyloc did not write (never an input of the request)",
