@@ -75,6 +75,21 @@ def test_localize_photos_outside_roots_against_raster_to_shapefile(plugin, tmp_p
     assert not Path(feature["photo"]).exists()  # the upload was deleted from the engine after the job
 
 
+def test_localize_photos_with_the_learned_matcher(plugin, tmp_path, engine_settings):
+    import processing
+
+    photos, out = tmp_path / "photos", tmp_path / "fp_aliked.gpkg"
+    photos.mkdir()
+    shutil.copy(PHOTO, photos / PHOTO.name)
+    result = processing.run(
+        "skyloc:localizephotos",
+        {"PHOTOS": str(photos), "AGAINST": str(SAMPLE / "naip_2009.tif"), "TOP_K": 1,
+         "MATCHER": 2, "OUTPUT": str(out)},
+    )  # fmt: skip
+    feature = next(read_layer(result["OUTPUT"]).getFeatures())
+    assert feature["status"] == "localized" and feature["matcher"] == "aliked"
+
+
 def test_localize_photos_needs_index_or_raster(plugin, photo_folder, tmp_path, engine_settings):
     import processing
 

@@ -260,6 +260,7 @@ def write_footprints(
             "geotiff": [r.geotiff for r in results],
             "points": [r.points for r in results],
             "seconds": np.array([r.seconds for r in results], dtype=np.float64),
+            "matcher": [r.matcher for r in results],
         },
         layer=FOOTPRINT_LAYER,
         inputs=inputs,

@@ -25,6 +25,7 @@ from qgis.core import (
     QgsProcessingFeedback,
     QgsProcessingOutputNumber,
     QgsProcessingParameterBoolean,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterFeatureSource,
@@ -243,6 +244,14 @@ class LocalizePhotos(SkylocAlgorithm):
                 100,
             )
         )
+        self.addParameter(
+            QgsProcessingParameterEnum(
+                "MATCHER",
+                tr("Matcher (sift: fastest; auto: SIFT, then ALIKED+LightGlue where SIFT places nothing)"),
+                options=list(MATCHERS),
+                defaultValue=0,
+            )
+        )
         self.addParameter(QgsProcessingParameterExtent("EXTENT", tr("Search area: box"), optional=True))
         self.addParameter(QgsProcessingParameterPoint("NEAR", tr("Search area: near point"), optional=True))
         self.addParameter(
@@ -302,7 +311,10 @@ class LocalizePhotos(SkylocAlgorithm):
         cands = None
         if index and parameters.get("CANDIDATES") not in (None, ""):
             cands = StagedOutput(self.parameterAsOutputLayer(parameters, "CANDIDATES", context), roots, work)
-        options: dict[str, Any] = {"top_k": self.parameterAsInt(parameters, "TOP_K", context)}
+        options: dict[str, Any] = {
+            "top_k": self.parameterAsInt(parameters, "TOP_K", context),
+            "matcher": MATCHERS[self.parameterAsEnum(parameters, "MATCHER", context)],
+        }
         if index:
             options.update(index=require_inside(index, roots, "index"), **self.area(parameters, context))
             if cands is not None:
@@ -525,5 +537,8 @@ def write_sidecar(
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(doc, fh)
 
+
+#: local matchers of the engine (engine.footprint.learned.MATCHERS), the default first
+MATCHERS = ("sift", "auto", "aliked", "disk")
 
 ALGORITHMS = (BuildIndex, LocalizePhotos, HeatmapAtPoint, EmbeddingsAtPoints)
