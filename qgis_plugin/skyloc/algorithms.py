@@ -244,14 +244,13 @@ class LocalizePhotos(SkylocAlgorithm):
                 100,
             )
         )
-        self.addParameter(
-            QgsProcessingParameterEnum(
-                "MATCHER",
-                tr("Matcher (sift: fastest; auto: SIFT, then ALIKED+LightGlue where SIFT places nothing)"),
-                options=list(MATCHERS),
-                defaultValue=0,
+        matcher = QgsProcessingParameterEnum("MATCHER", tr("Matcher"), options=list(MATCHERS), defaultValue=0)
+        matcher.setHelp(
+            tr(
+                "sift: fastest; auto: SIFT, then ALIKED+LightGlue where SIFT places nothing; aliked/disk: learned"
             )
         )
+        self.addParameter(matcher)
         self.addParameter(QgsProcessingParameterExtent("EXTENT", tr("Search area: box"), optional=True))
         self.addParameter(QgsProcessingParameterPoint("NEAR", tr("Search area: near point"), optional=True))
         self.addParameter(
