@@ -7,6 +7,11 @@
 2. ``skyloc heatmap`` at a point of the 2018 raster; the picture shows the heatmap with the style the engine
    writes beside it (``.qml``), over the raster, with the clicked point and a legend.
 
+3. The plugin's dock at 300 px (the narrowest a right-hand dock is used at), with a real engine behind it
+   (``skyloc serve``, started by the plugin's client): ``dock_localize.png`` after a run of two photos (one
+   placed, one rejected: the outcome in words and one line per photo), ``dock_embed.png`` and
+   ``dock_engine.png`` (engine status, folders, models, diagnostics). A cramped or clipped dock shows here.
+
 Runs the engine from ``.venv`` (it is not imported here: this is QGIS's Python) and QGIS's own renderer
 (a print layout exported to PNG), so the pictures show what an analyst gets in QGIS.
 """
@@ -56,7 +61,130 @@ def engine_outputs(work: Path) -> dict[str, Path]:
         "--out",
         str(heat),
     )
-    return {"footprint": fp, "georef": georef / "photo_2009_oblique.jpg.tif", "heatmap": heat}
+    index = work / "index_2009"
+    skyloc("index", str(SAMPLE / "naip_2009.tif"), "--tile-sizes", "256", "--out", str(index))
+    return {
+        "footprint": fp,
+        "georef": georef / "photo_2009_oblique.jpg.tif",
+        "heatmap": heat,
+        "work": work,
+        "index": index,
+    }
+
+
+def featureless_photo(path: Path) -> Path:
+    """A photo with nothing to match (a smooth gradient): the engine rejects it, the dock says why."""
+    from qgis.PyQt.QtGui import QColor, QImage, QLinearGradient, QPainter
+
+    image = QImage(480, 360, QImage.Format.Format_RGB32)
+    painter = QPainter(image)
+    gradient = QLinearGradient(0, 0, 480, 360)
+    gradient.setColorAt(0, QColor("#4a6b3a"))
+    gradient.setColorAt(1, QColor("#9bb07a"))
+    painter.fillRect(image.rect(), gradient)
+    painter.end()
+    image.save(str(path), "JPG")
+    return path
+
+
+def render_dock(out_dir: Path, work: Path, index: Path, width: int = 300) -> list[Path]:
+    """The plugin's dock (from qgis_plugin/, a source checkout) at ``width`` px: three tab pictures."""
+    import shutil
+    import time
+
+    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsSettings
+
+    sys.path.insert(0, str(ROOT / "qgis_plugin"))
+    import skyloc as plugin_pkg
+
+    plugin_pkg._ensure_client()
+    from skyloc.client import launch
+    from skyloc.dock import SkylocDock
+    from skyloc.engine_link import EngineLink, EngineSettings
+
+    def settle(seconds: float = 0.3) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            QgsApplication.processEvents()
+            time.sleep(0.01)
+
+    saved = {k: QgsSettings().value(k) for k in QgsSettings().allKeys() if k.startswith("skyloc/")}
+    photos = work / "photos"
+    photos.mkdir(exist_ok=True)
+    shutil.copy(SAMPLE / "photo_2009_oblique.jpg", photos / "photo_2009_oblique.jpg")
+    plain = featureless_photo(photos / "plain_field.jpg")
+    engine = launch([str(SKYLOC), "serve"], roots=[str(work), str(SAMPLE)])
+    written = []
+    try:
+        EngineSettings(
+            url=engine.url,
+            token_file=engine.token_file,
+            executable=str(SKYLOC),
+            roots=[str(work), str(SAMPLE)],
+            output_dir=str(work / "results"),
+        ).save()
+        project = QgsProject.instance()
+        project.addMapLayer(QgsRasterLayer(str(SAMPLE / "naip_2009.tif"), "naip_2009"))
+        dock = SkylocDock(None)
+        dock.setFloating(True)
+        dock.resize(width, 1000)
+        dock.show()
+        dock.engine.load_fields()
+        dock.engine.refresh()
+        panel = dock.localize
+        panel.add_photos([str(photos / "photo_2009_oblique.jpg"), str(plain)])
+        panel.index.setFilePath(str(index))
+        panel.top_k.setValue(3)
+        task = panel.run()
+        deadline = time.monotonic() + 300
+        seen_running = False
+        while not task.ended:
+            settle(0.1)
+            if not seen_running and task.message.startswith("photo 2"):
+                seen_running = True  # mid-run: the engine's message and the seconds it stands
+                area = dock.tabs.widget(0)
+                area.verticalScrollBar().setValue(area.verticalScrollBar().maximum())
+                settle(1.2)
+                grab(dock, out_dir / "dock_progress.png", written)
+            if time.monotonic() > deadline:
+                raise RuntimeError("the dock's run did not end in 300 s")
+        if not task.ok:
+            raise RuntimeError(f"the dock's run failed: {task.error_text}")
+        settle()
+        area = dock.tabs.widget(0)
+        area.verticalScrollBar().setValue(area.verticalScrollBar().maximum())
+        settle()
+        grab(dock, out_dir / "dock_localize.png", written)
+        dock.tabs.setCurrentIndex(1)
+        dock.embeddings.raster.setLayer(project.mapLayersByName("naip_2009")[0])
+        settle()
+        grab(dock, out_dir / "dock_embed.png", written)
+        dock.tabs.setCurrentIndex(2)
+        dock.engine.refresh()
+        settle()
+        grab(dock, out_dir / "dock_engine.png", written)
+        dock.hide()
+        dock.deleteLater()
+        settle()
+    finally:
+        EngineLink.instance().stop_local()
+        engine.stop()
+        settings = QgsSettings()
+        for key in [k for k in settings.allKeys() if k.startswith("skyloc/")]:
+            settings.remove(key)
+        for key, value in saved.items():
+            settings.setValue(key, value)
+    return written
+
+
+def grab(widget, path: Path, written: list[Path], height: int | None = None) -> None:
+    """Save what ``widget`` shows (its top ``height`` pixels) as a PNG."""
+    pixmap = widget.grab()
+    if height is not None:
+        pixmap = pixmap.copy(0, 0, pixmap.width(), height)
+    if not pixmap.save(str(path), "PNG"):
+        raise RuntimeError(f"cannot write {path}")
+    written.append(path)
 
 
 def render(out_dir: Path, outputs: dict[str, Path]) -> list[Path]:
@@ -87,7 +215,7 @@ def render(out_dir: Path, outputs: dict[str, Path]) -> list[Path]:
     )
     from qgis.PyQt.QtGui import QFont
 
-    app = QgsApplication([], False)
+    app = QgsApplication([], True)  # widgets too (the dock); QT_QPA_PLATFORM=offscreen needs no display
     app.initQgis()
     written = []
     try:
@@ -191,6 +319,10 @@ def render(out_dir: Path, outputs: dict[str, Path]) -> list[Path]:
             legend=True,
         )
         assert heat.crs() == QgsCoordinateReferenceSystem("EPSG:26914")
+        project.removeAllMapLayers()
+
+        # 3. the dock at 300 px, driven like a user would, with a real engine
+        written += render_dock(out_dir, outputs["work"], outputs["index"])
     finally:
         QgsProject.instance().clear()
         app.exitQgis()

@@ -147,12 +147,25 @@ def photo_folder(work_dir) -> Path:
     return folder
 
 
+def clear_bar(qgis_iface) -> None:
+    """Empty the message bar: the mock's record and the plugin's items."""
+    qgis_iface.messageBar().clear_messages()
+    qgis_iface.messageBar().clearWidgets()
+
+
+def bar_texts(qgis_iface, level) -> list[str]:
+    """``Skyloc:<text>`` of the messages of ``level`` in the bar (the plugin pushes items, full text)."""
+    from skyloc.messages import bar_messages
+
+    return qgis_iface.messageBar().get_messages(level) + bar_messages(qgis_iface, level)
+
+
 @pytest.fixture
 def clean_project(qgis_iface):
     """An empty project and message bar."""
     from qgis.core import QgsProject
 
     QgsProject.instance().clear()
-    qgis_iface.messageBar().clear_messages()
+    clear_bar(qgis_iface)
     yield QgsProject.instance()
     QgsProject.instance().clear()

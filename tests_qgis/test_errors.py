@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from conftest import SAMPLE, use_engine, wait_for
+from conftest import SAMPLE, bar_texts, clear_bar, use_engine, wait_for
 from qgis.core import Qgis, QgsPointXY, QgsProcessingException, QgsRasterLayer
 
 
@@ -26,7 +26,7 @@ def raster_on_canvas(qgis_canvas, clean_project):
 
 
 def critical(qgis_iface) -> list[str]:
-    return qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    return bar_texts(qgis_iface, Qgis.MessageLevel.Critical)
 
 
 def test_engine_down_gives_message_bar_error(
@@ -38,8 +38,8 @@ def test_engine_down_gives_message_bar_error(
     wait_for(task, timeout=60)
     assert not task.ok
     messages = critical(qgis_iface)
-    assert any("engine is not running" in m and "Engine part" in m for m in messages), messages
-    status = plugin.dock.engine.refresh()  # the Engine part says it too, without raising
+    assert any("engine is not running" in m and "Engine tab" in m for m in messages), messages
+    status = plugin.dock.engine.refresh()  # the Engine tab says it too, without raising
     assert not status["ok"] and "not running" in plugin.dock.engine.status.text()
 
 
@@ -77,11 +77,13 @@ def test_unreadable_photo_and_unusable_raster(plugin, qgis_iface, clean_project,
     assert not task.ok
     assert any("photo could not be read" in m for m in critical(qgis_iface)), critical(qgis_iface)
 
-    qgis_iface.messageBar().clear_messages()
+    clear_bar(qgis_iface)
     tiles = QgsRasterLayer("type=xyz&url=http://127.0.0.1:9/{z}/{x}/{y}.png", "web tiles", "wms")
     assert tiles.isValid()
     clean_project.addMapLayer(tiles)
     plugin.dock.embeddings.raster.setLayer(tiles)
+    plugin.dock.embeddings.lat.setText("47.02")
+    plugin.dock.embeddings.lon.setText("-99.15")
     assert plugin.dock.embeddings.heatmap_from_location() is None
     messages = critical(qgis_iface)
     assert any("raster cannot be used" in m and "not a raster file" in m for m in messages), messages

@@ -7,7 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from conftest import REPO, process_events
+from conftest import REPO, bar_texts, clear_bar, process_events
 from qgis.core import Qgis, QgsApplication, QgsProcessingAlgorithm
 
 ALGORITHMS = {"buildindex", "localizephotos", "heatmapatpoint", "embeddingsatpoints"}
@@ -31,7 +31,7 @@ def test_plugin_loaded_from_zip(plugin, skyloc_pkg, plugin_zip):
     assert str(REPO / "qgis_plugin") not in Path(skyloc_pkg.__file__).as_posix()
     assert plugin.dock is not None
     tabs = [plugin.dock.tabs.tabText(i) for i in range(plugin.dock.tabs.count())]
-    assert tabs == ["Localize photos", "Embeddings", "Engine"]
+    assert tabs == ["Localize", "Embed", "Engine"]
     assert plugin.dock_action is not None and plugin.tool_action is not None
     assert plugin.engine_status is not None and plugin.engine_status["ok"]  # checked right after load
 
@@ -58,13 +58,15 @@ def test_unload_then_load_without_engine(plugin, skyloc_pkg, qgis_iface, engine_
     assert plugin.dock is None and plugin.dock_action is None
     try:
         EngineSettings().save()  # nothing configured
-        qgis_iface.messageBar().clear_messages()
+        clear_bar(qgis_iface)
         other = skyloc_pkg.classFactory(qgis_iface)
         other.initGui()  # no exception
         process_events()
         assert other.engine_status is not None and other.engine_status["code"] == "not_configured"
-        infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
-        assert any("Engine part" in m and "skyloc" in m for m in infos), infos
+        infos = bar_texts(qgis_iface, Qgis.MessageLevel.Info)
+        assert any("Engine tab" in m and "skyloc" in m for m in infos), infos
+        assert other.dock.line.text() == "Engine: not set up (Engine tab)"  # status line = Engine tab
+        assert "No Skyloc engine is set up" in other.dock.engine.status.text()
         other.unload()
         assert QgsApplication.processingRegistry().providerById("skyloc") is None
     finally:

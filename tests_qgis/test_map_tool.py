@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import SAMPLE, wait_for
+from conftest import SAMPLE, bar_texts, wait_for
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
@@ -72,5 +72,5 @@ def test_click_outside_any_raster_is_a_message(
     tool.last_task = None
     click(qgis_canvas, tool, qgis_canvas.extent().center())
     assert tool.last_task is None
-    errors = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    errors = bar_texts(qgis_iface, Qgis.MessageLevel.Critical)
     assert any("no raster layer under the clicked point" in m for m in errors), errors

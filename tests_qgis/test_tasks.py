@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import SAMPLE, wait_for
-from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
+from conftest import PHOTO, SAMPLE, wait_for
+from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer
+
+PHOTO_NAME = PHOTO.name
 
 
 def test_cancel_index_task_leaves_no_output(
@@ -37,34 +39,86 @@ def test_cancel_index_task_leaves_no_output(
     assert not Path(str(out) + ".partial").exists()
 
 
-def test_dock_localize_adds_layers(
-    plugin, built_index, photo_folder, qgis_canvas, clean_project, engine_settings
+def featureless_photo(path: Path) -> Path:
+    """A photo with nothing to match (a smooth gradient): the engine rejects it."""
+    from qgis.PyQt.QtGui import QColor, QImage, QLinearGradient, QPainter
+
+    image = QImage(480, 360, QImage.Format.Format_RGB32)
+    painter = QPainter(image)
+    gradient = QLinearGradient(0, 0, 480, 360)
+    gradient.setColorAt(0, QColor("#4a6b3a"))
+    gradient.setColorAt(1, QColor("#9bb07a"))
+    painter.fillRect(image.rect(), gradient)
+    painter.end()
+    assert image.save(str(path), "JPG")
+    return path
+
+
+def test_dock_localize_outcome_matcher_and_groups(
+    plugin, built_index, photo_folder, work_dir, qgis_canvas, qgis_iface, clean_project, engine_settings
 ):
+    """Matcher choice round trip, the outcome in words, per-photo rows that zoom, one group per run."""
+    from qgis.core import Qgis
+    from skyloc.messages import bar_messages
+
     panel = plugin.dock.localize
     panel.photo_list.clear()
-    panel.add_photos([str(photo_folder)])
+    plain = featureless_photo(photo_folder / "plain_field.jpg")
+    panel.add_photos([str(photo_folder / PHOTO_NAME), str(plain)])
+    assert [panel.photo_list.item(i).text() for i in range(2)] == [PHOTO_NAME, "plain_field.jpg"]
+    assert panel.photo_list.item(0).toolTip() == str(photo_folder / PHOTO_NAME)  # the path as tooltip
     panel.index.setFilePath(built_index)
-    panel.top_k.setValue(3)
+    panel.top_k.setValue(2)
+    assert panel.matcher.currentText() == "sift"  # the engine's default first
+    panel.matcher.setCurrentIndex(panel.matcher.findText("aliked"))
+    assert panel.lat.value() is None and panel.lon.value() is None  # empty, not 0,0
     panel.area.setCurrentIndex(2)  # near a point: the sample's centre, 5 km
-    panel.lat.setValue(47.02)
-    panel.lon.setValue(-99.15)
+    panel.lat.setText("47.02")
+    panel.lon.setText("-99.15")
     panel.radius.setValue(5)
     task = panel.run()
-    assert task is not None and task.area["near"] == [47.02, -99.15]
-    wait_for(task)
+    assert task is not None and task.area["near"] == [47.02, -99.15] and task.matcher == "aliked"
+    wait_for(task, timeout=300)
     assert task.ok, task.error_text
-    layers = {lyr.name(): lyr for lyr in QgsProject.instance().mapLayers().values()}
+    assert task.job.params["matcher"] == "aliked"  # it reached the engine
+
+    # one group named after the run holds its layers
+    root = QgsProject.instance().layerTreeRoot()
+    group = task.group
+    assert group is not None and group.name().startswith("Skyloc 2 photo sources ")
+    layers = {n.layer().name(): n.layer() for n in group.findLayers()}
     cands, feet = layers["Skyloc candidates"], layers["Skyloc footprints"]
-    assert isinstance(cands, QgsVectorLayer) and cands.featureCount() == 3
+    assert isinstance(cands, QgsVectorLayer) and cands.featureCount() == 4
     assert cands.renderer().type() == "categorizedSymbol"
-    assert isinstance(feet, QgsVectorLayer) and feet.featureCount() == 1
-    assert next(feet.getFeatures())["status"] == "localized"
-    photo = layers["photo_2009_oblique.jpg"]
+    assert isinstance(feet, QgsVectorLayer) and feet.featureCount() == 2
+    by_name = {f["photo_name"]: f for f in feet.getFeatures()}
+    assert by_name[PHOTO_NAME]["status"] == "localized" and by_name[PHOTO_NAME]["matcher"] == "aliked"
+    assert by_name["plain_field.jpg"]["status"] == "rejected"
+    photo = layers[PHOTO_NAME]
     assert isinstance(photo, QgsRasterLayer) and photo.isValid()
+    assert root.findGroup("Skyloc results") is None  # no growing stack of loose results
+
+    # the outcome in words: in the dock and (the same) in the message bar, one message
+    assert task.outcome.startswith("1 of 2 photos placed; plain_field.jpg rejected: ")
+    assert "features in the photo" in task.outcome  # the engine's reason, in the dock
+    assert panel.progress.label.text() == "1 of 2 photos placed"  # one line; the whole as tooltip
+    assert panel.progress.label.toolTip() == task.outcome
     assert panel.progress.bar.value() == 100
-    assert qgis_canvas.extent().intersects(
-        qgis_canvas.mapSettings().layerExtentToOutputExtent(feet, feet.extent())
-    )
+    warnings = bar_messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert warnings == [f"Skyloc:{task.outcome}"], warnings
+
+    # one row per photo; a click zooms to (and selects) its feature
+    rows = [panel.results.item(i) for i in range(panel.results.count())]
+    assert [r.text().split(" ")[0] for r in rows] == [PHOTO_NAME, "plain_field.jpg"]
+    assert rows[0].text().startswith(f"{PHOTO_NAME} placed (") and "aliked" in rows[0].text()
+    qgis_canvas.setDestinationCrs(feet.crs())
+    qgis_canvas.setExtent(QgsRectangle(0, 0, 1, 1))
+    assert panel.zoom_to_row(rows[0])
+    fid = by_name[PHOTO_NAME].id()
+    assert feet.selectedFeatureIds() == [fid]
+    assert qgis_canvas.extent().contains(by_name[PHOTO_NAME].geometry().boundingBox())
+    assert panel.zoom_to_row(rows[1])  # rejected: its best candidate place
+    assert len(cands.selectedFeatureIds()) == 1
 
 
 def test_dock_builds_index_from_project_rasters(plugin, clean_project, engine_settings, work_dir):

@@ -109,7 +109,7 @@ class SkylocAlgorithm(QgsProcessingAlgorithm):
             with self.client() as client:
                 return self.process(client, parameters, context, feedback)
         except ServiceError as exc:
-            raise QgsProcessingException(explain(exc)) from exc
+            raise QgsProcessingException(explain(exc, processing=True)) from exc
 
     def process(
         self,
@@ -245,11 +245,7 @@ class LocalizePhotos(SkylocAlgorithm):
             )
         )
         matcher = QgsProcessingParameterEnum("MATCHER", tr("Matcher"), options=list(MATCHERS), defaultValue=0)
-        matcher.setHelp(
-            tr(
-                "sift: fastest; auto: SIFT, then ALIKED+LightGlue where SIFT places nothing; aliked/disk: learned"
-            )
-        )
+        matcher.setHelp(tr(MATCHER_HELP))
         self.addParameter(matcher)
         self.addParameter(QgsProcessingParameterExtent("EXTENT", tr("Search area: box"), optional=True))
         self.addParameter(QgsProcessingParameterPoint("NEAR", tr("Search area: near point"), optional=True))
@@ -539,5 +535,15 @@ def write_sidecar(
 
 #: local matchers of the engine (engine.footprint.learned.MATCHERS), the default first
 MATCHERS = ("sift", "auto", "aliked", "disk")
+MATCHER_HELP = (
+    "sift: fastest; auto: SIFT, then ALIKED+LightGlue where SIFT places nothing; aliked/disk: learned"
+)
+#: one line per matcher (the dock's tooltips)
+MATCHER_TIPS = {
+    "sift": "SIFT: fastest, the default",
+    "auto": "SIFT, then ALIKED+LightGlue for the photos SIFT places nothing for",
+    "aliked": "ALIKED+LightGlue (learned): slower, for hard (oblique, seasonal) photos",
+    "disk": "DISK+LightGlue (learned): slower, for hard photos",
+}
 
 ALGORITHMS = (BuildIndex, LocalizePhotos, HeatmapAtPoint, EmbeddingsAtPoints)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from qgis.core import (
@@ -24,7 +25,8 @@ from qgis.gui import (
     QgsMapLayerComboBox,
     QgsMapToolEmitPoint,
 )
-from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtCore import QRect, Qt, QTimer
+from qgis.PyQt.QtGui import QColor, QDoubleValidator
 from qgis.PyQt.QtWidgets import (
     QAction,
     QApplication,
@@ -38,20 +40,23 @@ from qgis.PyQt.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
+    QListWidgetItem,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSizePolicy,
     QSpinBox,
     QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
+from .algorithms import MATCHER_HELP, MATCHER_TIPS, MATCHERS
 from .engine_link import EngineLink, EngineSettings
-from .layers import raster_file
-from .messages import push, report_error
-from .tasks import EngineTask, HeatmapTask, IndexTask, LocalizeTask, start_task
+from .layers import STATUS_COLOURS, raster_file, zoom_to_feature
+from .messages import clean, push, report_error
+from .tasks import EngineTask, HeatmapTask, IndexTask, LocalizeTask, row_text, start_task
 
 WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
 PHOTO_FILTER = "Images (*.jpg *.jpeg *.png *.tif *.tiff *.webp *.bmp)"
@@ -89,8 +94,90 @@ def _spin(lo: float, hi: float, value: float, decimals: int = 6) -> QDoubleSpinB
     return s
 
 
+class CoordEdit(QLineEdit):
+    """A latitude or longitude that starts empty (not 0): ``value()`` is None until one is typed."""
+
+    def __init__(self, lo: float, hi: float, placeholder: str) -> None:
+        super().__init__()
+        self.setPlaceholderText(placeholder)
+        validator = QDoubleValidator(lo, hi, 8)
+        validator.setNotation(QDoubleValidator.Notation.StandardNotation)
+        self.setValidator(validator)
+        self.setMinimumWidth(60)
+
+    def value(self) -> float | None:
+        text = self.text().strip().replace(",", ".")
+        try:
+            return float(text) if text else None
+        except ValueError:
+            return None
+
+    def setValue(self, v: float) -> None:  # noqa: N802 (like a spin box)
+        self.setText(f"{v:.6f}")
+
+
+def _lines(label: QLabel, n: int) -> QLabel:
+    """Reserve ``n`` lines for ``label`` so that the widgets below it never move when its text changes."""
+    label.setWordWrap(True)
+    label.setFixedHeight(label.fontMetrics().lineSpacing() * n + 4)
+    label.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+    label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label
+
+
+class ElidedLabel(QLabel):
+    """``lines`` lines of text that never widen or grow their parent: wrapped, the end elided with "…" to
+    the room it gets (the full text as tooltip), so the widgets below never move."""
+
+    def __init__(self, text: str = "", lines: int = 1) -> None:
+        super().__init__()
+        self._full = ""
+        self.lines = lines
+        self.setWordWrap(lines > 1)
+        self.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.setFixedHeight(self.fontMetrics().lineSpacing() * lines + 6)
+        self.setText(text)
+
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt API)
+        self._full = text
+        self._elide()
+
+    def text(self) -> str:
+        return self._full
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        super().resizeEvent(event)
+        self._elide()
+
+    def _fits(self, text: str, width: int) -> bool:
+        flags = int(Qt.TextFlag.TextWordWrap) if self.lines > 1 else 0
+        rect = self.fontMetrics().boundingRect(QRect(0, 0, width, 100000), flags, text)
+        room = self.fontMetrics().lineSpacing() * self.lines + self.fontMetrics().leading() + 2
+        return rect.height() <= room and rect.width() <= width
+
+    def _elide(self) -> None:
+        width = max(self.width() - 4, 40)
+        text = self._full
+        if self.lines == 1:
+            shown = self.fontMetrics().elidedText(text, Qt.TextElideMode.ElideRight, width)
+        elif self._fits(text, width):
+            shown = text
+        else:
+            lo, hi = 0, len(text)  # the longest start of the text that fits with "…"
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self._fits(text[:mid].rstrip() + "…", width):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            shown = text[:lo].rstrip() + "…"
+        super().setText(shown)
+
+
 class TaskProgress(QWidget):
-    """A progress bar + cancel button following one task at a time."""
+    """A progress bar + cancel button following one task at a time; below it the engine's latest
+    message and the seconds it has stood (so a long photo shows time moving), then how it ended."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -99,29 +186,50 @@ class TaskProgress(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
-        self.label = QLabel("")
-        self.label.setWordWrap(True)
+        self.label = ElidedLabel("", lines=2)  # never clipped mid-line: elided, the whole text as tooltip
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(_row(self.bar, self.cancel_button))
         lay.addWidget(self.label)
         self.task: QgsTask | None = None
+        self.timer = QTimer(self)
+        self.timer.setInterval(500)
+        self.timer.timeout.connect(self.tick)
 
     def follow(self, task: EngineTask) -> None:
         self.task = task
         self.bar.setValue(0)
-        self.label.setText(task.description())
+        self.label.setText(clean(task.description()) + ": starting…")
+        self.label.setToolTip("")
         self.cancel_button.setEnabled(True)
         task.progressChanged.connect(lambda p: self.bar.setValue(int(p)))
+        self.timer.start()
+
+    def tick(self) -> str:
+        """Show the running task's engine message and how long it has stood."""
+        task = self.task
+        if task is None:
+            self.timer.stop()
+            return self.label.text()
+        now = time.monotonic()
+        message = task.message or "waiting for the engine"
+        text = f"{now - task.started_at:.0f} s · {message} ({now - task.message_since:.0f} s)"
+        self.label.setText(text)
+        self.label.setToolTip(text)
+        return text
 
     def ended(self, task: EngineTask) -> None:
         if task is self.task:
             self.task = None
+            self.timer.stop()
             self.cancel_button.setEnabled(False)
             self.bar.setValue(100 if task.ok else 0)
-            self.label.setText(
-                "done" if task.ok else ("cancelled" if task.was_canceled else task.error_text.split("\n")[0])
-            )
+            if task.ok:
+                text = getattr(task, "outcome", "") or "done"
+            else:
+                text = "cancelled" if task.was_canceled else clean(task.error_text)
+            self.label.setText(text.split("; ")[0] if task.ok else text)
+            self.label.setToolTip(text)
 
     def cancel(self) -> None:
         if self.task is not None:
@@ -146,24 +254,30 @@ class LocalizePanel(QWidget):
 
         self.photo_list = QListWidget()
         self.photo_list.setMaximumHeight(90)
+        self.photo_list.setToolTip("Photos or folders of photos (the full path in each one's tooltip)")
         add_files, add_folder, clear = QPushButton("Files…"), QPushButton("Folder…"), QPushButton("Clear")
         add_files.clicked.connect(self._add_files)
         add_folder.clicked.connect(self._add_folder)
         clear.clicked.connect(self.photo_list.clear)
-        form.addRow("Photos", self.photo_list)
-        form.addRow("", _row(add_files, add_folder, clear))
+        self.photo_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        self.photo_list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        form.addRow(QLabel("Photos"))
+        form.addRow(self.photo_list)
+        form.addRow(_row(add_files, add_folder, clear))
 
         self.index = QgsFileWidget()
         self.index.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
-        form.addRow("Index folder", self.index)
+        form.addRow(QLabel("Index folder"))
+        form.addRow(self.index)
         self.rasters = QgsCheckableComboBox()
         refresh = QPushButton("↻")
         refresh.setToolTip("List the raster layers of the project")
         refresh.clicked.connect(self.refresh_rasters)
         self.build_button = QPushButton("Build index")
         self.build_button.clicked.connect(self.build_index)
-        form.addRow("or build from", self.rasters)
-        form.addRow("", _row(refresh, self.build_button))
+        form.addRow(QLabel("or build one from layers"))
+        form.addRow(self.rasters)
+        form.addRow(_row(refresh, self.build_button))
         self.tile_sizes = QLineEdit("256,512")
         form.addRow("Tile sizes", self.tile_sizes)
 
@@ -173,9 +287,17 @@ class LocalizePanel(QWidget):
         )
         self.footprint.setChecked(True)
         form.addRow(self.footprint)
+        self.matcher = QComboBox()
+        for i, name in enumerate(MATCHERS):
+            self.matcher.addItem(name, name)
+            self.matcher.setItemData(i, MATCHER_TIPS.get(name, ""), Qt.ItemDataRole.ToolTipRole)
+        self.matcher.setToolTip(MATCHER_HELP)
+        self.footprint.toggled.connect(self.matcher.setEnabled)
+        form.addRow("Matcher", self.matcher)
         self.top_k = QSpinBox()
         self.top_k.setRange(1, 100)
         self.top_k.setValue(5)
+        self.top_k.setToolTip("Places tried per photo")
         form.addRow("Top-k", self.top_k)
 
         self.area = QComboBox()
@@ -185,7 +307,7 @@ class LocalizePanel(QWidget):
         if iface is not None:
             self.extent.setMapCanvas(iface.mapCanvas())
         form.addRow("Box", self.extent)
-        self.lat, self.lon = _spin(-90, 90, 0), _spin(-180, 180, 0)
+        self.lat, self.lon = CoordEdit(-90, 90, "lat"), CoordEdit(-180, 180, "lon")
         self.radius = _spin(0.001, 20000, 100, 3)
         pick = QPushButton("Pick")
         pick.setToolTip("Click the nadir point on the map")
@@ -200,6 +322,12 @@ class LocalizePanel(QWidget):
         form.addRow(self.run_button)
         self.progress = TaskProgress()
         form.addRow(self.progress)
+        self.results = QListWidget()
+        self.results.setToolTip("What happened to each photo: click one to zoom to it")
+        self.results.setWordWrap(True)
+        self.results.setMinimumHeight(70)
+        self.results.itemClicked.connect(self.zoom_to_row)
+        form.addRow(self.results)
         self._pick_tool: QgsMapToolEmitPoint | None = None
         self.last_task: EngineTask | None = None
         self.refresh_rasters()
@@ -218,12 +346,22 @@ class LocalizePanel(QWidget):
             self.add_photos([folder])
 
     def add_photos(self, paths: list[str]) -> None:
+        """Add photos or folders: the list shows the file name, the path is the tooltip (and the data)."""
+        have = set(self.photos())
         for p in paths:
-            if p and not self.photo_list.findItems(p, Qt.MatchFlag.MatchExactly):
-                self.photo_list.addItem(p)
+            if not p or p in have:
+                continue
+            have.add(p)
+            name = os.path.basename(p.rstrip("/\\")) or p
+            item = QListWidgetItem(name + ("/" if os.path.isdir(p) else ""))
+            item.setData(Qt.ItemDataRole.UserRole, p)
+            item.setToolTip(p)
+            self.photo_list.addItem(item)
 
     def photos(self) -> list[str]:
-        return [self.photo_list.item(i).text() for i in range(self.photo_list.count())]
+        return [
+            self.photo_list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.photo_list.count())
+        ]
 
     def refresh_rasters(self, *_changed) -> None:
         """List the project's raster layers (checked ones stay checked)."""
@@ -261,7 +399,10 @@ class LocalizePanel(QWidget):
         """``near``/``radius_km`` or ``bbox`` (EPSG:4326) for the client."""
         i = self.area.currentIndex()
         if i == 2:
-            return {"near": [self.lat.value(), self.lon.value()], "radius_km": self.radius.value()}
+            lat, lon = self.lat.value(), self.lon.value()
+            if lat is None or lon is None:
+                raise ValueError("near a point: give its latitude and longitude (or Pick it on the map)")
+            return {"near": [lat, lon], "radius_km": self.radius.value()}
         if i == 1:
             box = self.extent.outputExtent()
             crs = self.extent.outputCrs()
@@ -305,18 +446,51 @@ class LocalizePanel(QWidget):
         if not photos or not index:
             push("add photos (or a folder) and choose an index folder first", iface=self.iface)
             return None
+        try:
+            area = self.search_area()
+        except ValueError as exc:
+            push(str(exc), Qgis.MessageLevel.Warning, self.iface)
+            return None
         task = LocalizeTask(
             photos,
             index=index,
             footprint=self.footprint.isChecked(),
             top_k=self.top_k.value(),
+            matcher=self.matcher.currentData() if self.footprint.isChecked() else None,
             iface=self.iface,
-            on_done=self.progress.ended,
-            **self.search_area(),
+            on_done=self.show_outcome,
+            **area,
         )
+        self.results.clear()
         self.progress.follow(task)
         self.last_task = start_task(task)
         return task
+
+    def show_outcome(self, task: EngineTask) -> None:
+        """The run's outcome in words above, one line per photo below (click: zoom to its feature)."""
+        self.progress.ended(task)
+        self.results.clear()
+        if not task.ok:  # the whole error, wrapped (the line above is elided)
+            item = QListWidgetItem("cancelled" if task.was_canceled else clean(task.error_text))
+            item.setForeground(QColor("#b2182b"))
+            self.results.addItem(item)
+        for row in getattr(task, "rows", []) if task.ok else []:
+            item = QListWidgetItem(row_text(row))
+            item.setData(Qt.ItemDataRole.UserRole, (row["layer_id"], row["fid"]))
+            item.setToolTip(row["photo"] + ("" if row["fid"] is not None else "\n(nothing to zoom to)"))
+            colour = STATUS_COLOURS.get(row["status"])
+            if colour:
+                item.setForeground(QColor(colour).darker(130))
+            self.results.addItem(item)
+
+    def zoom_to_row(self, item: QListWidgetItem) -> bool:
+        """Zoom to (and select) the feature of a photo's outcome; False when there is none."""
+        layer_id, fid = item.data(Qt.ItemDataRole.UserRole) or (None, None)
+        layer = QgsProject.instance().mapLayer(layer_id) if layer_id else None
+        if layer is None or fid is None or self.iface is None:
+            push(f"{item.text()}: no place to show on the map", iface=self.iface)
+            return False
+        return zoom_to_feature(self.iface.mapCanvas(), layer, fid)
 
 
 # ----------------------------------------------------------------------------------------- Embeddings
@@ -350,9 +524,12 @@ class EmbeddingsPanel(QWidget):
         lay.addWidget(self.embedding)
         lay.addWidget(copy)
 
-        box = QGroupBox("Heatmap from a photo or a place")
+        box = QGroupBox("Similarity heatmap")
+        box.setToolTip(
+            "A similarity heatmap over a raster, to a photo or to the place at a latitude, longitude"
+        )
         bform = QFormLayout(box)
-        bform.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+        bform.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapAllRows)  # fits a 300 px dock
         self.raster = QgsMapLayerComboBox()
         self.raster.setFilters(raster_filter())
         bform.addRow("Raster", self.raster)
@@ -362,7 +539,7 @@ class EmbeddingsPanel(QWidget):
         from_photo.clicked.connect(self.heatmap_from_photo)
         bform.addRow("Photo", self.photo)
         bform.addRow(from_photo)
-        self.lat, self.lon = _spin(-90, 90, 0), _spin(-180, 180, 0)
+        self.lat, self.lon = CoordEdit(-90, 90, "lat"), CoordEdit(-180, 180, "lon")
         from_loc = QPushButton("Heatmap from location")
         from_loc.clicked.connect(self.heatmap_from_location)
         bform.addRow("Lat, lon", _row(self.lat, self.lon))
@@ -415,7 +592,11 @@ class EmbeddingsPanel(QWidget):
         return self._heatmap(photo=photo)
 
     def heatmap_from_location(self) -> HeatmapTask | None:
-        return self._heatmap(location=[self.lat.value(), self.lon.value()])
+        lat, lon = self.lat.value(), self.lon.value()
+        if lat is None or lon is None:
+            push("give the latitude and longitude of the place first", Qgis.MessageLevel.Warning, self.iface)
+            return None
+        return self._heatmap(location=[lat, lon])
 
 
 # --------------------------------------------------------------------------------------------- Engine
@@ -441,8 +622,27 @@ class StartEngineTask(QgsTask):
         self.panel.start_button.setEnabled(True)
         if not ok and self.error is not None:
             report_error(self.error, self.panel.iface, "Start engine")
-        self.panel.refresh()
         self.panel._start_task = None
+        self.panel.refresh()
+
+
+def engine_line(st: dict[str, Any]) -> str:
+    """One short line about the engine for the top of the dock (the same facts as the Engine tab)."""
+    if st.get("starting"):
+        return "Engine: starting…"
+    if st.get("ok"):
+        where = str(st.get("url", "")).replace("http://", "")
+        return "Engine: running" + (" (plugin's)" if st.get("local") else "") + f" at {where}"
+    code = st.get("code")
+    if code == "not_configured":
+        return "Engine: not set up (Engine tab)"
+    if code == "stopped":
+        return "Engine: stopped (Engine tab: Start)"
+    if code == "unreachable" and "did not answer in time" in st.get("error", ""):
+        return "Engine: busy or loading (no answer in time)"
+    if code == "unreachable":
+        return "Engine: not running"
+    return "Engine: error (Engine tab)"
 
 
 class EnginePanel(QWidget):
@@ -454,18 +654,20 @@ class EnginePanel(QWidget):
         self.link = EngineLink.instance()
         s = EngineSettings.load()
         form = QFormLayout(self)
-        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapAllRows)  # paths get the dock's whole width
         self.url = QLineEdit(s.url)
         self.url.setPlaceholderText("http://127.0.0.1:PORT of a running 'skyloc serve'")
         self.token_file = QgsFileWidget()
         self.token_file.setFilePath(s.token_file)
         self.executable = QgsFileWidget()
         self.executable.setFilePath(s.executable)
-        self.executable.setToolTip("The 'skyloc' program of the engine's environment, e.g. .venv/bin/skyloc")
-        self.roots = QLineEdit(os.pathsep.join(s.roots))
-        self.roots.setPlaceholderText(
-            f"folders the engine may use, separated by '{os.pathsep}' (default: home)"
+        self.executable.setToolTip(
+            "The 'skyloc' program of the engine's environment, e.g. .venv/bin/skyloc: started by Start, "
+            "and without a click on first use in a new QGIS session"
         )
+        self.roots = QLineEdit(os.pathsep.join(s.roots))
+        self.roots.setPlaceholderText(f"separated by '{os.pathsep}' (default: home)")
+        self.roots.setToolTip("The folders the engine may read and write; Start restarts it with new ones")
         self.output_dir = QgsFileWidget()
         self.output_dir.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.output_dir.setFilePath(s.output_dir)
@@ -475,16 +677,19 @@ class EnginePanel(QWidget):
         form.addRow("Folders", self.roots)
         form.addRow("Results folder", self.output_dir)
         save = QPushButton("Save settings")
+        save.setToolTip("Save the settings (Start saves them too)")
         save.clicked.connect(self.save)
+        form.addRow(save)
         self.start_button, stop, refresh = QPushButton("Start"), QPushButton("Stop"), QPushButton("Status")
+        self.start_button.setToolTip(
+            "Start the engine (restart it when the folders or the executable changed)"
+        )
+        stop.setToolTip("Stop the engine the plugin started; the settings stay")
         self.start_button.clicked.connect(self.start)
         stop.clicked.connect(self.stop)
         refresh.clicked.connect(self.refresh)
         form.addRow(_row(self.start_button, stop, refresh))
-        form.addRow(save)
-        self.status = QLabel("status: not checked yet")
-        self.status.setWordWrap(True)
-        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.status = _lines(QLabel("status: not checked yet"), 4)
         form.addRow(self.status)
         self.models = QPlainTextEdit()
         self.models.setReadOnly(True)
@@ -492,10 +697,12 @@ class EnginePanel(QWidget):
         form.addRow("Models", self.models)
         self.diagnostics = QPlainTextEdit()
         self.diagnostics.setReadOnly(True)
+        self.diagnostics.setMinimumHeight(120)
         copy = QPushButton("Copy diagnostics")
         copy.clicked.connect(self.copy_diagnostics)
         form.addRow("Diagnostics", self.diagnostics)
         form.addRow(copy)
+        self.line: ElidedLabel | None = None  # the dock's one-line engine status
         self._start_task: StartEngineTask | None = None
         self.link.changed.connect(self.refresh)
 
@@ -515,38 +722,78 @@ class EnginePanel(QWidget):
         self.settings().save()
         self.refresh()
 
-    def start(self) -> None:
-        self.settings().save()
+    def load_fields(self) -> None:
+        """Show the saved settings in the fields."""
+        s = EngineSettings.load()
+        self.url.setText(s.url)
+        self.token_file.setFilePath(s.token_file)
+        self.executable.setFilePath(s.executable)
+        self.roots.setText(os.pathsep.join(s.roots))
+        self.output_dir.setFilePath(s.output_dir)
+
+    def start(self, save: bool = True) -> StartEngineTask | None:
+        """Save the settings (``save``; else show the saved ones) and start the engine in the background
+        (restarted if its folders changed)."""
+        if save:
+            self.settings().save()
+        else:
+            self.load_fields()
         if self._start_task is not None:
-            return
-        self.status.setText("status: starting the engine…")
+            return self._start_task
+        self.show_status({"starting": True})
         self.start_button.setEnabled(False)
         self._start_task = StartEngineTask(self)
         QgsApplication.taskManager().addTask(self._start_task)
+        return self._start_task
 
     def stop(self) -> None:
+        """Stop the engine the plugin started; the settings (and these fields) stay as they are."""
         if self.link.stop_local() is None:
+            self.link.stopped = False  # nothing of ours ran: automatic starts stay allowed
             push(
-                "the plugin did not start an engine (stop a 'skyloc serve' you started yourself with Ctrl-C)"
+                "the plugin did not start an engine (stop a 'skyloc serve' you started yourself with Ctrl-C)",
+                iface=self.iface,
             )
         self.refresh()
 
-    def refresh(self) -> dict[str, Any]:
-        """Ask the engine for its status; show it (and the diagnostics)."""
-        st = self.link.status()
-        if st["ok"]:
+    def show_status(self, st: dict[str, Any]) -> str:
+        """Show an engine status (of :meth:`EngineLink.status`) here and in the dock's status line."""
+        if st.get("starting"):
+            text = "status: starting the engine (loading its models takes a few seconds)…"
+        elif st.get("ok"):
             v = st["version"]
-            where = "local engine started by the plugin" if st["local"] else "engine"
-            self.status.setText(
-                f"status: {where} {v.get('version')} running at {st['url']}; folders: {', '.join(v.get('roots', []))}"
+            where = "local engine started by the plugin" if st.get("local") else "engine"
+            text = (
+                f"status: {where} {v.get('version')} running at {st['url']}; "
+                f"folders: {', '.join(v.get('roots', []))}"
             )
+        else:
+            text = f"status: {st.get('error')}"
+        self.status.setText(text)
+        self.status.setToolTip(text)
+        if self.line is not None:
+            line = engine_line(st)
+            self.line.setText(line)
+            self.line.setToolTip(text)
+        return text
+
+    def refresh(self, *_args) -> dict[str, Any]:
+        """Ask the engine for its status; show it (and the diagnostics)."""
+        if self._start_task is not None:
+            st = {"ok": False, "starting": True}
+            self.show_status(st)
+            return st
+        st = self.link.status()
+        if not st["ok"] and self.link.stopped and EngineSettings.load().executable:
+            st.update(code="stopped", error="the engine was stopped (Start starts it again; settings kept)")
+        self.show_status(st)
+        if st["ok"]:
             self.models.setPlainText(
                 "\n".join(
                     f"{m.get('name')} ({m.get('kind')}): {m.get('description', '')}" for m in st["models"]
                 )
             )
         else:
-            self.status.setText(f"status: {st.get('error')}")
             self.models.setPlainText("")
         self.diagnostics.setPlainText(self.link.diagnostics())
         return st
@@ -560,9 +807,14 @@ class EnginePanel(QWidget):
 
 # ----------------------------------------------------------------------------------------------- dock
 
+#: the width the dock must fit (every tab reachable, nothing clipped)
+NARROW = 300
+
 
 class SkylocDock(QgsDockWidget):
-    """The dock: three tabs."""
+    """The dock: a one-line engine status, then three tabs."""
+
+    TABS = ("Localize", "Embed", "Engine")  # short: the three fit 300 px even with a 12 pt font
 
     def __init__(self, iface, map_tool_action: QAction | None = None) -> None:
         super().__init__("Skyloc")
@@ -571,7 +823,22 @@ class SkylocDock(QgsDockWidget):
         self.embeddings = EmbeddingsPanel(iface, map_tool_action)
         self.engine = EnginePanel(iface)
         self.tabs = QTabWidget()
-        self.tabs.addTab(_scrolled(self.localize), "Localize photos")
-        self.tabs.addTab(_scrolled(self.embeddings), "Embeddings")
-        self.tabs.addTab(_scrolled(self.engine), "Engine")
-        self.setWidget(self.tabs)
+        self.tabs.setUsesScrollButtons(False)  # every tab stays visible in a narrow dock
+        for panel, name in zip((self.localize, self.embeddings, self.engine), self.TABS):  # noqa: B905
+            self.tabs.addTab(_scrolled(panel), name)
+        for i, tip in enumerate(
+            (
+                "Localize photos: index, footprints, what happened to each photo",
+                "Embeddings: the embedding at a click, similarity heatmaps",
+                "The engine: where it is, its folders, start and stop, diagnostics",
+            )
+        ):
+            self.tabs.setTabToolTip(i, tip)
+        self.line = ElidedLabel("Engine: not checked yet")
+        self.engine.line = self.line
+        body = QWidget()
+        lay = QVBoxLayout(body)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.addWidget(self.line)
+        lay.addWidget(self.tabs)
+        self.setWidget(body)

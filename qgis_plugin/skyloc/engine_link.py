@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import platform
 import re
+import socket
 import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from qgis.core import Qgis, QgsSettings
 from qgis.PyQt.QtCore import QObject, pyqtSignal
@@ -27,10 +29,20 @@ from .client import LocalEngine, ServiceError, SkylocClient, launch
 GROUP = "skyloc"
 RESULTS_FOLDER = "skyloc_results"
 SETUP_HINT = (
-    "Open the Skyloc dock, Engine part: give the engine executable (the 'skyloc' program of the engine's "
+    "Open the Skyloc dock, Engine tab: give the engine executable (the 'skyloc' program of the engine's "
     "Python environment, e.g. /path/to/skyloc/.venv/bin/skyloc) and press Start, or give the URL and the "
     "token file printed by a running 'skyloc serve'."
 )
+#: the same for Processing, which may run without the dock (qgis_process): the settings by name
+PROCESSING_HINT = (
+    "Set the engine executable, the 'skyloc' program of the engine's Python environment (e.g. "
+    "/path/to/skyloc/.venv/bin/skyloc): in QGIS in the Skyloc dock, Engine tab (Save settings); for "
+    "qgis_process in the QGIS profile's settings as skyloc/executable (QGIS/QGIS3.ini: [skyloc] "
+    "executable=...); the algorithms then start the engine themselves. Or run 'skyloc serve' and set "
+    "skyloc/url and skyloc/token_file to the URL and token file it printed."
+)
+#: seconds to wait for a first connection to a configured URL before starting the saved engine instead
+PROBE_S = 0.5
 
 
 @dataclass
@@ -84,24 +96,57 @@ def _engine_message(exc: ServiceError) -> str:
     return (exc.message or "").strip().rstrip(".")
 
 
-def explain(exc: BaseException) -> str:
-    """A sentence for the user: what went wrong and what to do."""
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a read timeout: the engine accepted but did not answer."""
+    seen = exc
+    while seen is not None:
+        if type(seen).__name__ in ("ReadTimeout", "ReadTimeoutError", "TimeoutError", "socket.timeout"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def cause_chain(exc: BaseException) -> str:
+    """``Type: message`` of ``exc`` and of what caused it, for the diagnostics text."""
+    parts, seen = [], exc
+    while seen is not None and len(parts) < 4:
+        parts.append(f"{type(seen).__module__}.{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(parts)
+
+
+def explain(exc: BaseException, processing: bool = False) -> str:
+    """A sentence for the user: what went wrong and what to do (``processing``: without the dock)."""
     if not isinstance(exc, ServiceError):
         return f"{type(exc).__name__}: {exc}"
     code, msg = exc.code, _engine_message(exc)
     low = msg.lower()
+    setup = PROCESSING_HINT if processing else SETUP_HINT
     if code == "not_configured":
-        return "No Skyloc engine is set up. " + SETUP_HINT
+        return "No Skyloc engine is set up. " + setup
     if code == "unreachable":
         found = re.search(r"at (https?://[\w.\-\[\]]+(?::\d+)?)", msg)
         where = found.group(1) if found else "its URL"
+        if _timed_out(exc):
+            return (
+                f"The Skyloc engine at {where} is running but did not answer in time (it may be loading a "
+                "model or busy with a long job): try again in a moment."
+            )
+        if processing:
+            return f"The Skyloc engine is not running (no answer at {where}). " + setup
         return (
             f"The Skyloc engine is not running (no answer at {where}). Start it in the Skyloc dock "
-            "(Engine part), or run 'skyloc serve' and set its URL and token file there."
+            "(Engine tab), or run 'skyloc serve' and set its URL and token file there."
+        )
+    if code == "stopped":
+        return (
+            "The Skyloc engine was stopped in this session: press Start in the Skyloc dock (Engine tab)."
+            if not processing
+            else "The Skyloc engine was stopped in this session (Engine tab: Start)."
         )
     if code == "engine_failed":
         return (
-            f"The Skyloc engine could not be started: {msg}. Check the engine executable in the Engine part."
+            f"The Skyloc engine could not be started: {msg}. Check the engine executable in the Engine tab."
         )
     if code == "token_file":
         return f"The engine's token cannot be read: {msg}. " + SETUP_HINT
@@ -109,12 +154,12 @@ def explain(exc: BaseException) -> str:
         return (
             "The engine refused the token: the token file does not belong to the engine running at this URL "
             "(a new token is written each time 'skyloc serve' starts). Set the token file it printed, in the "
-            "Skyloc dock (Engine part)."
+            "Skyloc dock (Engine tab)."
         )
     if code == "forbidden_path":
         return (
             f"The engine may not use this path: {msg}. Add that folder to the engine's folders (Skyloc "
-            "dock, Engine part: Folders) and restart the engine."
+            "dock, Engine tab: Folders) and restart the engine."
         )
     if code == "no_crs":
         return f"The raster cannot be used: it has no coordinate reference system ({msg}). Georeference it first."
@@ -148,9 +193,19 @@ def explain(exc: BaseException) -> str:
     if code == "internal_error":
         return (
             "The engine hit an internal error (a bug): its log has the details; please report it with the "
-            "diagnostics text (Skyloc dock, Engine part)."
+            "diagnostics text (Skyloc dock, Engine tab)."
         )
     return f"{code}: {msg}" if msg else code
+
+
+def _answers(url: str, timeout: float = PROBE_S) -> bool:
+    """Whether something accepts connections at ``url`` (a quick TCP probe, no request)."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def inside(path: str, roots: list[str]) -> bool:
@@ -178,8 +233,12 @@ class EngineLink(QObject):
     def __init__(self) -> None:
         super().__init__()
         self.local: LocalEngine | None = None
+        self.local_roots: list[str] = []
+        self.local_executable = ""
+        #: Stop was pressed in this session: no automatic start until Start is pressed again
+        self.stopped = False
         self.errors: deque[str] = deque(maxlen=20)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @classmethod
     def instance(cls) -> EngineLink:
@@ -193,50 +252,82 @@ class EngineLink(QObject):
     def local_running(self) -> bool:
         return self.local is not None and self.local.process.poll() is None
 
-    def connection(self) -> tuple[str, str]:
-        """(url, token file) of the engine to use; ServiceError ``not_configured`` when there is none."""
+    def can_autostart(self) -> bool:
+        """Whether a saved engine executable may be started without a click (not after Stop)."""
+        return bool(EngineSettings.load().executable) and not self.stopped
+
+    def connection(self, start: bool = False) -> tuple[str, str]:
+        """(url, token file) of the engine to use; ServiceError ``not_configured`` when there is none.
+
+        ``start``: when no engine answers at the configured URL (or none is configured) and an engine
+        executable is saved, start it now (blocks while it loads, so: from a worker thread).
+        """
         if self.local_running():
             assert self.local is not None
             return self.local.url, self.local.token_file
         s = EngineSettings.load()
-        if not s.url or not s.token_file:
-            raise ServiceError(None, "not_configured", "no engine URL and token file, no local engine")
-        return s.url, os.path.expanduser(s.token_file)
+        configured = bool(s.url and s.token_file)
+        autostart = start and self.can_autostart()
+        if configured and (not autostart or _answers(s.url)):
+            return s.url, os.path.expanduser(s.token_file)
+        if autostart:
+            engine = self.start_local()
+            return engine.url, engine.token_file
+        if start and self.stopped and s.executable:
+            raise ServiceError(None, "stopped", "the local engine was stopped")
+        raise ServiceError(None, "not_configured", "no engine URL and token file, no engine executable")
 
-    def client(self, timeout: float = 60.0) -> SkylocClient:
-        """A new client (one per task or thread: clients are not shared between threads)."""
-        url, token_file = self.connection()
+    def client(self, timeout: float = 60.0, start: bool = True) -> SkylocClient:
+        """A new client (one per task or thread: clients are not shared between threads). ``start``:
+        start the saved engine if none answers (see :meth:`connection`)."""
+        url, token_file = self.connection(start=start)
         try:
             return SkylocClient(url, token_file=token_file, timeout=timeout)
         except OSError as exc:
             raise ServiceError(None, "token_file", f"{token_file}: {exc.strerror or exc}") from exc
 
-    def record_error(self, message: str) -> None:
+    def record_error(self, message: str, exc: BaseException | None = None) -> None:
+        """Keep ``message`` (and the exception behind it: type, message, URL, timeout) for diagnostics."""
+        if exc is not None:
+            message += f"\n      cause: {cause_chain(exc)}"
         self.errors.append(message)
 
     # ------------------------------------------------------------------------------ local engine
 
     def start_local(self, executable: str | None = None, roots: list[str] | None = None) -> LocalEngine:
-        """Start ``EXECUTABLE serve`` on a free loopback port (blocks until it answers, up to 3 minutes)."""
+        """Start ``EXECUTABLE serve`` on a free loopback port (blocks until it answers, up to 3 minutes).
+
+        An engine this plugin started with other folders or another executable is stopped first (its
+        folders are fixed at start): Start after changing the folders restarts it with the new ones.
+        """
         s = EngineSettings.load()
         exe = os.path.expanduser(executable or s.executable)
         if not exe:
             raise ServiceError(None, "not_configured", "no engine executable configured")
         if not os.path.isfile(exe):
             raise ServiceError(None, "engine_failed", f"{exe}: no such program")
+        wanted = list(roots or s.start_roots())
+        old = None
         with self._lock:
+            self.stopped = False
             if self.local_running():
                 assert self.local is not None
-                return self.local
-            engine = launch([exe, "serve"], roots=roots or s.start_roots())
-            self.local = engine
+                if self.local_roots == wanted and self.local_executable == exe:
+                    return self.local
+                old, self.local = self.local, None
+            if old is not None:
+                old.stop()
+            engine = launch([exe, "serve"], roots=wanted)
+            self.local, self.local_roots, self.local_executable = engine, wanted, exe
         self.changed.emit()
         return engine
 
     def stop_local(self) -> int | None:
-        """Stop the engine this plugin started (clean shutdown: its jobs are cancelled); its exit code."""
+        """Stop the engine this plugin started (clean shutdown: its jobs are cancelled); its exit code.
+        The settings stay as they are; no automatic start follows until Start is pressed."""
         with self._lock:
             engine, self.local = self.local, None
+            self.stopped = True
         if engine is None:
             return None
         code = engine.stop()
@@ -258,7 +349,7 @@ class EngineLink(QObject):
         """Health, version and models of the engine, or the error in words (never raises)."""
         out: dict[str, Any] = {"ok": False, "local": self.local_running()}
         try:
-            url, token_file = self.connection()
+            url, token_file = self.connection(start=False)
             out.update(url=url, token_file=token_file)
             with self.client(timeout=timeout) as c:
                 out["health"] = c.health()
@@ -268,9 +359,12 @@ class EngineLink(QObject):
         except ServiceError as exc:
             out["error"] = explain(exc)
             out["code"] = exc.code
+            out["cause"] = cause_chain(exc)
         except Exception as exc:  # a broken answer: say so rather than raise into the GUI
             out["error"] = explain(exc)
             out["code"] = "error"
+            out["cause"] = cause_chain(exc)
+        out["timeout"] = timeout
         return out
 
     def output_dir(self, client: SkylocClient) -> str:
@@ -312,6 +406,7 @@ class EngineLink(QObject):
             ]
         else:
             lines.append(f"engine status: {st.get('error')}")
+            lines.append(f"  cause (timeout {st.get('timeout')} s): {st.get('cause', '-')}")
         if self.errors:
             lines.append("recent errors:")
             lines += [f"  - {e}" for e in self.errors]

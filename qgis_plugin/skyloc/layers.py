@@ -9,6 +9,7 @@ from qgis.core import (
     QgsCategorizedSymbolRenderer,
     QgsCoordinateTransform,
     QgsFillSymbol,
+    QgsLayerTreeGroup,
     QgsMapLayer,
     QgsProject,
     QgsProviderRegistry,
@@ -53,8 +54,20 @@ def _group():
     return group if group is not None else root.insertGroup(0, GROUP_NAME)
 
 
-def add_layer(layer: QgsMapLayer, above: QgsMapLayer | None = None) -> QgsMapLayer:
-    """Add ``layer`` to the project: just above ``above`` in the layer tree, else on top of the results group."""
+def run_group(name: str) -> QgsLayerTreeGroup:
+    """A new group on top of the layer tree for the layers of one run (named after the run)."""
+    root = QgsProject.instance().layerTreeRoot()
+    unique, n = name, 2
+    while root.findGroup(unique) is not None:
+        unique, n = f"{name} ({n})", n + 1
+    return root.insertGroup(0, unique)
+
+
+def add_layer(
+    layer: QgsMapLayer, above: QgsMapLayer | None = None, group: QgsLayerTreeGroup | None = None
+) -> QgsMapLayer:
+    """Add ``layer`` to the project: just above ``above`` in the layer tree, else on top of ``group``
+    (default: the "Skyloc results" group)."""
     if not layer.isValid():
         raise ServiceError(None, "bad_output", f"QGIS cannot open {layer.source()}")
     project = QgsProject.instance()
@@ -64,7 +77,7 @@ def add_layer(layer: QgsMapLayer, above: QgsMapLayer | None = None) -> QgsMapLay
         parent = node.parent()
         parent.insertLayer(parent.children().index(node), layer)
     else:
-        _group().insertLayer(0, layer)
+        (group if group is not None else _group()).insertLayer(0, layer)
     return layer
 
 
@@ -95,24 +108,24 @@ def style_footprints(layer: QgsVectorLayer) -> None:
     layer.setRenderer(QgsCategorizedSymbolRenderer("status", cats))
 
 
-def add_candidates(path: str, name: str = "Skyloc candidates") -> QgsVectorLayer:
+def add_candidates(path: str, name: str = "Skyloc candidates", group=None) -> QgsVectorLayer:
     layer = QgsVectorLayer(path, name, "ogr")
     style_candidates(layer)
-    add_layer(layer)
+    add_layer(layer, group=group)
     return layer
 
 
-def add_footprints(path: str, name: str = "Skyloc footprints") -> QgsVectorLayer:
+def add_footprints(path: str, name: str = "Skyloc footprints", group=None) -> QgsVectorLayer:
     layer = QgsVectorLayer(path, name, "ogr")
     style_footprints(layer)
-    add_layer(layer)
+    add_layer(layer, group=group)
     return layer
 
 
-def add_photo_raster(path: str) -> QgsRasterLayer:
+def add_photo_raster(path: str, group=None) -> QgsRasterLayer:
     """A georeferenced photo (RGB + alpha COG written by the engine)."""
     layer = QgsRasterLayer(path, os.path.splitext(os.path.basename(path))[0], "gdal")
-    add_layer(layer)
+    add_layer(layer, group=group)
     return layer
 
 
@@ -147,3 +160,18 @@ def zoom_to(canvas, layers: Iterable[QgsMapLayer]) -> None:
     extent.scale(1.2)
     canvas.setExtent(extent)
     canvas.refresh()
+
+
+def zoom_to_feature(canvas, layer: QgsVectorLayer, fid: int) -> bool:
+    """Select feature ``fid`` of ``layer`` and zoom the canvas to it; False when it has no geometry."""
+    feature = layer.getFeature(fid)
+    geom = feature.geometry() if feature.isValid() else None
+    layer.selectByIds([fid])
+    if geom is None or geom.isEmpty():
+        return False
+    tr = QgsCoordinateTransform(layer.crs(), canvas.mapSettings().destinationCrs(), QgsProject.instance())
+    box = tr.transformBoundingBox(geom.boundingBox())
+    box.scale(1.5)
+    canvas.setExtent(box)
+    canvas.refresh()
+    return True

@@ -1,12 +1,36 @@
-"""Messages to the user: the QGIS message bar (and the log panel), errors explained in words."""
+"""Messages to the user: the QGIS message bar (and the log panel), errors explained in words.
+
+The bar gets one short line (the title "Skyloc" once, never "Skyloc: Skyloc:"); a longer text keeps its
+first sentence there and the whole of it behind a "Details" button, so nothing is clipped. Messages about
+jobs share the key ``"outcome"``: the next outcome replaces the previous one (an error about a finished
+job does not stay on top of later successes); durations follow the level (:data:`DURATIONS`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import re
+
 from qgis.core import Qgis, QgsMessageLog
+from qgis.gui import QgsMessageBarItem
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtWidgets import QMessageBox, QPushButton
 
 from .engine_link import EngineLink, explain
 
 TITLE = "Skyloc"
+#: characters of a message shown in the bar itself (the rest behind "Details")
+BAR_CHARS = 150
+#: seconds a message stays in the bar, by level (0: until closed or replaced by the next outcome)
+DURATIONS = {
+    Qgis.MessageLevel.Info: 8,
+    Qgis.MessageLevel.Success: 8,
+    Qgis.MessageLevel.Warning: 15,
+    Qgis.MessageLevel.Critical: 0,
+}
+OUTCOME = "outcome"
+_ITEMS: dict[str, QgsMessageBarItem] = {}
+_PREFIX = re.compile(r"^(\s*skyloc\s*:\s*)+", re.IGNORECASE)
 
 
 def _iface(iface=None):
@@ -19,17 +43,87 @@ def _iface(iface=None):
     return qgis_iface
 
 
-def push(text: str, level: Qgis.MessageLevel = Qgis.MessageLevel.Info, iface=None, duration: int = 8) -> None:
-    """Show ``text`` in the message bar (and the log panel); silent when there is no interface."""
+def clean(text: str) -> str:
+    """``text`` without leading "Skyloc:" prefixes (the bar's title says it once)."""
+    return _PREFIX.sub("", text).strip()
+
+
+def headline(text: str, limit: int = BAR_CHARS) -> str:
+    """The first line of ``text``, cut after a sentence (or a word) to at most ``limit`` characters."""
+    first = text.strip().split("\n", 1)[0]
+    if len(first) <= limit:
+        return first
+    cut = first[:limit]
+    end = max(cut.rfind(". "), cut.rfind("; "), cut.rfind(": "))
+    if end > limit // 3:
+        return cut[: end + 1].rstrip(";:") + " …"
+    return cut[: cut.rfind(" ")].rstrip(",;:") + " …"
+
+
+def drop(key: str, iface=None) -> None:
+    """Remove the bar message pushed under ``key`` (if it is still there)."""
+    item = _ITEMS.pop(key, None)
+    owner = _iface(iface)
+    if item is None or owner is None:
+        return
+    bar = owner.messageBar()
+    with contextlib.suppress(RuntimeError):  # already closed by the user or expired: deleted
+        if item in bar.items():
+            bar.popWidget(item)
+
+
+def push(
+    text: str,
+    level: Qgis.MessageLevel = Qgis.MessageLevel.Info,
+    iface=None,
+    duration: int | None = None,
+    key: str | None = None,
+) -> QgsMessageBarItem | None:
+    """Show ``text`` in the message bar (and the log panel); silent when there is no interface.
+
+    ``key``: replaces the message pushed earlier with the same key. ``duration`` None: by level.
+    """
+    text = clean(text)
     QgsMessageLog.logMessage(text, TITLE, level)
-    bar_owner = _iface(iface)
-    if bar_owner is not None:
-        bar_owner.messageBar().pushMessage(TITLE, text, level=level, duration=duration)
+    owner = _iface(iface)
+    if owner is None:
+        return None
+    if key is not None:
+        drop(key, owner)
+    short = headline(text)
+    item = QgsMessageBarItem(TITLE, short, level, DURATIONS.get(level, 8) if duration is None else duration)
+    if short != text:
+        details = QPushButton("Details", item)  # owned by the item
+        details.setToolTip("The whole message")
+        details.clicked.connect(lambda: _show_details(text, level))
+        item.setWidget(details)
+    item.setToolTip(text)
+    owner.messageBar().pushItem(item)
+    if key is not None:
+        _ITEMS[key] = item
+    return item
 
 
-def report_error(exc: BaseException, iface=None, what: str = "") -> str:
-    """Explain ``exc`` in the message bar as a critical message; the text shown."""
-    text = (f"{what}: " if what else "") + explain(exc)
-    EngineLink.instance().record_error(text)
-    push(text, Qgis.MessageLevel.Critical, iface, duration=0)
+def _show_details(text: str, level: Qgis.MessageLevel) -> None:
+    icon = QMessageBox.Icon.Critical if level == Qgis.MessageLevel.Critical else QMessageBox.Icon.Information
+    box = QMessageBox(icon, TITLE, text)
+    box.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    box.exec()
+
+
+def bar_messages(iface, level: Qgis.MessageLevel | None = None) -> list[str]:
+    """``"Skyloc:<text>"`` of the messages in the bar now (full text), of one level or all (for tests)."""
+    out = []
+    for item in iface.messageBar().items():
+        if level is None or item.level() == level:
+            out.append(f"{item.title()}:{item.toolTip() or item.text()}")
+    return out
+
+
+def report_error(exc: BaseException, iface=None, what: str = "", key: str | None = OUTCOME) -> str:
+    """Explain ``exc`` in the message bar as a critical message (replacing the last outcome); the text."""
+    what = clean(what)
+    text = (f"{what[:1].upper() + what[1:]}: " if what else "") + explain(exc)
+    EngineLink.instance().record_error(text, exc)
+    push(text, Qgis.MessageLevel.Critical, iface, key=key)
     return text

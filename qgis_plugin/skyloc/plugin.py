@@ -111,12 +111,23 @@ class SkylocPlugin:
             canvas.unsetMapTool(self.map_tool)
 
     def check_engine(self) -> dict:
-        """At load: is an engine reachable? If not, say what to do (an info message, never an exception)."""
+        """At load: is an engine reachable? If not, start the saved one (in the background) or say what
+        to do (an info message, never an exception). The dock's status line and Engine tab show it."""
         try:
-            st = self.link.status(timeout=1.5)
+            st = self.link.status(timeout=3.0)
         except Exception as exc:  # status() does not raise; belt and braces at load time
             st = {"ok": False, "error": str(exc), "code": "error"}
         self.engine_status = st
+        panel = self.dock.engine if self.dock is not None else None
+        unreachable = not st["ok"] and st.get("code") in ("not_configured", "unreachable")
+        if unreachable and panel is not None and self.link.can_autostart():
+            panel.start(save=False)  # the saved engine, without a click; the dock says "starting…"
+            self.engine_status = st = {**st, "starting": True}
+            return st
+        if panel is not None:
+            panel.show_status(st)
+            if st["ok"]:
+                panel.refresh()
         if not st["ok"]:
             if st.get("code") == "not_configured":
                 text = "no engine is set up yet. " + SETUP_HINT

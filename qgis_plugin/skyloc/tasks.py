@@ -18,8 +18,8 @@ from qgis.core import Qgis, QgsApplication, QgsMapLayer, QgsProject, QgsTask
 
 from .client import Job, ServiceError, SkylocClient
 from .engine_link import EngineLink
-from .layers import add_candidates, add_footprints, add_heatmap, add_photo_raster, zoom_to
-from .messages import push, report_error
+from .layers import add_candidates, add_footprints, add_heatmap, add_photo_raster, run_group, zoom_to
+from .messages import OUTCOME, clean, push, report_error
 from .paths import engine_photos, engine_roots
 
 #: Seconds of each long poll: the cancel button answers within this.
@@ -74,7 +74,10 @@ class EngineTask(QgsTask):
         self.iface = iface
         self.on_done = on_done
         self.job: Job | None = None
+        #: the engine's latest progress message and since when (``time.monotonic()``) it stands
         self.message = ""
+        self.message_since = time.monotonic()
+        self.started_at = time.monotonic()
         self.result: Any = None
         self.error: BaseException | None = None
         self.error_text = ""
@@ -92,7 +95,8 @@ class EngineTask(QgsTask):
         self.job = job
 
         def progress(fraction: float, message: str) -> None:
-            self.message = message
+            if message != self.message:
+                self.message, self.message_since = message, time.monotonic()
             self.setProgress(100.0 * (start + (end - start) * fraction))
 
         def seen(current: Job) -> None:
@@ -118,6 +122,9 @@ class EngineTask(QgsTask):
     def succeeded(self, result: Any) -> None:
         """Add the results (main thread)."""
 
+    def failed(self) -> None:
+        """Clean up after a failure or a cancel (main thread)."""
+
     def finished(self, ok: bool) -> None:  # noqa: FBT001 (QGIS API)
         try:
             cancelled = self.isCanceled() or (
@@ -132,9 +139,12 @@ class EngineTask(QgsTask):
                     self.error = exc
                     self.error_text = report_error(exc, self.iface, self.description())
             elif cancelled:
-                push(f"{self.description()}: cancelled", Qgis.MessageLevel.Info, self.iface)
+                self.error_text = f"{clean(self.description())}: cancelled"
+                push(self.error_text, Qgis.MessageLevel.Info, self.iface, key=OUTCOME)
             elif self.error is not None:
                 self.error_text = report_error(self.error, self.iface, self.description())
+            if not self.ok:
+                self.failed()
         finally:
             self.ended = True
             _RUNNING.discard(self)
@@ -172,11 +182,34 @@ class IndexTask(EngineTask):
             f"index built: {self.out} ({counts.get('tiles', '?')} tiles)",
             Qgis.MessageLevel.Success,
             self.iface,
+            key=OUTCOME,
         )
 
 
+def remove_empty_folders(folder: str) -> None:
+    """Remove ``folder`` and the folders in it when they hold no file (after a failed or cancelled run)."""
+    if not folder or not os.path.isdir(folder):
+        return
+    for here, _dirs, files in os.walk(folder, topdown=False):
+        if not files:
+            try:
+                os.rmdir(here)
+            except OSError:
+                continue
+
+
+def photo_label(path: str) -> str:
+    """A photo's file name (the unique name the engine got, for an upload)."""
+    return os.path.basename(path.rstrip("/\\")) or path
+
+
 class LocalizeTask(EngineTask):
-    """Localize photos on an index (or footprints on a raster); adds candidates, footprints, photos."""
+    """Localize photos on an index (or footprints on a raster); adds candidates, footprints, photos.
+
+    After it succeeded: ``outcome`` (what happened, in words), ``rows`` (one dict per photo: ``name``,
+    ``photo``, ``status``, ``reason``, ``layer_id``/``fid`` of its feature) and ``group`` (the layer tree
+    group of this run's layers).
+    """
 
     def __init__(
         self,
@@ -186,6 +219,7 @@ class LocalizeTask(EngineTask):
         against: str | None = None,
         footprint: bool = True,
         top_k: int | None = None,
+        matcher: str | None = None,
         near: Sequence[float] | None = None,
         radius_km: float | None = None,
         bbox: Sequence[float] | None = None,
@@ -197,12 +231,21 @@ class LocalizeTask(EngineTask):
         self.photos = list(photos)
         self.index, self.against, self.footprint = index, against, footprint or against is not None
         self.area = {"near": near, "radius_km": radius_km, "bbox": bbox}
-        self.top_k, self.model = top_k, model
+        self.top_k, self.model, self.matcher = top_k, model, matcher
         self.layers: list[QgsMapLayer] = []
+        self.run_dir = ""
+        self.outcome = ""
+        self.outcome_level = Qgis.MessageLevel.Info
+        self.rows: list[dict[str, Any]] = []
+        self.group = None
+        names = [photo_label(p) for p in self.photos]
+        self.run_name = (names[0] if len(names) == 1 else f"{len(names)} photo sources") + time.strftime(
+            " %H:%M:%S"
+        )
 
     def work(self, client: SkylocClient) -> Job:
         with engine_photos(client, self.photos, engine_roots(client)) as photos:
-            run_dir = os.path.join(EngineLink.instance().output_dir(client), f"run_{stamp()}")
+            self.run_dir = run_dir = os.path.join(EngineLink.instance().output_dir(client), f"run_{stamp()}")
             os.makedirs(run_dir, exist_ok=True)
             if not self.footprint:
                 job = client.localize(
@@ -215,7 +258,11 @@ class LocalizeTask(EngineTask):
                 )
             elif self.against is not None:
                 job = client.footprint(
-                    photos, os.path.join(run_dir, "footprints.gpkg"), against=self.against, top_k=self.top_k
+                    photos,
+                    os.path.join(run_dir, "footprints.gpkg"),
+                    against=self.against,
+                    top_k=self.top_k,
+                    matcher=self.matcher,
                 )
             else:
                 job = client.footprint(
@@ -223,43 +270,125 @@ class LocalizeTask(EngineTask):
                     os.path.join(run_dir, "footprints.gpkg"),
                     index=self.index,
                     top_k=self.top_k,
+                    matcher=self.matcher,
                     candidates_out=os.path.join(run_dir, "candidates.gpkg"),
                     **self.area,
                 )
             return self.follow(client, job)
 
+    def failed(self) -> None:
+        remove_empty_folders(self.run_dir)
+
     def succeeded(self, result: Job) -> None:
         files = result.files
+        self.group = run_group(f"Skyloc {self.run_name}")
+        cands = feet = None
         for path in files:
             if path.endswith("candidates.gpkg"):
-                self.layers.append(add_candidates(path))
+                cands = add_candidates(path, group=self.group)
+                self.layers.append(cands)
         for path in files:
             if path.endswith(".tif"):
-                self.layers.append(add_photo_raster(path))
+                self.layers.append(add_photo_raster(path, group=self.group))
         for path in files:
             if path.endswith("footprints.gpkg"):
-                self.layers.append(add_footprints(path))
+                feet = add_footprints(path, group=self.group)
+                self.layers.append(feet)
         summary = result.summary or {}
         if self.footprint:
-            text = (
-                f"{summary.get('localized', 0)} photo(s) localized, {summary.get('rejected', 0)} rejected, "
-                f"{summary.get('errors', 0)} unreadable"
-            )
-            bad = [p for p in summary.get("photos", []) if p.get("status") == "error"]
-            for p in bad:
-                report_error(
-                    ServiceError(None, "bad_input", f"photo {p.get('photo')}: {p.get('reason')}"), self.iface
-                )
-            level = Qgis.MessageLevel.Success if summary.get("localized") else Qgis.MessageLevel.Warning
+            self.rows = footprint_rows(summary.get("photos", []), feet, cands)
+            self.outcome, self.outcome_level = footprint_outcome(self.rows)
         else:
-            text, level = (
-                f"candidates for {len(summary.get('photos', []))} photo(s)",
-                Qgis.MessageLevel.Success,
-            )
-        push(text, level, self.iface)
+            self.rows = candidate_rows(summary.get("photos", []), cands)
+            self.outcome = f"candidates for {len(self.rows)} photo(s): click one to zoom to its best place"
+            self.outcome_level = Qgis.MessageLevel.Success
+        push(self.outcome, self.outcome_level, self.iface, key=OUTCOME)
         canvas = self.iface.mapCanvas() if self.iface is not None else None
         if canvas is not None and self.layers:
             zoom_to(canvas, self.layers[-1:])
+
+
+def _features_by_photo(layer: QgsMapLayer | None, rank_one: bool = False) -> dict[str, int]:
+    """Feature id by the ``photo`` attribute (candidates: the rank-1 one)."""
+    out: dict[str, int] = {}
+    if layer is None or layer.fields().indexOf("photo") < 0:
+        return out
+    has_rank = layer.fields().indexOf("rank") >= 0
+    for f in layer.getFeatures():
+        if rank_one and has_rank and f["rank"] != 1:
+            continue
+        out.setdefault(str(f["photo"]), f.id())
+    return out
+
+
+def footprint_rows(photos: list[dict[str, Any]], feet, cands) -> list[dict[str, Any]]:
+    """One row per photo of a footprint job: name, status, reason and the feature to zoom to."""
+    fp_ids, cand_ids = _features_by_photo(feet), _features_by_photo(cands, rank_one=True)
+    rows = []
+    for p in photos:
+        photo = str(p.get("photo", ""))
+        row = {
+            "photo": photo,
+            "name": photo_label(photo),
+            "status": p.get("status", "?"),
+            "reason": p.get("reason") or "",
+            "verified": p.get("verified"),
+            "matcher": p.get("matcher"),
+            "layer_id": None,
+            "fid": None,
+        }
+        if row["status"] == "localized" and feet is not None and photo in fp_ids:
+            row.update(layer_id=feet.id(), fid=fp_ids[photo])
+        elif cands is not None and photo in cand_ids:  # not placed: show its best candidate place
+            row.update(layer_id=cands.id(), fid=cand_ids[photo])
+        rows.append(row)
+    return rows
+
+
+def candidate_rows(photos: list[dict[str, Any]], cands) -> list[dict[str, Any]]:
+    cand_ids = _features_by_photo(cands, rank_one=True)
+    rows = []
+    for p in photos:
+        photo = str(p.get("photo", ""))
+        fid = cand_ids.get(photo)
+        rows.append(
+            {
+                "photo": photo,
+                "name": photo_label(photo),
+                "status": "candidates" if fid is not None else "no candidate",
+                "reason": "",
+                "layer_id": None if fid is None or cands is None else cands.id(),
+                "fid": fid,
+            }
+        )
+    return rows
+
+
+def row_text(row: dict[str, Any]) -> str:
+    """One photo's outcome in words: ``name placed (N verified matches, matcher)`` or ``name rejected: why``."""
+    if row["status"] == "localized":
+        how = ", ".join(
+            x
+            for x in (
+                f"{row['verified']} verified matches" if row.get("verified") is not None else "",
+                row.get("matcher") or "",
+            )
+            if x
+        )
+        return f"{row['name']} placed" + (f" ({how})" if how else "")
+    if row["status"] == "error":
+        return f"{row['name']} unreadable: {row['reason']}"
+    return f"{row['name']} {row['status']}" + (f": {row['reason']}" if row["reason"] else "")
+
+
+def footprint_outcome(rows: list[dict[str, Any]]) -> tuple[str, Qgis.MessageLevel]:
+    """``1 of 2 photos placed; photo_x.jpg rejected: why`` and the message level it deserves."""
+    placed = sum(r["status"] == "localized" for r in rows)
+    text = f"{placed} of {len(rows)} photo{'s' if len(rows) != 1 else ''} placed"
+    others = [row_text(r) for r in rows if r["status"] != "localized"]
+    if others:
+        text += "; " + "; ".join(others)
+    return text, Qgis.MessageLevel.Success if rows and placed == len(rows) else Qgis.MessageLevel.Warning
 
 
 class HeatmapTask(EngineTask):
@@ -324,5 +453,5 @@ class HeatmapTask(EngineTask):
             f"{summary.get('max', 0):.2f}",
             Qgis.MessageLevel.Success,
             self.iface,
-            duration=5,
+            key=OUTCOME,
         )
