@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -42,13 +43,17 @@ from pyproj import CRS, Transformer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from engine.footprint import learned  # noqa: E402
 from engine.footprint.coregister import CoregParams  # noqa: E402
 from engine.footprint.estimate import GroundCandidate, estimate  # noqa: E402
 from engine.footprint.ground import MosaicGround, MosaicImage  # noqa: E402
 from engine.imageio import read_image  # noqa: E402
 from engine.tiles.xyz_mosaic import XyzMosaicSource  # noqa: E402
 
-ISS = ROOT.parent / "shared" / "data" / "iss"
+#: The ISS set; SKYLOC_ISS_DATA points elsewhere (a copy carried to a GPU machine, say).
+ISS = Path(os.environ.get("SKYLOC_ISS_DATA") or ROOT.parent / "shared" / "data" / "iss")
 
 
 def local(lonlat: np.ndarray, lat0: float, lon0: float) -> shapely.Polygon:
@@ -258,11 +263,19 @@ def main() -> None:
         print(text, flush=True)
         lines.append(text)
 
+    say(f"# networks on {learned.device()} (torch {torch.__version__}); {os.cpu_count()} CPUs")
     say(
         f"{'photo':18s} {'matcher':7s} {'turn':>4s} {'pos':>3s} {'status':9s} {'IoU':>5s} {'in':>3s} {'err km':>7s} "
         f"{'ver':>4s} {'s':>5s} {'by':6s} dispute  reason"
     )
     runs: dict[tuple[str, int], list[dict]] = {}
+
+    def dump_json() -> None:  # after every photo: a run cut short (a time limit) keeps what it measured
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({f"{m}@{t}": r for (m, t), r in runs.items()}, indent=1, default=str)
+            )
+
     for folder in folders:
         for turn in turns:
             for m in matchers:
@@ -279,6 +292,7 @@ def main() -> None:
                     f"{row['status']:9s} {iou:>5s} {cin:>3s} {err:>7s} {row['verified']:>4d} {row['seconds']:5.1f} "
                     f"{row['matcher'] or '-':6s} {dsp:9s} {row['reason'] or ''}"
                 )
+                dump_json()
     say("")
     params = CoregParams()
     for (m, turn), rows in runs.items():
@@ -293,10 +307,7 @@ def main() -> None:
             )
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({f"{m}@{t}": r for (m, t), r in runs.items()}, indent=1, default=str)
-        )
+    dump_json()
 
 
 if __name__ == "__main__":

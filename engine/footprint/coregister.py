@@ -49,13 +49,16 @@ class CoregParams:
     max_stretched_side: int = 2048
     matcher: str = "sift"  # sift | aliked | disk | auto (learned.MATCHERS)
     #: learned matchers: verified matches that accept. On ../shared/data/iss wrong candidates reached at most
-    #: 11 (full learned search, 32 tried) and 9 (auto's re-verification, 66 tried); right ones 246-1039
+    #: 11 (full learned search, 32 tried; 0 of 40 on all 26 photos) while right ones reached 57-560
     #: (bench/results/footprint_iss*.txt). Higher than SIFT's 12: LightGlue's own matches are counted.
     min_verified_learned: int = 16
     learned_iterations: int = 3  # LightGlue is precise: on a right place the loop settles in 1-2 passes
     orient_keypoints: int = 256  # orientation search: strongest keypoints of the photo (view: twice that)
     #: an accepted candidate with this many times its threshold of verified matches ends the search
     strong_factor: float = 4.0
+    #: ``auto``: where SIFT accepts no candidate, the learned search runs on this many best-ranked ones (its
+    #: full search costs 5-10 s per candidate on 2 CPU cores, about 0.2 s on a GPU)
+    auto_learned_top: int = 5
 
     def min_verified_for(self, matcher: str) -> int:
         """The acceptance threshold of ``matcher`` (verification counts differ in scale between them)."""
@@ -84,9 +87,6 @@ class Attempt:
     reason: str | None = None  # why it failed (None when h is set)
     matcher: str = "sift"
     turn: int = 0  # learned matchers: the photo was turned by np.rot90(k=turn) to match north-up imagery
-    #: the last sane hypothesis of the refinement (photo matching px -> CRS), kept when the attempt failed:
-    #: ``auto`` re-verifies SIFT's near misses with the learned matcher from there (``reverify``)
-    estimate: np.ndarray | None = None
     history: list[dict] = field(default_factory=list)
 
 
@@ -284,8 +284,6 @@ def _refine(
             }
         )
         h_crs = view.to_crs @ res
-        if _sane(h_crs, p_corners):
-            att.estimate = h_crs
         att.inliers, att.matches, att.passes = n_in, int(ia.size), k
         att.verified, att.verify_matches = verified, vmatches
         att.reproj_px = float(np.median(np.sqrt((resid**2).sum(1))))
@@ -300,22 +298,6 @@ def _refine(
         att.reason = "the final estimate folds or flips the photo"
         return att
     att.h = h_crs @ photo.to_match
-    return att
-
-
-def reverify(
-    photo: PhotoFeatures,
-    ground: Ground,
-    estimate: np.ndarray,
-    params: CoregParams,
-    cancel: CancelToken | None = None,
-) -> Attempt:
-    """The learned matcher's refinement and verification from a hypothesis found by SIFT (photo matching
-    px -> CRS): no orientation search (the view is warped into the photo's frame), 1-3 passes. This is how
-    ``auto`` turns SIFT's near misses on hazy or seasonal photos (a right place with 5 verified SIFT
-    matches) into verified footprints, at the cost of one or two LightGlue matches per candidate."""
-    att = _refine(photo, ground, estimate, params, cancel, learned.get(params.matcher))
-    att.history.insert(0, {"pass": 0, "from": "sift estimate"})
     return att
 
 

@@ -11,10 +11,12 @@ and so starts higher on wrong places) and the other limits are calibrated on ../
 bench/footprint_iss.py; see README "Footprints" for the distributions.
 
 ``matcher="auto"``: SIFT on every candidate first (fast, and precise where it works); only when it accepts
-none, ALIKED + LightGlue re-verify SIFT's near misses: the refinement and verification run again from each
-failed candidate's last SIFT hypothesis, with LightGlue matches (a hazy photo whose right place got 5
-verified SIFT matches gets tens of LightGlue ones there). An accepted candidate with ``strong_factor`` times its
-threshold of verified matches ends the search early (the rest are listed as not tried).
+none, the learned matcher's own search (orientation search, LightGlue, the same refinement and acceptance)
+runs on the ``auto_learned_top`` best-ranked candidates. On ../shared/data/iss this places photos SIFT
+cannot (ISS054-E-21023 through thin cloud; ISS052-E-27335 on a GPU, README "Footprints"), where the earlier
+design, re-verifying SIFT's near misses with LightGlue, placed none. An accepted candidate with
+``strong_factor`` times its threshold of verified matches ends the search early (the rest are listed as not
+tried).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..errors import InputError
 from ..geo.crs import to_lonlat, unwrap_lons
 from ..progress import CancelToken
 from . import learned
-from .coregister import DEFAULT_PARAMS, Attempt, CoregParams, PhotoFeatures, coregister, corners, reverify
+from .coregister import DEFAULT_PARAMS, Attempt, CoregParams, PhotoFeatures, coregister, corners
 from .ground import Ground, apply_h
 from .learned import MATCHERS, LearnedUnavailable
 from .outputs import check_homography
@@ -174,22 +176,20 @@ def estimate(
         raise InputError(f"unknown matcher {params.matcher!r}: one of {', '.join(MATCHERS)}")
     if params.matcher == "auto":
         t0 = time.perf_counter()
-        photo = PhotoFeatures(rgb, params)
-        seeds: dict[int, np.ndarray] = {}
-        out = _estimate(photo_path, rgb, candidates, replace(params, matcher="sift"), cancel, photo, seeds)
-        if out.status != "localized" and seeds:
+        photo = prepared if prepared is not None else PhotoFeatures(rgb, params)
+        out = _estimate(photo_path, rgb, candidates, replace(params, matcher="sift"), cancel, photo)
+        top = sorted(candidates, key=lambda c: c.rank)[: params.auto_learned_top]
+        if out.status != "localized" and top and len(photo.features) >= MIN_PHOTO_FEATURES:
             sift = out
             try:
                 aliked = replace(params, matcher="aliked")
-                out = _estimate(
-                    photo_path, rgb, candidates, aliked, cancel, photo, seeds=None, from_sift=seeds
-                )
+                out = _estimate(photo_path, rgb, top, aliked, cancel, photo)
             except LearnedUnavailable as exc:  # the wheel is optional for auto: say so, keep SIFT's verdict
-                out.reason = f"{out.reason}; not re-verified with ALIKED: {exc.message}"
+                out.reason = f"{out.reason}; not tried with ALIKED: {exc.message}"
             else:
                 out.checks = out.checks + sift.checks
                 if out.status != "localized":
-                    out.reason = f"SIFT: {sift.reason}; ALIKED re-verification: {out.reason}"
+                    out.reason = f"SIFT: {sift.reason}; ALIKED (best {len(top)} candidates): {out.reason}"
         out.seconds = round(time.perf_counter() - t0, 3)
         return out
     return _estimate(photo_path, rgb, candidates, params, cancel, prepared)
@@ -202,13 +202,8 @@ def _estimate(
     params: CoregParams,
     cancel: CancelToken | None,
     prepared: PhotoFeatures | None,
-    seeds: dict[int, np.ndarray] | None = None,
-    from_sift: dict[int, np.ndarray] | None = None,
 ) -> Footprint:
-    """One matcher over the candidates. ``seeds``: filled with each failed candidate's last hypothesis
-    (by rank). ``from_sift``: a learned pass re-verifies those hypotheses (``reverify``) and skips the
-    candidates without one (the full learned search costs 5-10 s per candidate and, on the ISS photos,
-    placed nothing SIFT's hypotheses did not already reach)."""
+    """One matcher over the candidates, in rank order."""
     t0 = time.perf_counter()
     shape = rgb.shape[:2]
     out = Footprint(photo=photo_path, status="rejected", photo_size=(shape[1], shape[0]))
@@ -254,15 +249,8 @@ def _estimate(
                 )
             )
             continue
-        if from_sift is not None:
-            if cand.rank not in from_sift:
-                continue  # auto: the learned matcher only re-verifies SIFT's hypotheses (README: why)
-            att = reverify(photo, cand.ground, from_sift[cand.rank], params, cancel)
-        else:
-            att = coregister(photo, cand.ground, cand.bounds, params, cancel, cand.rotation)
+        att = coregister(photo, cand.ground, cand.bounds, params, cancel, cand.rotation)
         reason = judge(att, cand, shape, params)
-        if reason is not None and seeds is not None and att.estimate is not None:
-            seeds[cand.rank] = att.estimate
         out.checks.append(
             CandidateCheck(
                 cand.rank,
