@@ -303,6 +303,11 @@ def _run(args: argparse.Namespace) -> int:
                     print(
                         f"  {m['name'] + aliases:<30} {m.get('dim', '?'):>5}-d  {weights:<15} {m.get('description', '')}"
                     )
+                    if m.get("frontends"):
+                        print(
+                            f"  {'':<30} front end: {m['frontend']} (default; --model {m['name']}+NAME for "
+                            f"{', '.join(f for f in m['frontends'] if f != m['frontend'])})"
+                        )
         return 0
 
     progress = StderrProgress(quiet=args.quiet)

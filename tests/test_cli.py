@@ -175,6 +175,8 @@ def test_models_lists_the_default(capsys):
     code, out, _ = run_cli(["models", "--json"], capsys)
     names = [m["name"] for m in json.loads(out)]
     assert code == 0 and "effnet-lite0-gem" in names and "astroloc" in names
+    code, out, _ = run_cli(["models"], capsys)
+    assert code == 0 and "front end: gray-clahe (default; --model effnet-lite0-gem+NAME for none" in out
 
 
 def test_factory_string_choices(tmp_path, capsys):
