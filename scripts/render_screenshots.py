@@ -4,13 +4,17 @@
 
 1. ``skyloc footprint`` places the sample photo on the 2009 NAIP raster; the picture shows the raster, the
    photo warped onto the ground (the engine's GeoTIFF, semi-transparent) and its footprint polygon.
-2. ``skyloc heatmap`` at a point of the 2018 raster; the picture shows the heatmap with the style the engine
-   writes beside it (``.qml``), over the raster, with the clicked point and a legend.
+2. ``skyloc heatmap`` at a point of the 2018 raster; the picture shows the heatmap styled by the plugin
+   (``layers.style_heatmap``: the fixed cosine range 0..1, not stretched), over the raster, with the clicked
+   point and a legend.
 
 3. The plugin's dock at 300 px (the narrowest a right-hand dock is used at), with a real engine behind it
    (``skyloc serve``, started by the plugin's client): ``dock_localize.png`` after a run of two photos (one
    placed, one rejected: the outcome in words and one line per photo), ``dock_embed.png`` and
    ``dock_engine.png`` (engine status, folders, models, diagnostics). A cramped or clipped dock shows here.
+4. ``search_area.png``: a map canvas (not a layout: rubber bands live on the canvas) with the search point
+   and its radius circle as the dock's "Pick" draws them. The plugin's icons are redrawn into
+   ``qgis_plugin/skyloc/icons/`` (``icons.save_pngs``).
 
 Runs the engine from ``.venv`` (it is not imported here: this is QGIS's Python) and QGIS's own renderer
 (a print layout exported to PNG), so the pictures show what an analyst gets in QGIS.
@@ -87,6 +91,47 @@ def featureless_photo(path: Path) -> Path:
     return path
 
 
+def plugin_package():
+    """The plugin package from qgis_plugin/ (a source checkout), with its client."""
+    if str(ROOT / "qgis_plugin") not in sys.path:
+        sys.path.insert(0, str(ROOT / "qgis_plugin"))
+    import skyloc as plugin_pkg
+
+    plugin_pkg._ensure_client()
+    return plugin_pkg
+
+
+def render_search_area(out_dir: Path, written: list[Path]) -> None:
+    """A canvas with naip_2009 and the search point + 2 km circle the dock's Pick draws."""
+    import time
+
+    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
+    from qgis.gui import QgsMapCanvas
+
+    plugin_package()
+    from skyloc.map_tool import SearchAreaBand
+
+    base = QgsRasterLayer(str(SAMPLE / "naip_2009.tif"), "naip_2009")
+    QgsProject.instance().addMapLayer(base)
+    canvas = QgsMapCanvas()
+    canvas.resize(640, 500)
+    canvas.setDestinationCrs(base.crs())
+    canvas.setLayers([base])
+    canvas.setExtent(base.extent())
+    canvas.show()
+    band = SearchAreaBand(canvas)
+    band.show(47.02, -99.15, 2.0)
+    canvas.refresh()
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+        QgsApplication.processEvents()
+        time.sleep(0.02)
+    grab(canvas, out_dir / "search_area.png", written)
+    band.remove()
+    canvas.hide()
+    QgsProject.instance().removeMapLayer(base.id())
+
+
 def render_dock(out_dir: Path, work: Path, index: Path, width: int = 300) -> list[Path]:
     """The plugin's dock (from qgis_plugin/, a source checkout) at ``width`` px: three tab pictures."""
     import shutil
@@ -94,10 +139,7 @@ def render_dock(out_dir: Path, work: Path, index: Path, width: int = 300) -> lis
 
     from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsSettings
 
-    sys.path.insert(0, str(ROOT / "qgis_plugin"))
-    import skyloc as plugin_pkg
-
-    plugin_pkg._ensure_client()
+    plugin_package()
     from skyloc.client import launch
     from skyloc.dock import SkylocDock
     from skyloc.engine_link import EngineLink, EngineSettings
@@ -150,6 +192,7 @@ def render_dock(out_dir: Path, work: Path, index: Path, width: int = 300) -> lis
                 raise RuntimeError("the dock's run did not end in 300 s")
         if not task.ok:
             raise RuntimeError(f"the dock's run failed: {task.error_text}")
+        panel.results.setCurrentRow(0)  # the placed photo: "Open in Georeferencer" enabled
         settle()
         area = dock.tabs.widget(0)
         area.verticalScrollBar().setValue(area.verticalScrollBar().maximum())
@@ -296,10 +339,14 @@ def render(out_dir: Path, outputs: dict[str, Path]) -> list[Path]:
 
         # 2. heatmap over the raster, with the clicked point
         base18 = QgsRasterLayer(str(SAMPLE / "naip_2018.tif"), "NAIP 2018 (sample)")
-        heat = QgsRasterLayer(str(outputs["heatmap"]), "similarity to the click")
-        msg, ok = heat.loadNamedStyle(str(outputs["heatmap"].with_suffix(".qml")))
-        if not ok:
-            raise RuntimeError(f"QGIS could not load the heatmap style: {msg}")
+        plugin_package()
+        from skyloc.icons import save_pngs
+        from skyloc.layers import style_heatmap
+
+        written += save_pngs(ROOT / "qgis_plugin" / "skyloc" / "icons")
+        heat = QgsRasterLayer(str(outputs["heatmap"]), "similarity to the click (0..1)")
+        stats = heat.dataProvider().bandStatistics(1)
+        style_heatmap(heat, stats.minimumValue, stats.maximumValue, "at the clicked point")
         click = QgsVectorLayer("Point?crs=EPSG:4326", "clicked point", "memory")
         f = QgsFeature()
         f.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(*CLICK_LONLAT)))
@@ -323,6 +370,8 @@ def render(out_dir: Path, outputs: dict[str, Path]) -> list[Path]:
 
         # 3. the dock at 300 px, driven like a user would, with a real engine
         written += render_dock(out_dir, outputs["work"], outputs["index"])
+        # 4. the search area drawn on the map by the dock's Pick
+        render_search_area(out_dir, written)
     finally:
         QgsProject.instance().clear()
         app.exitQgis()

@@ -195,3 +195,49 @@ def test_processing_cancel_cancels_the_engine_job(plugin, work_dir, engine_setti
             feedback=feedback,
         )
     assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def test_loaded_results_styled_like_the_docks_with_the_georeferenced_photo(
+    plugin, built_index, photo_folder, work_dir, clean_project, engine_settings
+):
+    """Run from the Processing dialog (results loaded): the dock's styles, and the photo layer too."""
+    import processing
+    from qgis.core import QgsProject
+    from skyloc.layers import HEATMAP_RANGE, is_heatmap
+
+    result = processing.runAndLoadResults(
+        "skyloc:localizephotos",
+        {
+            "PHOTOS": str(photo_folder),
+            "INDEX": built_index,
+            "TOP_K": 2,
+            "OUTPUT": str(work_dir / "results" / "loaded_footprints.gpkg"),
+            "CANDIDATES": str(work_dir / "results" / "loaded_candidates.gpkg"),
+        },
+    )
+    assert result["LOCALIZED"] == 1
+    layers = list(QgsProject.instance().mapLayers().values())
+    vectors = {lyr.source().split("|")[0]: lyr for lyr in layers if isinstance(lyr, QgsVectorLayer)}
+    feet = vectors[str(work_dir / "results" / "loaded_footprints.gpkg")]
+    cands = vectors[str(work_dir / "results" / "loaded_candidates.gpkg")]
+    for layer, field in ((feet, "status"), (cands, "rank")):
+        assert layer.renderer().type() == "categorizedSymbol" and layer.renderer().classAttribute() == field
+    tif = next(f["geotiff"] for f in feet.getFeatures() if f["status"] == "localized")
+    photos = [lyr for lyr in layers if isinstance(lyr, QgsRasterLayer) and lyr.source() == tif]
+    assert len(photos) == 1 and photos[0].isValid()
+
+    heat = processing.runAndLoadResults(
+        "skyloc:heatmapatpoint",
+        {
+            "RASTER": str(SAMPLE / "naip_2018.tif"),
+            "POINT": "488500,5207000 [EPSG:26914]",
+            "RESOLUTION": 20,
+            "OUTPUT": str(work_dir / "results" / "loaded_heat.tif"),
+        },
+    )
+    loaded = [lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.source() == heat["OUTPUT"]]
+    assert len(loaded) == 1 and is_heatmap(loaded[0])
+    assert loaded[0].name() == "Skyloc heatmap naip_2018 @ 488500, 5207000"
+    renderer = loaded[0].renderer()
+    assert (renderer.classificationMin(), renderer.classificationMax()) == HEATMAP_RANGE
+    assert "this heatmap's values" in loaded[0].metadata().abstract()

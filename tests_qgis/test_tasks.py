@@ -120,18 +120,73 @@ def test_dock_localize_outcome_matcher_and_groups(
     assert panel.zoom_to_row(rows[1])  # rejected: its best candidate place
     assert len(cands.selectedFeatureIds()) == 1
 
+    # Open in Georeferencer: <photo file name>.points beside the photo (its folder is writable)
+    panel.results.setCurrentItem(rows[1])
+    assert not panel.georef_button.isEnabled()  # a rejected photo has no GCPs
+    panel.results.setCurrentItem(rows[0])
+    assert panel.georef_button.isEnabled()
+    beside = photo_folder / f"{PHOTO_NAME}.points"
+    beside.unlink(missing_ok=True)
+    opened = panel.open_in_georeferencer()
+    assert opened == (str(photo_folder / PHOTO_NAME), str(beside))
+    assert beside.read_text() == Path(by_name[PHOTO_NAME]["points"]).read_text()
+    infos = bar_messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any("Georeferencer" in m and "Projective" in m and PHOTO_NAME in m for m in infos), infos
+
 
 def test_dock_builds_index_from_project_rasters(plugin, clean_project, engine_settings, work_dir):
     panel = plugin.dock.localize
     raster = QgsRasterLayer(str(SAMPLE / "naip_2009.tif"), "naip_2009")
     clean_project.addMapLayer(raster)
+    # the layer shown as 3,2,1: the index reads red=3, green=2, blue=1 (its renderer's choice)
+    from qgis.core import QgsMultiBandColorRenderer
+
+    raster.setRenderer(QgsMultiBandColorRenderer(raster.dataProvider(), 3, 2, 1))
     panel.refresh_rasters()
     panel.rasters.setCheckedItems(["naip_2009"])
     panel.tile_sizes.setText("512")
+    panel.bands.setText("")
     task = panel.build_index()
     assert task is not None
     wait_for(task)
     assert task.ok, task.error_text
+    assert task.job.params["bands"] == [3, 2, 1]  # it reached the engine
     assert Path(task.out, "manifest.json").is_file()
     assert Path(task.out).is_relative_to(work_dir / "results")
     assert panel.index.filePath() == task.out
+
+    # the index's tiles.gpkg on the map, from the button beside the index folder
+    panel.tiles_button.click()
+    tiles = [
+        lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.name().startswith("Skyloc index")
+    ]
+    assert len(tiles) == 1 and tiles[0].isValid() and tiles[0].featureCount() > 0
+    assert tiles[0].source().startswith(str(Path(task.out, "tiles.gpkg")))
+
+
+def test_georeferencer_files_never_replace_the_users_points(tmp_path, skyloc_pkg, monkeypatch):
+    import os
+
+    from skyloc.layers import georeferencer_files
+
+    photos, results = tmp_path / "photos", tmp_path / "results"
+    photos.mkdir()
+    results.mkdir()
+    photo = photos / "p.jpg"
+    photo.write_bytes(b"jpeg")
+    engine_points = results / "p.jpg.points"
+    engine_points.write_text("mapX,mapY,sourceX,sourceY,enable,dX,dY,residual\n1,2,3,-4,1,0,0,0\n")
+    # the user's own refined GCPs beside the photo stay: the photo is copied beside the engine's instead
+    (photos / "p.jpg.points").write_text("my refined points")
+    assert georeferencer_files(str(photo), str(engine_points)) == (str(results / "p.jpg"), str(engine_points))
+    assert (photos / "p.jpg.points").read_text() == "my refined points"
+    assert (results / "p.jpg").read_bytes() == b"jpeg"
+    # a read-only photo folder: the same
+    (photos / "p.jpg.points").unlink()
+    (results / "p.jpg").unlink()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if str(p) == str(photos) else real_access(p, mode)
+    )
+    assert georeferencer_files(str(photo), str(engine_points)) == (str(results / "p.jpg"), str(engine_points))
+    assert not (photos / "p.jpg.points").exists()

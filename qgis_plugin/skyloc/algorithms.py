@@ -23,6 +23,7 @@ from qgis.core import (
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
+    QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterEnum,
@@ -45,7 +46,7 @@ from qgis.PyQt.QtCore import QCoreApplication
 
 from .client import Job, ServiceError, SkylocClient
 from .engine_link import EngineLink, EngineSettings, explain, inside
-from .layers import raster_file
+from .layers import heatmap_name, point_query, raster_file, style_candidates, style_footprints, style_heatmap
 from .paths import StagedOutput, engine_photos, engine_roots, require_inside
 from .tasks import follow_job, stamp
 
@@ -67,6 +68,33 @@ def new_field(name: str, kind: str) -> QgsField:
 
 def tr(text: str) -> str:
     return QCoreApplication.translate("Skyloc", text)
+
+
+class StyleOnLoad(QgsProcessingLayerPostProcessorInterface):
+    """Style an output layer when Processing loads it: the same styling code as the dock's layers."""
+
+    #: QGIS does not own post-processors: they must outlive the algorithm (it runs them after).
+    ALIVE: list[StyleOnLoad] = []
+
+    def __init__(self, style, name: str | None = None) -> None:
+        super().__init__()
+        self.style = style
+        self.name = name
+
+    def postProcessLayer(self, layer, context, feedback) -> None:  # noqa: N802 (QGIS API)
+        if self.name:
+            layer.setName(self.name)
+        self.style(layer)
+
+
+def style_on_load(context: QgsProcessingContext, dest: str, style, name: str | None = None) -> bool:
+    """Give the output ``dest`` (as the algorithm got it) ``style`` when it is loaded (False: not loaded)."""
+    if not dest or not context.willLoadLayerOnCompletion(dest):
+        return False
+    post = StyleOnLoad(style, name)
+    StyleOnLoad.ALIVE.append(post)
+    context.layerToLoadOnCompletionDetails(dest).setPostProcessor(post)
+    return True
 
 
 class SkylocAlgorithm(QgsProcessingAlgorithm):
@@ -302,10 +330,13 @@ class LocalizePhotos(SkylocAlgorithm):
             against = self.raster(parameters, "AGAINST", context, roots)[1]
         if bool(index) == bool(against):
             raise QgsProcessingException(tr("Give either an index folder or a raster to match on."))
-        out = StagedOutput(self.parameterAsOutputLayer(parameters, "OUTPUT", context), roots, work)
+        out_dest = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
+        out = StagedOutput(out_dest, roots, work)
         cands = None
+        cands_dest = ""
         if index and parameters.get("CANDIDATES") not in (None, ""):
-            cands = StagedOutput(self.parameterAsOutputLayer(parameters, "CANDIDATES", context), roots, work)
+            cands_dest = self.parameterAsOutputLayer(parameters, "CANDIDATES", context)
+            cands = StagedOutput(cands_dest, roots, work)
         options: dict[str, Any] = {
             "top_k": self.parameterAsInt(parameters, "TOP_K", context),
             "matcher": MATCHERS[self.parameterAsEnum(parameters, "MATCHER", context)],
@@ -335,6 +366,16 @@ class LocalizePhotos(SkylocAlgorithm):
             )
             if p.get("status") == "error":
                 feedback.reportError(f"photo {p.get('photo')} could not be read: {p.get('reason')}")
+        # loaded like the dock's: styled footprints/candidates and every georeferenced photo
+        if style_on_load(context, out_dest, style_footprints):
+            for p in summary.get("photos", []):
+                tif = p.get("geotiff")
+                if tif and os.path.isfile(tif):
+                    name = os.path.splitext(os.path.basename(tif))[0]
+                    details = QgsProcessingContext.LayerDetails(name, context.project(), name)
+                    context.addLayerToLoadOnCompletion(tif, details)
+        if cands is not None:
+            style_on_load(context, cands_dest, style_candidates)
         results.update(
             LOCALIZED=summary.get("localized", 0),
             REJECTED=summary.get("rejected", 0),
@@ -375,7 +416,8 @@ class HeatmapAtPoint(SkylocAlgorithm):
         if parameters.get("RESOLUTION") not in (None, ""):
             resolution = self.parameterAsDouble(parameters, "RESOLUTION", context) or None
         work = os.path.join(EngineLink.instance().output_dir(client), "processing")
-        out = StagedOutput(self.parameterAsOutputLayer(parameters, "OUTPUT", context), roots, work)
+        out_dest = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
+        out = StagedOutput(out_dest, roots, work)
         if os.path.splitext(out.dest)[1].lower() not in (".tif", ".tiff"):
             raise QgsProcessingException(tr("The heatmap is a GeoTIFF: give a .tif output."))
         job = client.heatmap(
@@ -392,6 +434,14 @@ class HeatmapAtPoint(SkylocAlgorithm):
             raise
         summary = job.summary or {}
         feedback.pushInfo(f"{summary.get('query')}: similarity {summary.get('min')} to {summary.get('max')}")
+        query = point_query(point.x(), point.y(), layer.crs())
+        lo, hi = summary.get("min"), summary.get("max")
+        style_on_load(
+            context,
+            out_dest,
+            lambda lyr: style_heatmap(lyr, lo, hi, query),
+            heatmap_name(layer.name(), query),
+        )
         return {"OUTPUT": out.finish()}
 
 

@@ -23,7 +23,6 @@ from qgis.gui import (
     QgsExtentWidget,
     QgsFileWidget,
     QgsMapLayerComboBox,
-    QgsMapToolEmitPoint,
 )
 from qgis.PyQt.QtCore import QRect, Qt, QTimer
 from qgis.PyQt.QtGui import QColor, QDoubleValidator
@@ -54,7 +53,19 @@ from qgis.PyQt.QtWidgets import (
 
 from .algorithms import MATCHER_HELP, MATCHER_TIPS, MATCHERS
 from .engine_link import EngineLink, EngineSettings
-from .layers import STATUS_COLOURS, raster_file, zoom_to_feature
+from .layers import (
+    GEOREF_HOW,
+    STATUS_COLOURS,
+    HeatmapSlot,
+    add_index_tiles,
+    georeferencer_files,
+    is_heatmap,
+    open_georeferencer,
+    raster_file,
+    renderer_bands,
+    zoom_to_feature,
+)
+from .map_tool import PickPointTool, SearchAreaBand
 from .messages import clean, push, report_error
 from .tasks import EngineTask, HeatmapTask, IndexTask, LocalizeTask, row_text, start_task
 
@@ -267,8 +278,11 @@ class LocalizePanel(QWidget):
 
         self.index = QgsFileWidget()
         self.index.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.tiles_button = QPushButton("Tiles")
+        self.tiles_button.setToolTip("Add the index's tile footprints (tiles.gpkg) to the map")
+        self.tiles_button.clicked.connect(self.add_tiles)
         form.addRow(QLabel("Index folder"))
-        form.addRow(self.index)
+        form.addRow(_row(self.index, self.tiles_button))
         self.rasters = QgsCheckableComboBox()
         refresh = QPushButton("↻")
         refresh.setToolTip("List the raster layers of the project")
@@ -280,6 +294,13 @@ class LocalizePanel(QWidget):
         form.addRow(_row(refresh, self.build_button))
         self.tile_sizes = QLineEdit("256,512")
         form.addRow("Tile sizes", self.tile_sizes)
+        self.bands = QLineEdit()
+        self.bands.setPlaceholderText("from the layers' style")
+        self.bands.setToolTip(
+            "Raster bands read as red, green, blue (1-based, e.g. 3,2,1). Empty: the checked layers' own "
+            "band choice (a layer shown as 3,2,1 is read as red=3, green=2, blue=1)"
+        )
+        form.addRow("Bands (R,G,B)", self.bands)
 
         self.footprint = QCheckBox("Estimate footprints")
         self.footprint.setToolTip(
@@ -310,11 +331,18 @@ class LocalizePanel(QWidget):
         self.lat, self.lon = CoordEdit(-90, 90, "lat"), CoordEdit(-180, 180, "lon")
         self.radius = _spin(0.001, 20000, 100, 3)
         pick = QPushButton("Pick")
-        pick.setToolTip("Click the nadir point on the map")
+        pick.setToolTip("Click the nadir point on the map (the point and the radius are drawn there)")
         pick.clicked.connect(self._pick_point)
+        self.pick_button = pick
         form.addRow("Near lat, lon", _row(self.lat, self.lon))
         form.addRow("Radius (km)", _row(self.radius, pick))
+        self.band: SearchAreaBand | None = None
+        if iface is not None:
+            self.band = SearchAreaBand(iface.mapCanvas())
         self.area.currentIndexChanged.connect(self._area_changed)
+        self.radius.valueChanged.connect(self.draw_search_area)
+        self.lat.editingFinished.connect(self.draw_search_area)
+        self.lon.editingFinished.connect(self.draw_search_area)
         self._area_changed()
 
         self.run_button = QPushButton("Localize")
@@ -328,7 +356,16 @@ class LocalizePanel(QWidget):
         self.results.setMinimumHeight(70)
         self.results.itemClicked.connect(self.zoom_to_row)
         form.addRow(self.results)
-        self._pick_tool: QgsMapToolEmitPoint | None = None
+        self.georef_button = QPushButton("Open in Georeferencer")
+        self.georef_button.setToolTip(
+            "For the chosen placed photo: put its GCPs (<photo>.points) where QGIS's Georeferencer finds "
+            "them and say how to refine them there (Projective transform)"
+        )
+        self.georef_button.setEnabled(False)
+        self.georef_button.clicked.connect(self.open_in_georeferencer)
+        self.results.currentItemChanged.connect(self._row_changed)
+        form.addRow(self.georef_button)
+        self._pick_tool: PickPointTool | None = None
         self.last_task: EngineTask | None = None
         self.refresh_rasters()
         QgsProject.instance().layersAdded.connect(self.refresh_rasters)
@@ -368,7 +405,7 @@ class LocalizePanel(QWidget):
         checked = set(self.rasters.checkedItemsData())
         self.rasters.clear()
         for layer in QgsProject.instance().mapLayers().values():
-            if isinstance(layer, QgsRasterLayer) and not layer.name().startswith("Skyloc heatmap"):
+            if isinstance(layer, QgsRasterLayer) and not is_heatmap(layer):
                 state = Qt.CheckState.Checked if layer.id() in checked else Qt.CheckState.Unchecked
                 self.rasters.addItemWithCheckState(layer.name(), state, layer.id())
 
@@ -377,23 +414,74 @@ class LocalizePanel(QWidget):
         self.extent.setEnabled(i == 1)
         for w in (self.lat, self.lon, self.radius):
             w.setEnabled(i == 2)
+        self.draw_search_area()
 
-    def _pick_point(self) -> None:
+    def draw_search_area(self, *_args) -> bool:
+        """Draw the search point and its radius on the map while "Near a point" is chosen (else hide)."""
+        if self.band is None:
+            return False
+        lat, lon = self.lat.value(), self.lon.value()
+        if self.area.currentIndex() != 2 or lat is None or lon is None:
+            self.band.hide()
+            return False
+        self.band.show(lat, lon, self.radius.value())
+        return True
+
+    def set_point(self, lat: float, lon: float) -> None:
+        """The search point (WGS84): the fields, "Near a point", the drawing on the map."""
+        self.lat.setValue(lat)
+        self.lon.setValue(lon)
+        if self.area.currentIndex() != 2:
+            self.area.setCurrentIndex(2)  # draws it
+        else:
+            self.draw_search_area()
+
+    def _pick_point(self) -> PickPointTool | None:
+        """Activate a map tool: the next click on the map is the search point."""
         if self.iface is None:
-            return
+            return None
         canvas = self.iface.mapCanvas()
-        self._pick_tool = QgsMapToolEmitPoint(canvas)
-
-        def picked(point, _button) -> None:
-            tr = QgsCoordinateTransform(canvas.mapSettings().destinationCrs(), WGS84, QgsProject.instance())
-            p = tr.transform(point)
-            self.lat.setValue(p.y())
-            self.lon.setValue(p.x())
-            self.area.setCurrentIndex(2)
-            canvas.unsetMapTool(self._pick_tool)
-
-        self._pick_tool.canvasClicked.connect(picked)
+        self._pick_tool = PickPointTool(canvas, self.set_point)
         canvas.setMapTool(self._pick_tool)
+        return self._pick_tool
+
+    def add_tiles(self) -> object:
+        """Add the chosen index's tiles.gpkg to the map."""
+        index = self.index.filePath().strip()
+        if not index:
+            push("choose an index folder first", iface=self.iface)
+            return None
+        try:
+            return add_index_tiles(index)
+        except Exception as exc:
+            report_error(exc, self.iface, "Index tiles")
+            return None
+
+    def _row_changed(self, item, _previous=None) -> None:
+        row = item.data(Qt.ItemDataRole.UserRole + 1) if item is not None else None
+        self.georef_button.setEnabled(bool(row and row.get("points")))
+
+    def open_in_georeferencer(self, *_args) -> tuple[str, str] | None:
+        """The chosen placed photo: its .points where the Georeferencer finds it, and what to do there."""
+        item = self.results.currentItem()
+        row = item.data(Qt.ItemDataRole.UserRole + 1) if item is not None else None
+        if not row or not row.get("points"):
+            push("choose a placed photo in the list first", iface=self.iface)
+            return None
+        try:
+            photo, points = georeferencer_files(row.get("original") or row["photo"], row["points"])
+        except Exception as exc:
+            report_error(exc, self.iface, "Georeferencer")
+            return None
+        opened = open_georeferencer(self.iface)
+        how = GEOREF_HOW.format(photo=photo, points=os.path.basename(points))
+        push(
+            (f"the Georeferencer is open: {how}" if opened else how[0].upper() + how[1:]),
+            Qgis.MessageLevel.Info,
+            self.iface,
+            duration=0,
+        )
+        return photo, points
 
     def search_area(self) -> dict[str, Any]:
         """``near``/``radius_km`` or ``bbox`` (EPSG:4326) for the client."""
@@ -417,6 +505,24 @@ class LocalizePanel(QWidget):
     def _tile_sizes(self) -> list[int]:
         return [int(s) for s in self.tile_sizes.text().replace(" ", "").split(",") if s]
 
+    def index_bands(self, layers: list) -> list[int] | None:
+        """The bands typed in, else the layers' renderer choice (None: single-band layers, the engine's
+        default); ValueError when the layers show different bands (then type them)."""
+        text = self.bands.text().replace(" ", "")
+        if text:
+            bands = [int(b) for b in text.split(",") if b]
+            if len(bands) != 3 or min(bands) < 1:
+                raise ValueError("bands: three band numbers (1-based) as red,green,blue, e.g. 3,2,1")
+            return bands
+        chosen = {tuple(b) for b in (renderer_bands(lyr) for lyr in layers) if b is not None}
+        if len(chosen) > 1:
+            raise ValueError(
+                "the checked layers show different bands ("
+                + "; ".join(",".join(map(str, b)) for b in sorted(chosen))
+                + "): type the bands to read as red,green,blue"
+            )
+        return list(chosen.pop()) if chosen else None
+
     def build_index(self) -> IndexTask | None:
         """Build an index (in the results folder) from the checked raster layers."""
         try:
@@ -426,6 +532,7 @@ class LocalizePanel(QWidget):
                 raise ValueError("check the raster layers to index in the list first")
             sources = [raster_file(lyr) for lyr in layers if lyr is not None]
             sizes = self._tile_sizes()
+            bands = self.index_bands([lyr for lyr in layers if lyr is not None])
         except Exception as exc:
             report_error(exc, self.iface, "Build index")
             return None
@@ -435,7 +542,7 @@ class LocalizePanel(QWidget):
             if task.ok:
                 self.index.setFilePath(task.out)
 
-        task = IndexTask(sources, tile_sizes=sizes, iface=self.iface, on_done=done)
+        task = IndexTask(sources, tile_sizes=sizes, bands=bands, iface=self.iface, on_done=done)
         self.progress.follow(task)
         self.last_task = start_task(task)
         return task
@@ -477,6 +584,7 @@ class LocalizePanel(QWidget):
         for row in getattr(task, "rows", []) if task.ok else []:
             item = QListWidgetItem(row_text(row))
             item.setData(Qt.ItemDataRole.UserRole, (row["layer_id"], row["fid"]))
+            item.setData(Qt.ItemDataRole.UserRole + 1, row)
             item.setToolTip(row["photo"] + ("" if row["fid"] is not None else "\n(nothing to zoom to)"))
             colour = STATUS_COLOURS.get(row["status"])
             if colour:
@@ -515,6 +623,14 @@ class EmbeddingsPanel(QWidget):
         self.model = QLineEdit(EngineSettings.load().model)
         form.addRow("Model", self.model)
         lay.addLayout(form)
+        self.keep_heatmaps = QCheckBox("Keep previous heatmaps")
+        self.keep_heatmaps.setToolTip(
+            "Off: each new heatmap replaces the previous one on the map. On: they pile up (pinned); "
+            "every click's point and embedding stay in the 'Skyloc clicked points' layer either way"
+        )
+        lay.addWidget(self.keep_heatmaps)
+        #: the latest heatmap (of a click or of this tab), replaced by the next one unless pinned
+        self.heatmaps = HeatmapSlot(keep=self.keep_heatmaps.isChecked)
         self.embedding = QPlainTextEdit()
         self.embedding.setReadOnly(True)
         self.embedding.setPlaceholderText("The embedding at the clicked point appears here.")
@@ -578,7 +694,13 @@ class EmbeddingsPanel(QWidget):
             report_error(exc, self.iface, "Heatmap")
             return None
         task = HeatmapTask(
-            path, layer=layer, model=self.model_name(), iface=self.iface, on_done=self.progress.ended, **query
+            path,
+            layer=layer,
+            model=self.model_name(),
+            iface=self.iface,
+            on_done=self.progress.ended,
+            slot=self.heatmaps,
+            **query,
         )
         self.progress.follow(task)
         self.last_task = start_task(task)
@@ -790,7 +912,9 @@ class EnginePanel(QWidget):
         if st["ok"]:
             self.models.setPlainText(
                 "\n".join(
-                    f"{m.get('name')} ({m.get('kind')}): {m.get('description', '')}" for m in st["models"]
+                    f"{m.get('name')} ({m.get('kind')}): {m.get('description', '')}"
+                    + (f" Weights: {m['weights']}." if m.get("weights") else "")
+                    for m in st["models"]
                 )
             )
         else:

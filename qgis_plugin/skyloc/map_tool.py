@@ -1,22 +1,28 @@
-"""The Embeddings map tool: click on a raster layer -> embedding at that point + similarity heatmap layer."""
+"""Map tools: click on a raster -> embedding + similarity heatmap; pick the search area's point (with the
+radius drawn as a circle)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from qgis.core import (
+    QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
+    QgsDistanceArea,
+    QgsGeometry,
     QgsPointXY,
     QgsProject,
     QgsRasterLayer,
+    QgsWkbTypes,
 )
-from qgis.gui import QgsMapMouseEvent, QgsMapTool
+from qgis.gui import QgsMapMouseEvent, QgsMapTool, QgsMapToolEmitPoint, QgsRubberBand
 from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtGui import QCursor
+from qgis.PyQt.QtGui import QColor, QCursor
 
 from .client import ServiceError
-from .layers import raster_file
+from .layers import HeatmapSlot, is_heatmap, raster_file
 from .messages import report_error
 from .tasks import HeatmapTask, start_task
 
@@ -34,9 +40,11 @@ class HeatmapMapTool(QgsMapTool):
         iface=None,
         model: Callable[[], str | None] | None = None,
         on_embedding: Callable[[dict[str, Any]], None] | None = None,
+        slot: HeatmapSlot | None = None,
     ) -> None:
         super().__init__(canvas)
         self.iface = iface
+        self.slot = slot if slot is not None else HeatmapSlot()
         self.model = model or (lambda: None)
         self.on_embedding = on_embedding
         self.last_task: HeatmapTask | None = None
@@ -52,7 +60,7 @@ class HeatmapMapTool(QgsMapTool):
             candidates.append(active)
         candidates += [lyr for lyr in canvas.layers() if isinstance(lyr, QgsRasterLayer)]
         for layer in candidates:
-            if not layer.isValid() or layer.name().startswith("Skyloc heatmap"):
+            if not layer.isValid() or is_heatmap(layer):
                 continue
             try:
                 tr = QgsCoordinateTransform(dest, layer.crs(), QgsProject.instance())
@@ -88,7 +96,98 @@ class HeatmapMapTool(QgsMapTool):
             model=self.model(),
             iface=self.iface,
             on_embedding=self.on_embedding,
+            slot=self.slot,
         )
         self.last_task = task
         start_task(task)
         return task
+
+
+WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
+#: Vertices of the drawn search circle.
+CIRCLE_VERTICES = 96
+
+
+def circle_lonlat(lat: float, lon: float, radius_km: float, n: int = CIRCLE_VERTICES) -> list[QgsPointXY]:
+    """The geodesic circle of ``radius_km`` around (lat, lon) on the WGS84 ellipsoid, as lon/lat points."""
+    da = QgsDistanceArea()
+    da.setEllipsoid("WGS84")
+    centre = QgsPointXY(lon, lat)
+    ring = [da.computeSpheroidProject(centre, radius_km * 1000.0, 2 * math.pi * k / n) for k in range(n)]
+    return ring + ring[:1]
+
+
+class SearchAreaBand:
+    """The search area on the map: a cross at the point and the radius circle (rubber bands that stay
+    until :meth:`hide`, redrawn when the canvas changes its CRS)."""
+
+    COLOUR = QColor(230, 60, 30)
+
+    def __init__(self, canvas) -> None:
+        self.canvas = canvas
+        self.point = QgsRubberBand(canvas, QgsWkbTypes.GeometryType.PointGeometry)
+        self.point.setIcon(QgsRubberBand.IconType.ICON_CROSS)
+        self.point.setIconSize(14)
+        self.point.setWidth(2)
+        self.point.setColor(self.COLOUR)
+        self.circle = QgsRubberBand(canvas, QgsWkbTypes.GeometryType.PolygonGeometry)
+        self.circle.setStrokeColor(self.COLOUR)
+        self.circle.setFillColor(QColor(230, 60, 30, 30))
+        self.circle.setWidth(2)
+        self.shown: tuple[float, float, float] | None = None
+        canvas.destinationCrsChanged.connect(self._redraw)
+
+    def show(self, lat: float, lon: float, radius_km: float) -> None:
+        """Draw the point (lat, lon) and its ``radius_km`` circle in the canvas CRS."""
+        self.shown = (lat, lon, radius_km)
+        tr = QgsCoordinateTransform(WGS84, self.canvas.mapSettings().destinationCrs(), QgsProject.instance())
+        centre = QgsGeometry.fromPointXY(QgsPointXY(lon, lat))
+        centre.transform(tr)
+        self.point.setToGeometry(centre, None)
+        ring = QgsGeometry.fromPolygonXY([circle_lonlat(lat, lon, radius_km)])
+        try:
+            ring.transform(tr)
+        except Exception:  # noqa: BLE001 - a circle beyond the canvas CRS's area: the point alone
+            ring = QgsGeometry()
+        self.circle.setToGeometry(ring, None)
+        self.point.show()
+        self.circle.show()
+
+    def hide(self) -> None:
+        self.shown = None
+        self.point.reset(QgsWkbTypes.GeometryType.PointGeometry)
+        self.circle.reset(QgsWkbTypes.GeometryType.PolygonGeometry)
+
+    def _redraw(self) -> None:
+        if self.shown is not None:
+            self.show(*self.shown)
+
+    def remove(self) -> None:
+        """Take the rubber bands off the canvas for good (the dock goes away)."""
+        self.hide()
+        for band in (self.point, self.circle):
+            self.canvas.scene().removeItem(band)
+
+
+class PickPointTool(QgsMapToolEmitPoint):
+    """One click on the map: ``picked(lat, lon)`` (WGS84), then the previous map tool comes back. The
+    point and circle stay drawn by the caller's :class:`SearchAreaBand`."""
+
+    def __init__(self, canvas, picked: Callable[[float, float], None]) -> None:
+        super().__init__(canvas)
+        self.picked = picked
+        self.previous = canvas.mapTool()
+        self.setCursor(QCursor(Qt.CursorShape.CrossCursor))
+        self.canvasClicked.connect(self._clicked)
+
+    def _clicked(self, point: QgsPointXY, button) -> None:
+        if button != Qt.MouseButton.LeftButton:
+            return
+        canvas = self.canvas()
+        tr = QgsCoordinateTransform(canvas.mapSettings().destinationCrs(), WGS84, QgsProject.instance())
+        p = tr.transform(point)
+        self.picked(p.y(), p.x())
+        if self.previous is not None and self.previous is not self:
+            canvas.setMapTool(self.previous)
+        else:
+            canvas.unsetMapTool(self)

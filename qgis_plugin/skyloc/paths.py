@@ -25,9 +25,15 @@ def engine_roots(client: SkylocClient) -> list[str]:
 
 
 @contextlib.contextmanager
-def engine_photos(client: SkylocClient, photos: Sequence[str], roots: Sequence[str]) -> Iterator[list[str]]:
+def engine_photos(
+    client: SkylocClient,
+    photos: Sequence[str],
+    roots: Sequence[str],
+    origins: dict[str, str] | None = None,
+) -> Iterator[list[str]]:
     """Photos (files or folders) as paths the engine can read: files outside its roots are uploaded for
-    the time of the ``with`` block (and deleted from the engine after it)."""
+    the time of the ``with`` block (and deleted from the engine after it). ``origins`` (if given) gets
+    the user's file of every upload: ``{engine path: original path}``."""
     out: list[str] = []
     uploads: list[str] = []
     try:
@@ -52,6 +58,8 @@ def engine_photos(client: SkylocClient, photos: Sequence[str], roots: Sequence[s
                 up = client.upload(f)
                 uploads.append(up.id)
                 out.append(up.path)
+                if origins is not None:
+                    origins[up.path] = f
         yield out
     finally:
         for upload_id in uploads:

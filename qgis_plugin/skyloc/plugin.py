@@ -11,6 +11,7 @@ from qgis.PyQt.QtWidgets import QAction
 
 from .dock import SkylocDock
 from .engine_link import SETUP_HINT, EngineLink
+from .icons import dock_icon, map_tool_icon
 from .map_tool import HeatmapMapTool
 from .messages import push
 from .processing_provider import SkylocProvider
@@ -51,12 +52,11 @@ class SkylocPlugin:
 
     def initGui(self) -> None:  # noqa: N802 (QGIS API)
         self.initProcessing()
-        icon = plugin_icon()
         window = self.iface.mainWindow()
-        self.dock_action = QAction(icon, "Skyloc", window)
+        self.dock_action = QAction(dock_icon(), "Skyloc", window)
         self.dock_action.setCheckable(True)
         self.dock_action.setToolTip("Show the Skyloc dock: localize photos, embeddings, engine")
-        self.tool_action = QAction(icon, "Skyloc: embedding + heatmap at a click", window)
+        self.tool_action = QAction(map_tool_icon(), "Skyloc: embedding + heatmap at a click", window)
         self.tool_action.setCheckable(True)
         self.tool_action.triggered.connect(self.toggle_map_tool)
 
@@ -67,6 +67,7 @@ class SkylocPlugin:
             self.iface,
             model=self.dock.embeddings.model_name,
             on_embedding=self.dock.embeddings.show_embedding,
+            slot=self.dock.embeddings.heatmaps,
         )
         self.map_tool.setAction(self.tool_action)
         self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
@@ -91,6 +92,8 @@ class SkylocPlugin:
                 action.deleteLater()
         self.dock_action = self.tool_action = None
         if self.dock is not None:
+            if self.dock.localize.band is not None:
+                self.dock.localize.band.remove()
             self.iface.removeDockWidget(self.dock)
             self.dock.deleteLater()
             self.dock = None

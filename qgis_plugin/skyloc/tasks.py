@@ -18,7 +18,18 @@ from qgis.core import Qgis, QgsApplication, QgsMapLayer, QgsProject, QgsTask
 
 from .client import Job, ServiceError, SkylocClient
 from .engine_link import EngineLink
-from .layers import add_candidates, add_footprints, add_heatmap, add_photo_raster, run_group, zoom_to
+from .layers import (
+    HeatmapSlot,
+    add_candidates,
+    add_clicked_point,
+    add_footprints,
+    add_heatmap,
+    add_photo_raster,
+    heatmap_name,
+    point_query,
+    run_group,
+    zoom_to,
+)
 from .messages import OUTCOME, clean, push, report_error
 from .paths import engine_photos, engine_roots
 
@@ -163,13 +174,19 @@ class IndexTask(EngineTask):
         tile_sizes: Sequence[int] | None = None,
         overlap: float | None = None,
         model: str | None = None,
+        bands: Sequence[int] | None = None,
         iface=None,
         on_done=None,
     ) -> None:
         super().__init__("Skyloc: build index", iface, on_done)
         self.sources = list(sources)
         self.out = out
-        self.options = {"tile_sizes": tile_sizes, "overlap": overlap, "model": model}
+        self.options = {
+            "tile_sizes": tile_sizes,
+            "overlap": overlap,
+            "model": model,
+            "bands": None if bands is None else list(bands),
+        }
 
     def work(self, client: SkylocClient) -> Job:
         if self.out is None:
@@ -237,6 +254,8 @@ class LocalizeTask(EngineTask):
         self.outcome = ""
         self.outcome_level = Qgis.MessageLevel.Info
         self.rows: list[dict[str, Any]] = []
+        #: the user's photo of every uploaded one: {engine path: original}
+        self.origins: dict[str, str] = {}
         self.group = None
         names = [photo_label(p) for p in self.photos]
         self.run_name = (names[0] if len(names) == 1 else f"{len(names)} photo sources") + time.strftime(
@@ -244,7 +263,7 @@ class LocalizeTask(EngineTask):
         )
 
     def work(self, client: SkylocClient) -> Job:
-        with engine_photos(client, self.photos, engine_roots(client)) as photos:
+        with engine_photos(client, self.photos, engine_roots(client), self.origins) as photos:
             self.run_dir = run_dir = os.path.join(EngineLink.instance().output_dir(client), f"run_{stamp()}")
             os.makedirs(run_dir, exist_ok=True)
             if not self.footprint:
@@ -296,7 +315,7 @@ class LocalizeTask(EngineTask):
                 self.layers.append(feet)
         summary = result.summary or {}
         if self.footprint:
-            self.rows = footprint_rows(summary.get("photos", []), feet, cands)
+            self.rows = footprint_rows(summary.get("photos", []), feet, cands, self.origins)
             self.outcome, self.outcome_level = footprint_outcome(self.rows)
         else:
             self.rows = candidate_rows(summary.get("photos", []), cands)
@@ -321,14 +340,22 @@ def _features_by_photo(layer: QgsMapLayer | None, rank_one: bool = False) -> dic
     return out
 
 
-def footprint_rows(photos: list[dict[str, Any]], feet, cands) -> list[dict[str, Any]]:
-    """One row per photo of a footprint job: name, status, reason and the feature to zoom to."""
+def footprint_rows(
+    photos: list[dict[str, Any]], feet, cands, origins: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """One row per photo of a footprint job: name, status, reason, the feature to zoom to, the user's
+    photo (``original``: the file uploaded, else the engine's path) and its Georeferencer ``points``."""
     fp_ids, cand_ids = _features_by_photo(feet), _features_by_photo(cands, rank_one=True)
     rows = []
     for p in photos:
         photo = str(p.get("photo", ""))
+        points = p.get("points")
+        if not points and feet is not None and photo in fp_ids and feet.fields().indexOf("points") >= 0:
+            points = feet.getFeature(fp_ids[photo])["points"]
         row = {
             "photo": photo,
+            "original": (origins or {}).get(photo, photo),
+            "points": str(points) if points else None,
             "name": photo_label(photo),
             "status": p.get("status", "?"),
             "reason": p.get("reason") or "",
@@ -394,8 +421,10 @@ def footprint_outcome(rows: list[dict[str, Any]]) -> tuple[str, Qgis.MessageLeve
 class HeatmapTask(EngineTask):
     """Embedding at a point (``at`` in the raster's CRS) and/or a similarity heatmap layer over the raster.
 
-    Query: ``at`` [x, y], ``photo`` (a file) or ``location`` [lat, lon]. The heatmap is added just above
-    ``layer`` (the raster layer), styled by the engine's ``.qml``.
+    Query: ``at`` [x, y], ``photo`` (a file) or ``location`` [lat, lon]. The heatmap, named after the
+    raster and the query, is added just above ``layer`` (the raster layer) with the fixed-range colour ramp
+    of :func:`style_heatmap`; ``slot`` (a :class:`HeatmapSlot`) replaces the previous heatmap unless pinned.
+    A click (``at``) also adds a point with its embedding to the clicked-points layer (``point_fid``).
     """
 
     def __init__(
@@ -411,10 +440,25 @@ class HeatmapTask(EngineTask):
         iface=None,
         on_done=None,
         on_embedding: Callable[[dict[str, Any]], None] | None = None,
+        slot: HeatmapSlot | None = None,
     ) -> None:
         super().__init__("Skyloc: similarity heatmap", iface, on_done)
         self.raster = raster
         self.layer_id = None if layer is None else layer.id()
+        self.raster_name = (
+            layer.name() if layer is not None else os.path.splitext(os.path.basename(raster))[0]
+        )
+        self.raster_crs = layer.crs() if layer is not None else None
+        self.slot = slot
+        self.point_fid: int | None = None
+        if at is not None:
+            self.query = point_query(at[0], at[1], self.raster_crs)
+        elif photo is not None:
+            self.query = f"~ {os.path.basename(photo)}"
+        elif location is not None:
+            self.query = f"@ lat {location[0]:.5f}, lon {location[1]:.5f}"
+        else:
+            self.query = ""
         self.at, self.photo, self.location = at, photo, location
         self.model, self.out = model, out
         self.on_embedding = on_embedding
@@ -445,12 +489,31 @@ class HeatmapTask(EngineTask):
     def succeeded(self, result: Job) -> None:
         summary = result.summary or {}
         above = None if self.layer_id is None else QgsProject.instance().mapLayer(self.layer_id)
-        self.heatmap_layer = add_heatmap(summary.get("out", self.out), summary.get("style"), above=above)
-        if self.embedding is not None and self.on_embedding is not None:
-            self.on_embedding(self.embedding)
+        lo, hi = summary.get("min"), summary.get("max")
+        self.heatmap_layer = add_heatmap(
+            summary.get("out", self.out),
+            above=above,
+            name=heatmap_name(self.raster_name, self.query),
+            lo=lo,
+            hi=hi,
+            query=self.query,
+        )
+        if self.slot is not None:
+            self.slot.place(self.heatmap_layer)
+        if self.embedding is not None:
+            if self.at is not None and self.raster_crs is not None:
+                _, self.point_fid = add_clicked_point(
+                    list(self.at),
+                    self.raster_crs,
+                    self.raster_name,
+                    self.embedding,
+                    self.heatmap_layer.name(),
+                )
+            if self.on_embedding is not None:
+                self.on_embedding(self.embedding)
         push(
-            f"heatmap: {summary.get('query', '')}, similarity {summary.get('min', 0):.2f} to "
-            f"{summary.get('max', 0):.2f}",
+            f"heatmap {self.raster_name} {self.query}: similarity {lo or 0:.2f} to {hi or 0:.2f} "
+            "(colours over 0..1)",
             Qgis.MessageLevel.Success,
             self.iface,
             key=OUTCOME,
