@@ -568,7 +568,8 @@ def test_footprint_not_crossing_stays_a_polygon():
 
 def test_localize_footprint_real_process(sample_index, tmp_path):
     """The 2009 photo against the 2018 index: retrieval finds candidates, coregistration honestly cannot
-    verify any of them (SIFT does not survive 9 years of flooding), so the run exits 6 with reasons."""
+    verify any of them (neither SIFT nor, with the default auto, ALIKED + LightGlue survives 9 years of
+    flooding), so the run exits 6 with reasons for each candidate and each matcher."""
     out = tmp_path / "f.gpkg"
     proc = subprocess.run(
         [
@@ -595,8 +596,10 @@ def test_localize_footprint_real_process(sample_index, tmp_path):
     assert proc.returncode == 6, proc.stderr
     (summary,) = json.loads(proc.stdout)
     assert summary["status"] == "rejected" and summary["reason"]
-    assert len(summary["checks"]) == 3 and sorted(c["rank"] for c in summary["checks"]) == [1, 2, 3]
+    by = {m: sorted(c["rank"] for c in summary["checks"] if c["matcher"] == m) for m in ("sift", "aliked")}
+    assert by == {"sift": [1, 2, 3], "aliked": [1, 2, 3]} and len(summary["checks"]) == 6
     assert all(c["tile_id"] is not None and not c["accepted"] for c in summary["checks"])
+    assert summary["reason"].startswith("SIFT: ") and "ALIKED (best 3 candidates)" in summary["reason"]
     geoms, cols = layer_columns(out)
     assert geoms == [None] and cols["status"] == ["rejected"] and cols["reason"] == [summary["reason"]]
     assert cols["__crs__"] == "EPSG:4326"
@@ -677,7 +680,11 @@ def test_iss_photo_without_a_true_candidate_is_rejected(shared_data):
     folder = shared_data / "iss" / "ISS055-E-7189"
     meta, cands = iss_candidates(folder)
     assert all(c["iou_with_query"] == 0 for c in meta["candidates"])
-    fp = estimate(meta["query_file"], read_image(folder / meta["query_file"]), cands)
-    assert fp.status == "rejected" and fp.reason.startswith("no candidate verified")
-    assert len(fp.checks) == len(cands) and not any(c.accepted for c in fp.checks)
-    assert max(c.verified for c in fp.checks) < 12
+    fp = estimate(meta["query_file"], read_image(folder / meta["query_file"]), cands)  # default: auto
+    assert fp.status == "rejected" and fp.reason.startswith("SIFT: no candidate verified")
+    assert "ALIKED (best 5 candidates): no candidate verified" in fp.reason
+    sift = [c for c in fp.checks if c.matcher == "sift"]
+    learned = [c for c in fp.checks if c.matcher == "aliked"]
+    assert len(sift) == len(cands) and len(learned) == min(5, len(cands))
+    assert not any(c.accepted for c in fp.checks)
+    assert max(c.verified for c in sift) < 12 and max(c.verified for c in learned) < 16

@@ -412,3 +412,24 @@ def test_auto_falls_back_to_the_learned_search_where_sift_fails():
     assert sift and not any(c.accepted for c in sift)  # the fallback was needed
     truth = np.array(meta["query"]["footprint_latlon"], float)[:, ::-1]
     assert fp.polygon().contains(shapely.Polygon(truth).centroid)
+
+
+@pytest.mark.parametrize(
+    ("matcher", "shift", "accepted"),
+    [("sift", 12.0, False), ("aliked", 12.0, True), ("aliked", 20.0, False), ("sift", 6.0, True)],
+)
+def test_settling_limit_is_per_matcher(naip09_ground, matcher, shift, accepted):
+    """A refinement that still moves at its last pass: SIFT's limit is 8 px, the learned matchers' 16 px
+    (LightGlue re-matches the whole view at every pass, so its corners jitter on hazy photos)."""
+    from engine.footprint.coregister import Attempt
+    from engine.footprint.estimate import judge
+
+    bounds = window_bounds(*WIN)
+    (x0, y0, x1, y1), (rows, cols) = bounds, (300, 400)
+    # the photo exactly over the candidate: a plausible footprint in every other respect
+    h = np.array([[(x1 - x0) / cols, 0, x0], [0, -(y1 - y0) / rows, y1], [0, 0, 1]])
+    att = Attempt(h=h, verified=100, converged=False, last_shift_px=shift, matcher=matcher)
+    reason = judge(att, GroundCandidate("win", naip09_ground, bounds, rank=1), (rows, cols), CoregParams())
+    assert (reason is None) == accepted, reason
+    if not accepted:
+        assert "did not settle" in reason

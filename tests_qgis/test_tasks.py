@@ -69,7 +69,7 @@ def test_dock_localize_outcome_matcher_and_groups(
     assert panel.photo_list.item(0).toolTip() == str(photo_folder / PHOTO_NAME)  # the path as tooltip
     panel.index.setFilePath(built_index)
     panel.top_k.setValue(2)
-    assert panel.matcher.currentText() == "sift"  # the engine's default first
+    assert panel.matcher.currentText() == "auto"  # the engine's default first
     panel.matcher.setCurrentIndex(panel.matcher.findText("aliked"))
     assert panel.lat.value() is None and panel.lon.value() is None  # empty, not 0,0
     panel.area.setCurrentIndex(2)  # near a point: the sample's centre, 5 km

@@ -118,7 +118,9 @@ class FootprintRequest(AreaFields):
     backend: Backend = "onnx"
     resume: bool = True
     matcher: Literal["sift", "aliked", "disk", "auto"] = Field(
-        "sift", description="local matcher: sift, aliked or disk (+ LightGlue), auto (SIFT, then LightGlue)"
+        "auto",
+        description="local matcher: auto (the default: SIFT, then ALIKED + LightGlue where SIFT places "
+        "nothing), sift, aliked or disk (+ LightGlue)",
     )
     overwrite: bool = Field(
         False,
