@@ -485,3 +485,43 @@ def localize_footprints(
         )
     finally:
         places.close()
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def train(
+    footprints: str,
+    index: str,
+    out: str,
+    *,
+    steps: int = 30,
+    batch_photos: int = 4,
+    lr: float = 1e-4,
+    train_blocks: int | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> Any:
+    """Fine-tune the default encoder on the localized photos of a footprint layer (engine/train.py).
+
+    Writes a model folder that ``--model OUT`` accepts everywhere; returns a ``TrainResult``."""
+    from . import train as training
+
+    params = training.TrainParams(steps=steps, batch_photos=batch_photos, lr=lr, seed=seed)
+    if train_blocks is not None:
+        params.train_blocks = train_blocks
+    result = training.train(
+        footprints,
+        index,
+        out,
+        params=params,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        cancel=cancel,
+    )
+    get_encoder.cache_clear()  # a model folder rewritten in place must not be served from the cache
+    return result

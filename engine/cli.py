@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
             choices=("sift", "aliked", "disk", "auto"),
             default=None,
             help="local matcher: sift (RootSIFT, fastest), aliked or disk (+ LightGlue: haze, season, "
-            "obliquity), auto (SIFT, then ALIKED where SIFT places nothing); default: see README",
+            "obliquity), auto (the default: SIFT, then ALIKED where SIFT places nothing)",
         )
         overwrite_arg(p)
 
@@ -258,6 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     overwrite_arg(p)
 
+    p = sub.add_parser(
+        "train", help="fine-tune the default encoder on your localized photos: writes a --model folder"
+    )
+    p.add_argument(
+        "--footprints", required=True, metavar="FOOTPRINTS.gpkg", help="footprint layer (localized)"
+    )
+    p.add_argument("--index", required=True, metavar="INDEX_DIR", help="index built with the default model")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write")
+    p.add_argument("--steps", type=int, default=30, help="optimisation steps (default 30: minutes on a CPU)")
+    p.add_argument("--batch-photos", type=int, default=4, help="photos per step (default 4)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--train-blocks", type=int, help="last EfficientNet blocks trained (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    overwrite_arg(p)
+
     p = sub.add_parser("models", help="list the encoders and what they can do")
     p.add_argument("--json", action="store_true")
 
@@ -335,6 +353,31 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 0
 
+    if args.command == "train":
+        trained = api.train(
+            args.footprints,
+            args.index,
+            args.out,
+            steps=args.steps,
+            batch_photos=args.batch_photos,
+            lr=args.lr,
+            train_blocks=args.train_blocks,
+            seed=args.seed,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+        if args.json:
+            print(json.dumps(trained.to_json(), indent=1))
+        else:
+            print(
+                f"model {trained.out}: {trained.model_id}, {trained.steps} steps on {trained.photos} photos "
+                f"({trained.pairs} photo-tile pairs), {trained.seconds:.0f} s on {trained.device}; "
+                f"use it with --model {trained.out} (and an index built with it)"
+            )
+        for why in trained.skipped:
+            print(f"skyloc: skipped {why}", file=sys.stderr)
+        return 0
     if args.command in ("embed", "heatmap"):
         return _embeddings(api, args, progress)
     if args.command == "footprint" or getattr(args, "footprint", False):

@@ -387,6 +387,9 @@ def test_not_found_and_model_mismatch(client, workspace, sample_index):
         "bad_input",
     )
     assert status_of(lambda: client.localize(["nope.jpg"], str(sample_index))) == (422, "bad_input")
+    # a model folder (skyloc train) is read like any input: never outside the roots, even to probe it
+    outside = lambda: client.localize(["photo.jpg"], str(sample_index), model="/etc")  # noqa: E731
+    assert status_of(outside)[0] == 403
 
 
 def test_footprint_job_writes_the_georeferenced_photo(client, workspace):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from engine.errors import InputError
 from engine.nets import astroloc, effnet_gem
@@ -109,8 +110,34 @@ def resolve_model(name: str | None, frontend: str | None = None) -> tuple[str, s
 
 
 def resolve_name(name: str | None) -> str:
-    """Canonical spec ``<model>+<front end>`` for a name, alias or spec: what an index records as its name."""
-    return join_spec(*resolve_model(name))
+    """Canonical spec ``<model>+<front end>`` for a name, alias or spec: what an index records as its name.
+
+    A model folder written by ``skyloc train`` is named by its absolute path."""
+    folder = model_folder(name)
+    return str(folder) if folder is not None else join_spec(*resolve_model(name))
+
+
+def model_folder(name: str | os.PathLike | None) -> Path | None:
+    """The absolute path of a fine-tuned model folder (``skyloc train``) named by ``name``, else None.
+
+    A registry name is never a folder; a path to a folder without a model card is an InputError."""
+    if name is None or str(name).strip().lower() in MODELS or str(name).strip().lower() in ALIASES:
+        return None
+    path = Path(name)
+    try:
+        if not path.is_dir():
+            if "/" in str(name) or os.sep in str(name):  # a path, not a registry name: say what is missing
+                raise InputError(f"model folder {path} not found (moved?): give --model with its new path")
+            return None
+    except OSError:
+        return None
+    from engine.train import CARD_FILE
+
+    if not (path / CARD_FILE).is_file():
+        raise InputError(
+            f"{path} is a folder but not a Skyloc model folder (no {CARD_FILE}; see `skyloc train`)"
+        )
+    return path.resolve()
 
 
 def load_encoder(
@@ -125,6 +152,18 @@ def load_encoder(
 ) -> ImageEncoder:
     """Build an encoder by spec (``name[+front end]``). ``backend="onnx"`` exports once (cached) and runs
     onnxruntime on CPU; the front end runs beside it, in the shared preprocessing."""
+    folder = model_folder(name)
+    if folder is not None:  # a model folder written by ``skyloc train``: its card names front end and size
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        from engine.train import load_model_folder
+
+        ft = load_model_folder(
+            folder, input_size=input_size, frontend=frontend, weights=weights, sha256=sha256
+        )
+        ft = to_onnx(ft) if backend == "onnx" else ft
+        ft.max_batch = 64
+        return ft
     key, fe = resolve_model(name, frontend)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")

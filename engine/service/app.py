@@ -368,6 +368,11 @@ class Service:
     def check_model_name(self, model: str | None, index_manifest: dict[str, Any] | None = None) -> None:
         from ..nets.registry import resolve_name
 
+        built_with = (index_manifest or {}).get("model", {}).get("name")
+        for given in (model, built_with):
+            if given and ("/" in given or os.sep in given):
+                # a fine-tuned model folder (`skyloc train`) is read like any input: inside the roots (403)
+                self.policy.resolve(given, what="model folder")
         if model is None:
             return
         name = resolve_name(model)  # InputError (422) for an unknown model
