@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from retrieval_iss import ISS, load_photos, pool_candidates  # noqa: E402
+from retrieval_iss import ISS, load_photos, pool_folder  # noqa: E402
 
 from engine import api  # noqa: E402
 
@@ -67,10 +67,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     items = load_photos()
-    pool = work / "pool"
-    if not pool.exists():
-        pool.mkdir()
-        pool_candidates(items, pool)
+    pool = pool_folder(items, work)
     index = work / "index-default"
     if not (index / "manifest.json").exists():
         api.index([str(pool)], str(index), model="default", backend="onnx", exclude=["surrounding_*"])

@@ -60,8 +60,18 @@ def load_photos() -> list[dict]:
     return photos
 
 
+def pool_folder(photos: list[dict], work: Path) -> Path:
+    """``work/pool``: each unique candidate mosaic (by z/row/col) symlinked into one folder, one XYZ source
+    (made once; a later run in the same ``work`` reuses it)."""
+    pool = work / "pool"
+    if not pool.exists():
+        pool.mkdir(parents=True)
+        pool_candidates(photos, pool)
+    return pool
+
+
 def pool_candidates(photos: list[dict], into: Path) -> int:
-    """Symlink each unique candidate mosaic (by z/row/col) into one folder: one XYZ source."""
+    """Symlink each unique candidate mosaic (by z/row/col) into ``into``."""
     seen = set()
     for p in photos:
         for f in p["candidates"]:
@@ -140,10 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        pool = work / "pool"
-        if not pool.exists():
-            pool.mkdir()
-            pool_candidates(photos, pool)
+        pool = pool_folder(photos, work)
         rows = [
             run(m, b, photos, pool, work) for m in args.models.split(",") for b in args.backends.split(",")
         ]
@@ -377,10 +384,7 @@ def sweep(runs: list[tuple[str, str]], work: Path | None) -> str:
     work = work or Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     photos = load_photos()
-    pool = work / "pool"
-    if not pool.exists():
-        pool.mkdir()
-        pool_candidates(photos, pool)
+    pool = pool_folder(photos, work)
     src = open_source(pool, exclude=["surrounding_*"])
     specs = src.specs()
     tiles = [src.read(s, SIZE) for s in specs]  # what build_index feeds the encoder

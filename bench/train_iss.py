@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from retrieval_iss import ISS, load_photos, pool_candidates  # noqa: E402
+from retrieval_iss import ISS, load_photos, pool_folder  # noqa: E402
 
 from engine import api  # noqa: E402
 from engine.index_store import open_index  # noqa: E402
@@ -70,10 +70,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="train-iss-"))
     work.mkdir(parents=True, exist_ok=True)
     photos = load_photos()
-    pool = work / "pool"
-    if not pool.exists():
-        pool.mkdir()
-        pool_candidates(photos, pool)
+    pool = pool_folder(photos, work)
     base_index = work / "index-default"
     t0 = time.perf_counter()
     if not (base_index / "manifest.json").exists():

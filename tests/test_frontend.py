@@ -201,12 +201,10 @@ def test_iss_pooled_retrieval_with_the_default(tmp_path):
     import sys
 
     sys.path.insert(0, str(SAMPLE.parent / "bench"))
-    from retrieval_iss import load_photos, pool_candidates
+    from retrieval_iss import load_photos, pool_folder
 
     photos = load_photos()
-    pool = tmp_path / "pool"
-    pool.mkdir()
-    pool_candidates(photos, pool)
+    pool = pool_folder(photos, tmp_path)
     api.index([str(pool)], str(tmp_path / "idx"), exclude=["surrounding_*"])
     idx = open_index(tmp_path / "idx")
     assert idx.manifest["model"]["frontend"] == DEFAULT_FE
