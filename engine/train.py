@@ -209,7 +209,8 @@ def _to_wgs84(crs: str | None):
 
 
 def _open_tiles(idx) -> Any:
-    """A reader ``read(tile_id, size) -> uint8 RGB`` over the index's own sources, in tile_id order."""
+    """The index's own sources opened again with its build settings, and their tile specs in tile_id order
+    as ``[(source, spec), ...]`` (``source.read(spec, size)`` gives a tile's uint8 RGB)."""
     from .tiles import open_source
 
     build = idx.manifest["build"]
@@ -298,13 +299,17 @@ def multi_similarity_loss(
 
 
 def iou_matrix(a: list[shapely.Geometry], b: list[shapely.Geometry]) -> np.ndarray:
+    """IoU of every geometry of ``a`` with every one of ``b`` (0 where they do not intersect). The pairs
+    that intersect come from an STRtree and their areas from shapely's vectorised functions: a photo
+    against a large index is not a Python loop over every tile."""
     out = np.zeros((len(a), len(b)), np.float32)
-    for i, g in enumerate(a):
-        for j, h in enumerate(b):
-            if g.intersects(h):
-                inter = g.intersection(h).area
-                union = g.union(h).area
-                out[i, j] = inter / union if union > 0 else 0.0
+    if not len(a) or not len(b):
+        return out
+    ia, ib = shapely.STRtree(b).query(a, predicate="intersects")
+    ga, gb = np.asarray(a, dtype=object)[ia], np.asarray(b, dtype=object)[ib]
+    inter = shapely.area(shapely.intersection(ga, gb))
+    union = shapely.area(shapely.union(ga, gb))
+    out[ia, ib] = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
     return out
 
 
@@ -378,6 +383,7 @@ def train(
     pairs, photo_iou = [pr for pr, k in zip(pairs, keep, strict=True) if k], photo_iou[keep]
     if not pairs:
         raise EmptyInputError(f"no localized footprint of {footprints} overlaps a tile of index {idx.path}")
+    n_pairs = int((photo_iou > 0).sum())  # photo-tile pairs the pairwise loss can use
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = {
@@ -478,7 +484,7 @@ def train(
                 "footprints": str(Path(footprints).resolve()),
                 "index": str(idx.path),
                 "photos": len(pairs),
-                "pairs": int((photo_iou > 0).sum()),
+                "pairs": n_pairs,
                 "losses": "IoU-weighted soft InfoNCE photo<->tiles + multi-similarity on overlapping tiles",
                 "params": asdict(params),
                 "loss_first": losses[0] if losses else None,
@@ -502,7 +508,7 @@ def train(
         weights_sha256=digest,
         steps=params.steps,
         photos=len(pairs),
-        pairs=int((photo_iou > 0).sum()),
+        pairs=n_pairs,
         skipped=skipped,
         losses=losses,
         resumed_from=resumed_from,
