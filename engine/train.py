@@ -397,6 +397,10 @@ def train(
     fingerprint = _fingerprint(settings)
     start = 0
     if staged.exists():
+        if staged.is_symlink() or not marker.is_file():  # not ours: never removed (as index folders)
+            raise OutputExistsError(
+                f"{staged} exists and was not made by skyloc train (no {marker.name}): move it away"
+            )
         recorded = None
         with contextlib.suppress(OSError, ValueError, AttributeError):
             recorded = json.loads(marker.read_text()).get("fingerprint")

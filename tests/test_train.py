@@ -16,7 +16,7 @@ from imagery import SAMPLE
 from engine import api
 from engine import train as training
 from engine.cli import main
-from engine.errors import CancelledError, EmptyInputError, ModelMismatchError, SkylocError
+from engine.errors import CancelledError, EmptyInputError, ModelMismatchError, OutputExistsError, SkylocError
 from engine.imageio import read_image
 from engine.nets.registry import load_encoder, resolve_name
 from engine.progress import CancelToken
@@ -184,3 +184,14 @@ def test_iss_leave_photos_out_evaluation(shared_data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "report.txt").read_text()
     assert "untrained" in report and "trained" in report and "R@1" in report
+
+
+def test_a_foreign_partial_folder_is_never_removed(sample_index, tmp_path):
+    """The staging folder's name taken by something that is not a training run: refused, left as it is."""
+    fp, out = _footprints(tmp_path / "fp.gpkg"), tmp_path / "model"
+    foreign = tmp_path / ".model.train-partial"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not made by skyloc train"):
+        training.train(fp, sample_index, out, params=training.TrainParams(steps=1, batch_photos=1))
+    assert (foreign / "notes.txt").read_text() == "mine" and not out.exists()
