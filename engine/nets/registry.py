@@ -117,6 +117,11 @@ def resolve_name(name: str | None) -> str:
     return str(folder) if folder is not None else join_spec(*resolve_model(name))
 
 
+def names_a_path(name: str | os.PathLike) -> bool:
+    """A model name with a path separator names a folder (``skyloc train``), never a registry model."""
+    return "/" in str(name) or os.sep in str(name)
+
+
 def model_folder(name: str | os.PathLike | None) -> Path | None:
     """The absolute path of a fine-tuned model folder (``skyloc train``) named by ``name``, else None.
 
@@ -126,7 +131,7 @@ def model_folder(name: str | os.PathLike | None) -> Path | None:
     path = Path(name)
     try:
         if not path.is_dir():
-            if "/" in str(name) or os.sep in str(name):  # a path, not a registry name: say what is missing
+            if names_a_path(name):  # a path, not a registry name: say what is missing
                 raise InputError(f"model folder {path} not found (moved?): give --model with its new path")
             return None
     except OSError:

@@ -366,11 +366,11 @@ class Service:
         return None
 
     def check_model_name(self, model: str | None, index_manifest: dict[str, Any] | None = None) -> None:
-        from ..nets.registry import resolve_name
+        from ..nets.registry import names_a_path, resolve_name
 
         built_with = (index_manifest or {}).get("model", {}).get("name")
         for given in (model, built_with):
-            if given and ("/" in given or os.sep in given):
+            if given and names_a_path(given):
                 # a fine-tuned model folder (`skyloc train`) is read like any input: inside the roots (403)
                 self.policy.resolve(given, what="model folder")
         if model is None:
