@@ -502,8 +502,11 @@ def train(
             cancel.check()
         replace_dir(folder, out)
         shutil.rmtree(staged, ignore_errors=True)
-    except CancelledError:
-        shutil.rmtree(staged, ignore_errors=True)
+    except BaseException as exc:
+        # a cancel leaves nothing; a failure or a kill keeps the folder only when a checkpoint makes it
+        # resumable (--resume), else nothing half-made stays behind
+        if isinstance(exc, CancelledError) or not ckpt_path.is_file():
+            shutil.rmtree(staged, ignore_errors=True)
         raise
     progress(1.0, f"model written to {out}")
     return TrainResult(

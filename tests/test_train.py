@@ -195,3 +195,16 @@ def test_a_foreign_partial_folder_is_never_removed(sample_index, tmp_path):
     with pytest.raises(OutputExistsError, match="not made by skyloc train"):
         training.train(fp, sample_index, out, params=training.TrainParams(steps=1, batch_photos=1))
     assert (foreign / "notes.txt").read_text() == "mine" and not out.exists()
+
+
+def test_an_unreadable_photo_is_a_clear_error_that_leaves_nothing(sample_index, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg" * 20)
+    corners = json.loads((SAMPLE / "photo_2009_oblique.json").read_text())["ground_corners_lonlat"]
+    fp = tmp_path / "fp.gpkg"
+    write_polygons(
+        fp, [shapely.Polygon(corners)], {"photo": [str(bad)], "status": ["localized"]}, layer="footprints"
+    )
+    with pytest.raises(SkylocError, match="not an image file"):
+        api.train(str(fp), str(sample_index), str(tmp_path / "model"), steps=1, batch_photos=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jpg", "fp.gpkg"]
