@@ -48,9 +48,9 @@ import torch  # noqa: E402
 from engine.footprint import learned  # noqa: E402
 from engine.footprint.coregister import CoregParams  # noqa: E402
 from engine.footprint.estimate import GroundCandidate, estimate  # noqa: E402
-from engine.footprint.ground import MosaicGround, MosaicImage  # noqa: E402
-from engine.imageio import read_image  # noqa: E402
-from engine.tiles.xyz_mosaic import XyzMosaicSource  # noqa: E402
+from engine.imagery.mosaic_folder import XyzMosaicSource  # noqa: E402
+from engine.imagery.photos import read_image  # noqa: E402
+from engine.imagery.views import MosaicGround, MosaicImage  # noqa: E402
 
 #: The ISS set; SKYLOC_ISS_DATA points elsewhere (a copy carried to a GPU machine, say).
 ISS = Path(os.environ.get("SKYLOC_ISS_DATA") or ROOT.parent / "shared" / "data" / "iss")
@@ -153,7 +153,7 @@ def dispute(rgb: np.ndarray, ground, h_ours: np.ndarray, truth_lonlat: np.ndarra
     """(NCC through our footprint, best NCC through the catalogue's corners in any cyclic order, either way)."""
     import cv2
 
-    from engine.footprint.ground import corners as photo_corners
+    from engine.geo.homography import corners as photo_corners
 
     to_ground = Transformer.from_crs("EPSG:4326", ground.crs, always_xy=True)
     tx, ty = to_ground.transform(truth_lonlat[:, 0], truth_lonlat[:, 1])

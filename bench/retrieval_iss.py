@@ -34,12 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 from engine import api  # noqa: E402
 from engine.geo.xyz import parse_xyz_name  # noqa: E402
-from engine.index_store import open_index  # noqa: E402
 from engine.nets import effnet_gem  # noqa: E402
 from engine.nets.checkpoints import sha256_file  # noqa: E402
 from engine.nets.frontend import FRONTENDS  # noqa: E402
 from engine.nets.onnx_backend import Preprocess, TorchEncoder, to_onnx  # noqa: E402
 from engine.nets.registry import load_encoder, with_frontend  # noqa: E402
+from engine.retrieval.index_store import open_index  # noqa: E402
 
 ISS = ROOT.parent / "shared" / "data" / "iss"
 
@@ -377,8 +377,8 @@ def sweep(runs: list[tuple[str, str]], work: Path | None) -> str:
     those within TIME_BUDGET of today's default encode time; its recalls are reported on half B, and the
     same the other way round; then on all photos with a positive in the pool.
     """
-    from engine.imageio import read_image
-    from engine.tiles import open_source
+    from engine.imagery import open_source
+    from engine.imagery.photos import read_image
 
     tmp = tempfile.TemporaryDirectory()
     work = work or Path(tmp.name)

@@ -11,8 +11,8 @@ Queries are near database vectors, not equal (a photo is near its tile). With --
 held out of the database and used as queries unless --real-queries is given. Synthetic recall depends on the
 model: the lead's --real run on AstroLoc descriptors is the measure that counts.
 
-Ground truth is exact search (``Flat``) through ``engine.faiss_index.search``; every other factory is built
-with ``engine.faiss_index.build`` and compared with it: train/add time, serialised bytes, ms per query in a
+Ground truth is exact search (``Flat``) through ``engine.retrieval.faiss_index.search``; every other factory is built
+with ``engine.retrieval.faiss_index.build`` and compared with it: train/add time, serialised bytes, ms per query in a
 batch and for single queries, recall@k (the fraction of the exact top-k ids found in the approximate top-k),
 at a few nprobe / efSearch settings, plus a filtered search (``--filter-frac`` of the ids allowed, as an area
 filter) at the index's default setting.
@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import faiss_index as fi  # noqa: E402
+from engine.retrieval import faiss_index as fi  # noqa: E402
 
 T0 = time.perf_counter()
 

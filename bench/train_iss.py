@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from retrieval_iss import ISS, load_photos, pool_folder  # noqa: E402
 
 from engine import api  # noqa: E402
-from engine.index_store import open_index  # noqa: E402
+from engine.retrieval.index_store import open_index  # noqa: E402
 from engine.vector_io import write_polygons  # noqa: E402
 
 

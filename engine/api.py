@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from . import retrieval
 from .embed.actions import EmbedResult as EmbedResult
 from .embed.actions import HeatmapResult as HeatmapResult
 from .embed.actions import embed_at as embed_at
@@ -27,14 +26,15 @@ from .footprint.batch import FOOTPRINT_LAYER, run_batch
 from .footprint.coregister import CoregParams
 from .footprint.estimate import Footprint, check_matcher, estimate
 from .footprint.places import IndexPlaces, RasterPlaces
-from .imageio import DEFAULT_MAX_PIXELS, read_image
-from .index_store import FAISS_FILE, MANIFEST, TILES_FILE, TileIndex, build_index, open_index
+from .imagery import open_source
+from .imagery.photos import DEFAULT_MAX_PIXELS, read_image
 from .nets.base import ImageEncoder
 from .nets.registry import available_models, load_encoder, resolve_name
 from .output_guard import check_output
 from .progress import CancelToken, ProgressFn, no_progress
-from .search_area import SearchArea
-from .tiles import open_source
+from .retrieval import search as tile_search
+from .retrieval.index_store import FAISS_FILE, MANIFEST, TILES_FILE, TileIndex, build_index, open_index
+from .retrieval.search_area import SearchArea
 from .vector_io import driver_for, write_polygons
 
 #: ONNX Runtime by default: same descriptors as PyTorch (cosine >= 0.9999) and faster on a CPU: per photo
@@ -205,7 +205,7 @@ def localize(
         sha256,
     )
     idx.check_encoder(encoder)
-    tiles = retrieval.allowed_tiles(idx, area)
+    tiles = tile_search.allowed_tiles(idx, area)
     paths = expand_photos(photos)
     inputs = [*paths, *index_files(idx)]
     if out is not None:
@@ -258,7 +258,7 @@ def _localize_one(
     t0 = time.perf_counter()
     desc = encoder.encode(image[None])
     t1 = time.perf_counter()
-    hits = retrieval.search(idx, desc, top_k, tiles)[0]
+    hits = tile_search.search(idx, desc, top_k, tiles)[0]
     t2 = time.perf_counter()
     table = idx.tiles
     cands = [

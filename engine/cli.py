@@ -21,9 +21,9 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError, SkylocError, from_os_error
-from .imageio import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
+from .imagery.photos import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
 from .output_guard import JSON_KEY, check_output, mark_written
-from .search_area import SearchArea
+from .retrieval.search_area import SearchArea
 
 EXIT_CODES = __doc__.split("Exit codes: ", 1)[1].strip()
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from . import __version__
 from .atomic import atomic_path, replace_dir
 from .errors import CancelledError, EmptyInputError, InputError, OutputExistsError, WeightsError
-from .imageio import read_image
+from .imagery.photos import read_image
 from .nets import effnet_gem
 from .nets.checkpoints import check_sha256, sha256_file
 from .nets.frontend import check_frontend, tag_model_id, untag_model_id
@@ -211,7 +211,7 @@ def _to_wgs84(crs: str | None):
 def _open_tiles(idx) -> Any:
     """The index's own sources opened again with its build settings, and their tile specs in tile_id order
     as ``[(source, spec), ...]`` (``source.read(spec, size)`` gives a tile's uint8 RGB)."""
-    from .tiles import open_source
+    from .imagery import open_source
 
     build = idx.manifest["build"]
     sources = []
@@ -355,7 +355,7 @@ def train(
     cancel: CancelToken | None = None,
 ) -> TrainResult:
     """Fine-tune the index's encoder (the default model) on the localized features of ``footprints``."""
-    from .index_store import open_index
+    from .retrieval.index_store import open_index
 
     t0 = time.perf_counter()
     params = params or TrainParams()

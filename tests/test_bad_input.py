@@ -27,7 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from engine.cli import main
 from engine.errors import DiskFullError, InputError, SkylocError
-from engine.imageio import image_size, read_image
+from engine.imagery.photos import image_size, read_image
 
 SKYLOC = Path(sys.executable).parent / "skyloc"
 LONG_NAME = "x" * 4000
@@ -143,7 +143,7 @@ def truncated_tif(tmp_path: Path) -> Path:
 
 
 def test_truncated_geotiff_as_tile_source_is_an_input_error(truncated_tif: Path) -> None:
-    from engine.tiles.geotiff import GeoTiffSource
+    from engine.imagery.geotiff import GeoTiffSource
 
     src = GeoTiffSource(truncated_tif, tile_sizes=(256,))  # opening reads the header only
     with src, pytest.raises(InputError, match="cut.tif.*truncated or corrupt"):
@@ -152,7 +152,7 @@ def test_truncated_geotiff_as_tile_source_is_an_input_error(truncated_tif: Path)
 
 
 def test_truncated_geotiff_as_footprint_ground_is_an_input_error(truncated_tif: Path) -> None:
-    from engine.footprint.ground import RasterGround
+    from engine.imagery.views import RasterGround
 
     ground = RasterGround(truncated_tif)
     try:
@@ -187,7 +187,7 @@ def test_long_file_name_is_an_input_error(tmp_path: Path) -> None:
         read_image(tmp_path / f"{LONG_NAME}.jpg")
     with pytest.raises(InputError, match="too long"):
         image_size(tmp_path / f"{LONG_NAME}.png")
-    from engine.tiles.geotiff import GeoTiffSource
+    from engine.imagery.geotiff import GeoTiffSource
 
     with pytest.raises(InputError, match="too long"):
         GeoTiffSource(tmp_path / f"{LONG_NAME}.tif")
@@ -261,7 +261,7 @@ def _run_limited(code: str, memory_gb: int = 6) -> subprocess.CompletedProcess[s
 def test_absurd_factories_are_refused_before_allocating() -> None:
     proc = _run_limited(
         """
-        from engine import faiss_index
+        from engine.retrieval import faiss_index
         from engine.errors import InputError
 
         cases = [
@@ -343,7 +343,7 @@ def fill(folder: Path, leave: int) -> None:
 def test_faiss_index_write_on_a_full_disk(small_tmpfs: Path) -> None:
     import faiss
 
-    from engine import faiss_index
+    from engine.retrieval import faiss_index
 
     index = faiss.IndexFlatIP(256)
     index.add(np.random.default_rng(0).random((1200, 256), dtype=np.float32))  # 1.2 MB: more than the disk
@@ -357,7 +357,7 @@ def test_small_faiss_index_write_on_a_full_disk_is_not_a_silent_empty_file(small
     as a 0-byte file, renamed into place as if written."""
     import faiss
 
-    from engine import faiss_index
+    from engine.retrieval import faiss_index
 
     index = faiss.IndexFlatIP(64)
     index.add(np.random.default_rng(0).random((8, 64), dtype=np.float32))  # 2 KB: inside one stdio buffer

@@ -1,4 +1,4 @@
-"""engine.faiss_index: exactness, id filters, per-call knobs, training checks and atomic files."""
+"""engine.retrieval.faiss_index: exactness, id filters, per-call knobs, training checks and atomic files."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import faiss
 import numpy as np
 import pytest
 
-from engine import faiss_index as fi
 from engine.errors import CancelledError, IndexNotFoundError, InputError
 from engine.progress import CancelToken
+from engine.retrieval import faiss_index as fi
 
 DIM = 32
 

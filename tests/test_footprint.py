@@ -31,9 +31,10 @@ from engine.cli import main
 from engine.errors import CancelledError, EmptyInputError
 from engine.footprint.batch import parts_dir, run_batch, write_footprints
 from engine.footprint.estimate import Footprint, GroundCandidate, estimate, lonlat_polygon
-from engine.footprint.ground import MosaicGround, MosaicImage, RasterGround, affine_matrix, apply_h, corners
 from engine.footprint.outputs import read_points
-from engine.imageio import read_image
+from engine.geo.homography import affine_matrix, apply_h, corners
+from engine.imagery.photos import read_image
+from engine.imagery.views import MosaicGround, MosaicImage, RasterGround
 from engine.progress import CancelToken
 from engine.vector_io import read_layer
 
@@ -641,7 +642,7 @@ def test_localize_footprint_shapefile(sample_index, tmp_path, capsys):
 
 def iss_candidates(folder: Path) -> tuple[dict, list[GroundCandidate]]:
     """The folder's images as one mosaic; candidates = its distinct candidate tiles in retrieval order."""
-    from engine.tiles import XyzMosaicSource
+    from engine.imagery import XyzMosaicSource
 
     meta = json.loads((folder / "meta.json").read_text())
     specs = XyzMosaicSource(folder).specs()

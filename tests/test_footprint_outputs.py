@@ -13,8 +13,8 @@ from rasterio.enums import ColorInterp
 
 from engine.errors import InputError
 from engine.footprint import outputs
-from engine.footprint.ground import apply_h, corners, scaling, translation
 from engine.footprint.outputs import read_points, write_geotiff, write_points
+from engine.geo.homography import apply_h, corners, scaling, translation
 
 ROWS, COLS = 480, 640
 UTM = "EPSG:32614"

@@ -13,11 +13,11 @@ from PIL import Image
 
 from engine import api
 from engine.errors import InputError, ModelMismatchError
-from engine.index_store import build_index, open_index
+from engine.imagery.geotiff import GeoTiffSource
 from engine.nets import effnet_gem
 from engine.nets.frontend import FRONTENDS, apply, split_spec, tag_model_id, untag_model_id
 from engine.nets.registry import available_models, load_encoder, resolve_model, resolve_name
-from engine.tiles.geotiff import GeoTiffSource
+from engine.retrieval.index_store import build_index, open_index
 
 DEFAULT_FE = effnet_gem.DEFAULT_FRONTEND
 

@@ -14,7 +14,7 @@ from PIL import Image, ImageFile
 from rasterio.errors import NotGeoreferencedWarning
 
 from engine.errors import ImageTooLargeError, InputError
-from engine.imageio import image_size, read_image
+from engine.imagery.photos import image_size, read_image
 
 
 def noise(h: int, w: int, seed: int = 0) -> np.ndarray:

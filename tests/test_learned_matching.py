@@ -32,7 +32,8 @@ from engine.footprint.coregister import (
     turn_matrix,
 )
 from engine.footprint.estimate import GroundCandidate, estimate
-from engine.footprint.ground import RasterGround, affine_matrix, apply_h, corners
+from engine.geo.homography import affine_matrix, apply_h, corners
+from engine.imagery.views import RasterGround
 from engine.nets.checkpoints import sha256_file
 
 try:
@@ -349,8 +350,8 @@ def test_cli_truncated_weights_exit_3_without_outputs(turned_photo, tmp_path):
 
 
 def iss_candidates(folder: Path, files: list[str]):
-    from engine.footprint.ground import MosaicGround, MosaicImage
-    from engine.tiles.xyz_mosaic import XyzMosaicSource
+    from engine.imagery.mosaic_folder import XyzMosaicSource
+    from engine.imagery.views import MosaicGround, MosaicImage
 
     src = XyzMosaicSource(folder)
     ground = MosaicGround([MosaicImage(s.source, s.bounds) for s in src.specs()], name=folder.name)
@@ -373,7 +374,7 @@ def test_iss_positive_placed_and_negative_rejected(matcher, photo):
     centre inside the footprint; rejected on a candidate that does not overlap it."""
     import shapely
 
-    from engine.imageio import read_image
+    from engine.imagery.photos import read_image
 
     folder = ISS / photo
     meta = json.loads((folder / "meta.json").read_text())
@@ -396,7 +397,7 @@ def test_auto_falls_back_to_the_learned_search_where_sift_fails():
     footprint of this photo is off; its centre still lies inside ours)."""
     import shapely
 
-    from engine.imageio import read_image
+    from engine.imagery.photos import read_image
 
     folder = ISS / "ISS054-E-21023"
     meta = json.loads((folder / "meta.json").read_text())

@@ -304,8 +304,8 @@ def test_onnx_astroloc_random_matches_torch(astroloc_random, real, tmp_path, mon
 
 def test_large_models_encode_in_small_batches():
     """Indexing batches by max_batch: the ViT must not be fed 64 images at once (6.6 GB measured)."""
-    from engine.index_store import ROTATIONS
     from engine.nets.registry import load_encoder
+    from engine.retrieval.index_store import ROTATIONS
 
     assert load_encoder("default").max_batch == 64
     vit = load_encoder("astroloc-random", input_size=126)

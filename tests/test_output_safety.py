@@ -29,9 +29,9 @@ from engine import api
 from engine.cli import main
 from engine.errors import OutputExistsError, OutputLockedError
 from engine.footprint.batch import georef_names
-from engine.index_store import FAISS_FILE, MANIFEST, TILES_FILE, is_index_folder
 from engine.locking import output_lock
 from engine.output_guard import check_output, is_skyloc_output
+from engine.retrieval.index_store import FAISS_FILE, MANIFEST, TILES_FILE, is_index_folder
 
 NAIP18, NAIP09 = SAMPLE / "naip_2018.tif", SAMPLE / "naip_2009.tif"
 PHOTO09 = SAMPLE / "photo_2009_oblique.jpg"

@@ -19,9 +19,9 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from engine.errors import EmptyInputError, InputError, NoCRSError
-from engine.tiles import GeoTiffSource, XyzMosaicSource, open_source
-from engine.tiles.base import TileSpec
-from engine.tiles.geotiff import window_offsets
+from engine.imagery import GeoTiffSource, XyzMosaicSource, open_source
+from engine.imagery.base import TileSpec
+from engine.imagery.geotiff import window_offsets
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RASTERS = SHARED / "rasters"

@@ -17,7 +17,7 @@ from engine import api
 from engine import train as training
 from engine.cli import main
 from engine.errors import CancelledError, EmptyInputError, ModelMismatchError, OutputExistsError, SkylocError
-from engine.imageio import read_image
+from engine.imagery.photos import read_image
 from engine.nets.registry import load_encoder, resolve_name
 from engine.progress import CancelToken
 from engine.vector_io import write_polygons
@@ -78,7 +78,7 @@ def test_train_writes_a_model_folder_that_loads_and_changes_descriptors(trained,
     assert float((onnx.encode(img) * a).sum()) > 0.999
 
     # the index built with the untrained default refuses the fine-tuned model (and says so)
-    from engine.index_store import open_index
+    from engine.retrieval.index_store import open_index
 
     with pytest.raises(ModelMismatchError):
         open_index(sample_index).check_encoder(ft)

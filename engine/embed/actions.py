@@ -26,7 +26,7 @@ from rasterio.errors import RasterioError
 
 from .. import __version__
 from ..errors import DiskFullError, ImageTooLargeError, InputError, OutsideAreaError, from_os_error
-from ..imageio import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS, read_image
+from ..imagery.photos import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS, read_image
 from ..output_guard import check_output
 from ..progress import CancelToken, ProgressFn, no_progress
 from .cache import grid_for

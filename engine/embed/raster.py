@@ -19,7 +19,7 @@ from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from ..errors import InputError, OutsideAreaError
-from ..tiles.geotiff import GeoTiffSource, raster_errors
+from ..imagery.geotiff import GeoTiffSource, raster_errors
 
 #: Pixels of the largest box :meth:`EmbedRaster.valid_at` reads at once.
 MASK_READ_PIXELS = 1 << 22

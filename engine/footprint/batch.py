@@ -23,10 +23,10 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..errors import CancelledError, InputError, SkylocError, os_errors_as_user_errors
+from ..imagery.base import CORNER_ORDER
 from ..locking import output_lock
 from ..output_guard import check_output
 from ..progress import CancelToken, ProgressFn, no_progress
-from ..tiles.base import CORNER_ORDER
 from ..vector_io import driver_for, write_polygons
 from .estimate import CandidateCheck, Footprint
 from .outputs import write_geotiff, write_points

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
+from ..geo.homography import apply_h, corners, cv_matrix, scaling, translation
+from ..imagery.views import Ground
 from ..progress import CancelToken
 from . import learned
-from .ground import Ground, apply_h, corners, cv_matrix, scaling, translation
 from .matching import Features, detect, fit_homography, match, match_guided
 
 

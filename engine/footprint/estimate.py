@@ -31,10 +31,11 @@ import shapely.affinity
 
 from ..errors import InputError
 from ..geo.crs import to_lonlat, unwrap_lons
+from ..geo.homography import apply_h
+from ..imagery.views import Ground
 from ..progress import CancelToken
 from . import learned
 from .coregister import DEFAULT_PARAMS, Attempt, CoregParams, PhotoFeatures, coregister, corners
-from .ground import Ground, apply_h
 from .learned import MATCHERS, LearnedUnavailable
 from .outputs import check_homography
 

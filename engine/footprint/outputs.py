@@ -41,8 +41,8 @@ from rasterio.transform import Affine
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..geo.crs import crs_label
+from ..geo.homography import affine_matrix, apply_h, corners, cv_matrix, frame_outline, local_scale, scaling
 from ..output_guard import TIFF_TAG, mark_written
-from .ground import affine_matrix, apply_h, corners, cv_matrix, frame_outline, local_scale, scaling
 
 POINTS_HEADER = "mapX,mapY,sourceX,sourceY,enable,dX,dY,residual"
 CORNER_ORDER = "upper_left,upper_right,lower_right,lower_left"

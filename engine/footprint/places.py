@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..index_store import TileIndex
+from ..imagery import GeoTiffSource, XyzMosaicSource
+from ..imagery.views import Ground, MosaicGround, MosaicImage, RasterGround
 from ..nets.base import ImageEncoder
-from ..tiles import GeoTiffSource, XyzMosaicSource
+from ..retrieval.index_store import TileIndex
 from .estimate import GroundCandidate
-from .ground import Ground, MosaicGround, MosaicImage, RasterGround
 
 #: Most windows a raster given with --against is cut into for on-the-fly retrieval; beyond it, build an
 #: index (`skyloc index`) and use `skyloc localize --footprint`.

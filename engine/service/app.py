@@ -48,9 +48,9 @@ from ..errors import (
     from_os_error,
 )
 from ..footprint.coregister import CoregParams
-from ..imageio import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
-from ..index_store import check_index_out
+from ..imagery.photos import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
 from ..output_guard import check_output
+from ..retrieval.index_store import check_index_out
 from .auth import TokenMiddleware
 from .errors import BusyError, ForbiddenPathError, NotFoundError, UploadTooLargeError
 from .gdal_guard import GdalGuard, disable_gdal_network
@@ -123,7 +123,7 @@ class IndexCache:
         self._lock = threading.Lock()
 
     def get(self, path: Path):
-        from ..index_store import MANIFEST, open_index
+        from ..retrieval.index_store import MANIFEST, open_index
 
         try:
             st = (path / MANIFEST).stat()
@@ -255,7 +255,7 @@ class Service:
 
     def photo_file(self, given: str) -> Path:
         """One photo file inside the roots, its pixel count checked from the header (no decoding)."""
-        from ..imageio import image_size
+        from ..imagery.photos import image_size
 
         real = self.input_file(given, what="photo")
         self.gdal.image(real, "photo")  # a TIFF that is a VRT: what it refers to is checked too
@@ -274,7 +274,7 @@ class Service:
 
     def index(self, path: str):
         """An opened index (cached): 403 outside the roots, 404 when it is not a Skyloc index."""
-        from ..index_store import TILES_FILE
+        from ..retrieval.index_store import TILES_FILE
 
         real = self.policy.resolve(path, what="index")
         if not real.is_dir():
@@ -353,7 +353,7 @@ class Service:
 
     @staticmethod
     def area(req: AreaFields):
-        from ..search_area import SearchArea
+        from ..retrieval.search_area import SearchArea
 
         if req.near is not None and req.bbox is not None:
             raise InputError("give near/radius_km or bbox, not both")
@@ -517,7 +517,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.post("/uploads", status_code=201, response_model=UploadOut, tags=["service"])
     def upload(file: Annotated[UploadFile, File(description="a photo or raster")]) -> dict[str, Any]:
         """Store an image in the service's upload folder; its ``path`` can then be given to any action."""
-        from ..imageio import image_size, read_image
+        from ..imagery.photos import image_size, read_image
 
         raw = os.path.basename((file.filename or "").replace("\\", "/"))
         stem, suffix = os.path.splitext(raw)

@@ -25,7 +25,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..imageio import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
+from ..imagery.photos import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
 from .protocol import HEADER_TIMEOUT_S, MAX_IDLE_CONNECTIONS
 from .runtime import RunDir
 

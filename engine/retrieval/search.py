@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import OutsideAreaError
 from . import faiss_index
-from .errors import OutsideAreaError
 from .index_store import TileIndex
 from .search_area import SearchArea
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageTooLargeError, InputError, SkylocError, from_os_error
+from ..errors import ImageTooLargeError, InputError, SkylocError, from_os_error
+from .stretch import apply_stretch, percentile_stretch_params
 
 #: Default pixel budget of one photo (width x height); 100 MP is a large DSLR frame, not a bomb.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -32,27 +33,6 @@ _TIFF_SUFFIXES = {".tif", ".tiff"}
 _WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 # EXIF orientations 5..8 swap width and height.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
-
-
-def percentile_stretch_params(
-    values: np.ndarray, low: float = 2.0, high: float = 98.0
-) -> tuple[float, float]:
-    """``(lo, hi)`` percentiles of the finite values, for a linear stretch to 0..255 (hi > lo always)."""
-    finite = np.asarray(values, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    lo, hi = (float(v) for v in np.percentile(finite, [low, high]))
-    if hi <= lo:
-        hi = lo + 1.0
-    return lo, hi
-
-
-def apply_stretch(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map ``lo..hi`` linearly to 0..255 as uint8 (clipped; non-finite values become 0)."""
-    scaled = (np.asarray(values, dtype=np.float32) - lo) * (255.0 / (hi - lo))
-    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def short_path(path: Path, limit: int = 200) -> str:
@@ -130,10 +110,10 @@ def _decode(img: Image.Image, path: Path) -> np.ndarray:
 
 def _read_raster(path: Path, max_pixels: int) -> np.ndarray:
     """TIFFs PIL cannot handle (16-bit, float, > 4 bands) through GDAL, RGB chosen as for a GeoTIFF source."""
-    import rasterio  # local: keeps `import engine.imageio` light
+    import rasterio  # local: keeps `import engine.imagery.photos` light
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-    from .tiles.geotiff import choose_rgb_bands, stretch_to_uint8
+    from .stretch import choose_rgb_bands, stretch_to_uint8
 
     try:
         with warnings.catch_warnings():

@@ -40,9 +40,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .atomic import default_file_mode
-from .errors import IndexNotFoundError, InputError, from_os_error
-from .progress import CancelToken, ProgressFn, no_progress
+from ..atomic import default_file_mode
+from ..errors import IndexNotFoundError, InputError, from_os_error
+from ..progress import CancelToken, ProgressFn, no_progress
 
 __all__ = [
     "FACTORY_EXAMPLES",

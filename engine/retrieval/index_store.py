@@ -26,21 +26,22 @@ from typing import Any
 import numpy as np
 import shapely
 
-from . import __version__, faiss_index
-from .atomic import atomic_path, replace_dir
-from .errors import (
+from .. import __version__
+from ..atomic import atomic_path, replace_dir
+from ..errors import (
     EmptyInputError,
     IndexNotFoundError,
     InputError,
     ModelMismatchError,
     os_errors_as_user_errors,
 )
-from .locking import output_lock
-from .nets.base import ImageEncoder
-from .nets.frontend import SEPARATOR
-from .progress import CancelToken, ProgressFn, no_progress
-from .tiles.base import TileSource, TileSpec
-from .vector_io import read_layer, write_polygons
+from ..imagery.base import TileSource, TileSpec
+from ..locking import output_lock
+from ..nets.base import ImageEncoder
+from ..nets.frontend import SEPARATOR
+from ..progress import CancelToken, ProgressFn, no_progress
+from ..vector_io import read_layer, write_polygons
+from . import faiss_index
 
 FORMAT_VERSION = 1
 ROTATIONS = (0, 90, 180, 270)  # counter-clockwise; np.rot90(img, k) for k = 0..3

@@ -1,4 +1,4 @@
-"""Database tiles cut from imagery: GeoTIFF windows at several scales, or Web-Mercator XYZ mosaics."""
+"""Imagery sources: every read of imagery goes through this package (GeoTIFF windows at several scales, Web-Mercator XYZ mosaics, photos, views for coregistration)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import InputError
 from .base import TileSource, TileSpec
 from .geotiff import GeoTiffSource
-from .xyz_mosaic import DEFAULT_SPAN, Span, XyzMosaicSource
+from .mosaic_folder import DEFAULT_SPAN, Span, XyzMosaicSource
 
 __all__ = ["GeoTiffSource", "TileSource", "TileSpec", "XyzMosaicSource", "open_source"]
 

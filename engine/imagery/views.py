@@ -1,15 +1,13 @@
 """The ground a photo is matched against: georeferenced imagery that can be resampled into any frame.
 
-The footprint estimator never matches a photo against a raster as stored: it asks for a *view*, an image
+Views are what coregistration reads from any imagery source; the footprint estimator never matches a photo against a raster as stored: it asks for a *view*, an image
 whose pixels map to the ground through a homography ``to_crs`` (view pixel -> ground CRS coordinates). The
 first view is the retrieved candidate's extent, north up; later ones are the ground warped into the
 photo's own frame through the current estimate (EarthMatch's iteration). A view is read straight from the
 source at the resolution it needs (decimated reads, never the whole raster), so an 80,000-pixel-wide
 GeoTIFF costs the same as a 512-pixel candidate.
 
-Pixel convention (GDAL's, also rasterio's): (0, 0) is the outer corner of the top-left pixel and pixel
-centres sit at +0.5. OpenCV puts centres on integers; the conversions live in ``cv_matrix`` and
-``engine.footprint.matching`` and nowhere else.
+Pixel convention: GDAL's, see ``engine.geo.homography``.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -28,70 +25,23 @@ from rasterio.windows import Window
 
 from ..errors import InputError
 from ..geo.crs import crs_label
-from ..imageio import DEFAULT_MAX_PIXELS, read_image
-from ..tiles.geotiff import GeoTiffSource
+from ..geo.homography import (
+    affine_matrix,
+    apply_h,
+    cv_matrix,
+    frame_outline,
+    local_scale,
+    scaling,
+    translation,
+)
+from .geotiff import GeoTiffSource
+from .photos import DEFAULT_MAX_PIXELS, read_image
 
 #: Longest side of an intermediate read; beyond it the read is decimated further (a degenerate estimate
 #: can ask for a view of half a continent: it gets a coarse one, not an out-of-memory error).
 MAX_CHUNK_SIDE = 4096
 #: Decoded mosaic images kept in memory by a MosaicGround (a photo's candidates share their neighbours).
 IMAGE_CACHE = 48
-
-
-def translation(dx: float, dy: float) -> np.ndarray:
-    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
-
-
-def scaling(sx: float, sy: float | None = None) -> np.ndarray:
-    return np.diag([sx, sx if sy is None else sy, 1.0])
-
-
-def affine_matrix(transform: Any) -> np.ndarray:
-    """A rasterio/affine Affine as a 3x3 matrix (pixel -> CRS)."""
-    a, b, c, d, e, f = (float(v) for v in tuple(transform)[:6])
-    return np.array([[a, b, c], [d, e, f], [0.0, 0.0, 1.0]])
-
-
-def apply_h(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Points (n, 2) through a 3x3 homography; a point at infinity (w ~ 0) comes back as nan."""
-    pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-    w = pts @ h[2, :2] + h[2, 2]
-    out = (pts @ h[:2, :2].T + h[:2, 2]) / np.where(np.abs(w) < 1e-12, np.nan, w)[:, None]
-    return out
-
-
-def cv_matrix(gdal_h: np.ndarray) -> np.ndarray:
-    """A homography between GDAL pixel frames as OpenCV expects it (pixel centres on integers)."""
-    return translation(-0.5, -0.5) @ gdal_h @ translation(0.5, 0.5)
-
-
-def corners(shape: tuple[int, int]) -> np.ndarray:
-    """The 4 outer corners of a (rows, cols) frame: upper-left, upper-right, lower-right, lower-left."""
-    rows, cols = shape
-    return np.array([[0.0, 0.0], [cols, 0.0], [cols, rows], [0.0, rows]])
-
-
-def frame_outline(shape: tuple[int, int], per_edge: int = 8) -> np.ndarray:
-    """Points along the border of a (rows, cols) pixel frame, corners included (GDAL convention)."""
-    h, w = shape
-    t = np.linspace(0.0, 1.0, per_edge + 1)
-    top = np.stack([t * w, np.zeros_like(t)], 1)
-    right = np.stack([np.full_like(t, w), t * h], 1)
-    bottom = np.stack([t * w, np.full_like(t, h)], 1)
-    left = np.stack([np.zeros_like(t), t * h], 1)
-    return np.vstack([top, right, bottom, left])
-
-
-def local_scale(h: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Linear scale (target units per pixel) of ``h`` at the 4 corners and the centre of a frame."""
-    rows, cols = shape
-    pts = np.array([[0, 0], [cols, 0], [cols, rows], [0, rows], [cols / 2, rows / 2]], dtype=float)
-    out = []
-    for x, y in pts:
-        p = apply_h(h, np.array([[x, y], [x + 1, y], [x, y + 1]]))
-        jx, jy = p[1] - p[0], p[2] - p[0]
-        out.append(math.sqrt(abs(jx[0] * jy[1] - jx[1] * jy[0])))
-    return np.array(out)
 
 
 @dataclass

@@ -21,8 +21,8 @@ from PIL import Image
 
 from ..errors import EmptyInputError, InputError
 from ..geo.xyz import mosaic_bounds_3857, mosaic_corners_lonlat, parse_xyz_name
-from ..imageio import DEFAULT_MAX_PIXELS, read_image
 from .base import TileSpec
+from .photos import DEFAULT_MAX_PIXELS, read_image
 
 DEFAULT_SPAN = 4
 SURROUNDING_PREFIX = "surrounding_"

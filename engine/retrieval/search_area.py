@@ -12,7 +12,7 @@ import numpy as np
 import shapely
 from pyproj import Transformer
 
-from .errors import InputError
+from ..errors import InputError
 
 EARTH_RADIUS_KM = 6371.0088
 
