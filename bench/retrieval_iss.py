@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -41,7 +42,8 @@ from engine.nets.onnx_backend import Preprocess, TorchEncoder, to_onnx  # noqa: 
 from engine.nets.registry import load_encoder, with_frontend  # noqa: E402
 from engine.retrieval.index_store import open_index  # noqa: E402
 
-ISS = ROOT.parent / "shared" / "data" / "iss"
+#: The ISS set; SKYLOC_ISS_DATA points elsewhere (a copy carried to a GPU machine, say).
+ISS = Path(os.environ.get("SKYLOC_ISS_DATA") or ROOT.parent / "shared" / "data" / "iss")
 
 
 def load_photos() -> list[dict]:

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,6 +65,7 @@ def main() -> None:
     ap.add_argument("--batch-photos", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--train-blocks", type=int)
+    ap.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1,2: the CV is run once per seed")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "train_iss.txt")
     args = ap.parse_args()
@@ -89,51 +93,71 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     folds = [ids[i :: args.folds] for i in range(args.folds)][: args.run_folds or args.folds]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed: list[tuple[float, float, float]] = []
     held_all: list[str] = []
-    trained_first: dict[str, int | None] = {}
-    for k, held in enumerate(folds):
-        train_photos = [
-            p for p in photos if p["id"] not in held
-        ]  # every other photo, with or without positive
-        fp = work / f"fold{k}" / "footprints.gpkg"
-        fp.parent.mkdir(exist_ok=True)
-        write_polygons(
-            fp,
-            [p["footprint"] for p in train_photos],
-            {"photo": [str(p["photo"]) for p in train_photos], "status": ["localized"] * len(train_photos)},
-            layer="footprints",
-            overwrite=True,
-        )
-        t1 = time.perf_counter()
-        res = api.train(
-            str(fp),
-            str(base_index),
-            str(work / f"fold{k}" / "model"),
-            steps=args.steps,
-            batch_photos=args.batch_photos,
-            lr=args.lr,
-            train_blocks=args.train_blocks,
-            overwrite=True,
-        )
-        train_s = time.perf_counter() - t1
-        ft_index = work / f"fold{k}" / "index"
-        api.index([str(pool)], str(ft_index), model=res.out, exclude=["surrounding_*"])
-        first = first_hits(ft_index, [p for p in positives if p["id"] in held])
-        trained_first.update(first)
-        held_all += held
-        line = (
-            f"fold {k}: {len(held)} held out, trained on {res.photos} photos ({res.pairs} pairs), "
-            f"{train_s:.0f} s on {res.device}, loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}; "
-            f"untrained {fmt(recalls(base_first, held))} | trained {fmt(recalls(first, held))}"
-        )
-        lines.append(line)
-        print(line, flush=True)
+    for seed in seeds:
+        held_all = []
+        trained_first: dict[str, int | None] = {}
+        for k, held in enumerate(folds):
+            train_photos = [
+                p for p in photos if p["id"] not in held
+            ]  # every other photo, with or without positive
+            fp = work / f"fold{k}" / "footprints.gpkg"
+            fp.parent.mkdir(exist_ok=True)
+            write_polygons(
+                fp,
+                [p["footprint"] for p in train_photos],
+                {
+                    "photo": [str(p["photo"]) for p in train_photos],
+                    "status": ["localized"] * len(train_photos),
+                },
+                layer="footprints",
+                overwrite=True,
+            )
+            t1 = time.perf_counter()
+            res = api.train(
+                str(fp),
+                str(base_index),
+                str(work / f"fold{k}" / "model"),
+                steps=args.steps,
+                batch_photos=args.batch_photos,
+                lr=args.lr,
+                train_blocks=args.train_blocks,
+                seed=seed,
+                overwrite=True,
+            )
+            train_s = time.perf_counter() - t1
+            ft_index = work / f"fold{k}" / "index"
+            shutil.rmtree(ft_index, ignore_errors=True)  # the previous seed's
+            api.index([str(pool)], str(ft_index), model=res.out, exclude=["surrounding_*"])
+            first = first_hits(ft_index, [p for p in positives if p["id"] in held])
+            trained_first.update(first)
+            held_all += held
+            line = (
+                f"seed {seed} fold {k}: {len(held)} held out, trained on {res.photos} photos ({res.pairs} pairs), "
+                f"{train_s:.0f} s on {res.device}, loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}; "
+                f"untrained {fmt(recalls(base_first, held))} | trained {fmt(recalls(first, held))}"
+            )
+            lines.append(line)
+            print(line, flush=True)
+        per_seed.append(recalls(trained_first, held_all))
+        seed_lines = [
+            f"seed {seed}, held-out photos pooled over folds ({len(held_all)}): trained {fmt(per_seed[-1])}",
+            "  per photo (first hit rank untrained -> trained; - = none in top 10): "
+            + ", ".join(f"{i} {base_first[i] or '-'}->{trained_first[i] or '-'}" for i in held_all),
+        ]
+        lines += seed_lines
+        print("\n".join(seed_lines), flush=True)
+    arr = np.array(per_seed)
     summary = [
-        f"held-out photos, pooled over folds ({len(held_all)}):",
-        f"  untrained default: {fmt(recalls(base_first, held_all))}",
-        f"  trained (CV)     : {fmt(recalls(trained_first, held_all))}",
-        "per photo (first hit rank untrained -> trained; - = none in top 10): "
-        + ", ".join(f"{i} {base_first[i] or '-'}->{trained_first[i] or '-'}" for i in held_all),
+        f"held-out photos ({len(held_all)}), {len(seeds)} seed(s):",
+        f"  untrained default : {fmt(recalls(base_first, held_all))}",
+        "  trained, mean     : " + fmt(tuple(arr.mean(0))),
+        "  trained, min..max : "
+        + ", ".join(
+            f"R@{k} {lo:.3f}..{hi:.3f}" for k, lo, hi in zip((1, 5, 10), arr.min(0), arr.max(0), strict=True)
+        ),
         f"total {time.perf_counter() - t0:.0f} s",
     ]
     lines += summary

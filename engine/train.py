@@ -10,9 +10,12 @@ What AstroLoc's gain came from, at the size of one analyst's work and a 2-core C
   around the footprints, where this analyst photographs, and elsewhere), trained with a multi-similarity
   loss (Wang et al. 2019), positives = footprints that overlap, negatives = footprints that do not.
 
-Only the last EfficientNet-Lite0 blocks and its head are trained (the early stages stay frozen, and
-BatchNorm keeps its ImageNet statistics: batches are tiny); photos are augmented (random crop, quarter
-turns, brightness) since pairs are few. The photometric front end and input size of the index are kept.
+Two bases can be fine-tuned, whichever the index was built with: the default (EfficientNet-Lite0 + GeM,
+shipped weights; its last blocks and head are trained, the early stages stay frozen and BatchNorm keeps
+its ImageNet statistics: batches are tiny) or AstroLoc with the user's checkpoint (DINOv2 ViT-B/14 + SALAD
++ projection; its last ViT blocks, final norm and the whole aggregator are trained). Photos are augmented
+(random crop, quarter turns, brightness) since pairs are few. The photometric front end and input size of
+the index are kept.
 
 The result is a **model folder**: ``weights.pth`` (the full trunk state dict), ``weights.pth.sha256``,
 ``skyloc-model.json`` (the card the engine reads: base model, front end, input size, sha256, training
@@ -47,18 +50,21 @@ from . import __version__
 from .atomic import atomic_path, replace_dir
 from .errors import CancelledError, EmptyInputError, InputError, OutputExistsError, WeightsError
 from .imagery.photos import read_image
-from .nets import effnet_gem
-from .nets.checkpoints import check_sha256, sha256_file
+from .nets import astroloc, effnet_gem
+from .nets.checkpoints import check_sha256, load_checkpoint, sha256_file
 from .nets.frontend import check_frontend, tag_model_id, untag_model_id
-from .nets.onnx_backend import Preprocess, TorchEncoder
+from .nets.onnx_backend import IMAGENET_MEAN, IMAGENET_STD, Preprocess, TorchEncoder
 from .progress import CancelToken, ProgressFn, no_progress
 
 CARD_FILE = "skyloc-model.json"
 WEIGHTS_FILE = "weights.pth"
 CARD_FORMAT = 1
 FT_NAME = effnet_gem.NAME + "-ft"
+#: The networks ``skyloc train`` fine-tunes (the base an index was built with), and their model-id prefix.
+BASES = {effnet_gem.NAME: FT_NAME, astroloc.NAME: astroloc.NAME + "-ft"}
 MODEL_FILES = frozenset({CARD_FILE, WEIGHTS_FILE, WEIGHTS_FILE + ".sha256", "MODEL.md"})
-#: Blocks of EfficientNet-Lite0 (16 in all) trained by default: the last two, plus the conv head.
+#: Blocks trained by default: the last two of EfficientNet-Lite0 (16 in all) plus its conv head, or of
+#: AstroLoc's ViT-B (12 in all) plus its final norm and the aggregator.
 DEFAULT_TRAIN_BLOCKS = 2
 FOOTPRINT_LAYERS = ("footprints",)
 
@@ -111,15 +117,16 @@ def read_card(folder: str | os.PathLike[str]) -> dict[str, Any]:
         card = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise WeightsError(f"{path} is not a readable Skyloc model card: {exc}") from exc
-    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT or card.get("base") != effnet_gem.NAME:
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT or card.get("base") not in BASES:
         raise WeightsError(
-            f"{path} is not a Skyloc model card (format {CARD_FORMAT}, base {effnet_gem.NAME})"
+            f"{path} is not a Skyloc model card (format {CARD_FORMAT}, base one of {', '.join(BASES)})"
         )
     return card
 
 
-def ft_model_id(size: int, digest: str, frontend: str) -> str:
-    arch = FT_NAME + ("" if size == effnet_gem.DEFAULT_INPUT_SIZE else f"@{size}")
+def ft_model_id(size: int, digest: str, frontend: str, base: str = effnet_gem.NAME) -> str:
+    default = effnet_gem.DEFAULT_INPUT_SIZE if base == effnet_gem.NAME else astroloc.DEFAULT_INPUT_SIZE
+    arch = BASES[base] + ("" if size == default else f"@{size}")
     return tag_model_id(f"{arch}/sha256:{digest[:8]}", frontend)
 
 
@@ -146,15 +153,26 @@ def load_model_folder(
     size = int(input_size or card["input_size"])
     if not 32 <= size <= 2048:
         raise InputError(f"input_size must be between 32 and 2048 px, got {size}")
-    net = effnet_gem.EffnetGem(card.get("variant", "gem"), size)
-    effnet_gem.load_effnet_weights(net, path)
+    base = card["base"]
+    if base == astroloc.NAME:
+        net, _ = astroloc.astroloc_from_state_dict(load_checkpoint(path))
+        astroloc.check_input_size(size, net.aggregator.agg.config.num_clusters)
+    else:
+        net = effnet_gem.EffnetGem(card.get("variant", "gem"), size)
+        effnet_gem.load_effnet_weights(net, path)
     return TorchEncoder(
         net.eval(),
         name=str(folder),
-        model_id=ft_model_id(size, digest, fe),
+        model_id=ft_model_id(size, digest, fe, base),
         dim=net.dim,
-        preprocess=Preprocess(size, effnet_gem.TF_LITE_MEAN, effnet_gem.TF_LITE_STD, frontend=fe),
+        preprocess=_preprocess(base, size, fe),
     )
+
+
+def _preprocess(base: str, size: int, frontend: str) -> Preprocess:
+    if base == astroloc.NAME:
+        return Preprocess(size, IMAGENET_MEAN, IMAGENET_STD, frontend=frontend)
+    return Preprocess(size, effnet_gem.TF_LITE_MEAN, effnet_gem.TF_LITE_STD, frontend=frontend)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -277,6 +295,56 @@ class _Trainable:
         return F.normalize(effnet_gem.gem(x), dim=-1)
 
 
+class _TrainableViT:
+    """AstroLoc (ViT-B/14 + SALAD + projection) with its first ViT blocks frozen. Frozen blocks see no
+    gradient and keep no activations for backward (their inputs need none), so memory stays small."""
+
+    def __init__(self, net: astroloc.AstroLocNet, train_blocks: int):
+        self.net = net
+        blocks = net.backbone.blocks
+        if not 0 <= train_blocks <= len(blocks):
+            raise InputError(f"train_blocks must be between 0 and {len(blocks)}, got {train_blocks}")
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for m in [*blocks[len(blocks) - train_blocks :], net.backbone.norm, net.aggregator]:
+            for p in m.parameters():
+                p.requires_grad_(True)
+        net.eval()  # no dropout; LayerNorm has no batch statistics
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _base_of(idx) -> tuple[str, Path | None]:
+    """Which network ``skyloc train`` fine-tunes for this index: the default with its shipped weights, or
+    AstroLoc with the checkpoint the index was built from (its sha256 must still match the model id)."""
+    model = idx.manifest["model"]
+    arch, _, weights_id = untag_model_id(model["model_id"]).partition("/")
+    arch = arch.partition("@")[0]
+    if arch == effnet_gem.NAME and weights_id == f"sha256:{effnet_gem.WHEEL_SHA256[:8]}":
+        return effnet_gem.NAME, None
+    if arch == astroloc.NAME:
+        weights = idx.manifest["build"].get("weights")
+        if not weights or not Path(weights).is_file():
+            raise InputError(
+                f"index {idx.path} was built with AstroLoc weights {weights or '(unknown)'}, not found now: "
+                "put the checkpoint back where it was to fine-tune it"
+            )
+        if f"sha256:{sha256_file(weights)[:8]}" != weights_id:
+            raise InputError(
+                f"{weights} is not the checkpoint index {idx.path} was built with ({weights_id})"
+            )
+        return astroloc.NAME, Path(weights)
+    raise InputError(
+        f"index {idx.path} was built with {model['model_id']}: `skyloc train` fine-tunes the default "
+        f"model ({effnet_gem.NAME}, GeM, shipped weights) or AstroLoc with its checkpoint; build the index "
+        "with one of those"
+    )
+
+
 def multi_similarity_loss(
     emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, alpha: float, beta: float, base: float
 ) -> torch.Tensor:
@@ -354,7 +422,8 @@ def train(
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> TrainResult:
-    """Fine-tune the index's encoder (the default model) on the localized features of ``footprints``."""
+    """Fine-tune the index's encoder (the default model, or AstroLoc with its checkpoint) on the localized
+    features of ``footprints``."""
     from .retrieval.index_store import open_index
 
     t0 = time.perf_counter()
@@ -364,12 +433,7 @@ def train(
     out = _check_out(Path(out), overwrite)
     idx = open_index(index_dir)
     model = idx.manifest["model"]
-    arch, _, weights_id = untag_model_id(model["model_id"]).partition("/")
-    if arch.partition("@")[0] != effnet_gem.NAME or weights_id != f"sha256:{effnet_gem.WHEEL_SHA256[:8]}":
-        raise InputError(
-            f"index {idx.path} was built with {model['model_id']}: `skyloc train` fine-tunes the default "
-            f"model ({effnet_gem.NAME}, GeM, shipped weights); build the index with the default model"
-        )
+    base, base_weights = _base_of(idx)
     frontend, size = check_frontend(model.get("frontend", "none")), int(model["input_size"])
     pairs, skipped = read_pairs(footprints)
     feet = list(idx.tiles.footprints)
@@ -412,10 +476,15 @@ def train(
             tmp.write_text(json.dumps({"fingerprint": fingerprint}))
 
     try:
-        net = effnet_gem.EffnetGem("gem", size)
-        effnet_gem.load_effnet_weights(net, effnet_gem.wheel_weights_path())
-        net.to(device)
-        model_t = _Trainable(net, params.train_blocks)
+        if base == astroloc.NAME:
+            net, _ = astroloc.astroloc_from_state_dict(load_checkpoint(base_weights))
+            net.to(device)
+            model_t: Any = _TrainableViT(net, params.train_blocks)
+        else:
+            net = effnet_gem.EffnetGem("gem", size)
+            effnet_gem.load_effnet_weights(net, effnet_gem.wheel_weights_path())
+            net.to(device)
+            model_t = _Trainable(net, params.train_blocks)
         opt = torch.optim.AdamW(model_t.parameters(), lr=params.lr, weight_decay=1e-4)
         losses: list[float] = []
         if ckpt_path.is_file():
@@ -425,7 +494,7 @@ def train(
             start, losses = int(ck["step"]), [float(v) for v in ck["losses"]]
             progress(start / params.steps, f"resumed at step {start} of {params.steps}")
         resumed_from = start
-        prep = Preprocess(size, effnet_gem.TF_LITE_MEAN, effnet_gem.TF_LITE_STD, frontend=frontend)
+        prep = _preprocess(base, size, frontend)
         specs, sources = _open_tiles(idx)
         try:
             photos = [_small(read_image(p), max_photo_side) for p, _ in pairs]
@@ -466,15 +535,18 @@ def train(
         folder = staged / "model"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
-        state = {f"{k}": v.detach().cpu() for k, v in net.trunk.state_dict().items()}
+        trunk = (
+            net.trunk if base == effnet_gem.NAME else net
+        )  # AstroLoc: MegaLoc's layout, loads as published
+        state = {f"{k}": v.detach().cpu() for k, v in trunk.state_dict().items()}
         torch.save(state, folder / WEIGHTS_FILE)
         digest = sha256_file(folder / WEIGHTS_FILE)
         (folder / (WEIGHTS_FILE + ".sha256")).write_text(f"{digest}  {WEIGHTS_FILE}\n")
-        model_id = ft_model_id(size, digest, frontend)
+        model_id = ft_model_id(size, digest, frontend, base)
         card = {
             "format": CARD_FORMAT,
-            "base": effnet_gem.NAME,
-            "variant": "gem",
+            "base": base,
+            **({"variant": "gem"} if base == effnet_gem.NAME else {"base_weights": str(base_weights)}),
             "frontend": frontend,
             "input_size": size,
             "dim": net.dim,
@@ -595,18 +667,25 @@ def _step(model_t, opt, prep, d: _Batch, params: TrainParams, rng: np.random.Gen
     return float(loss.detach()), (float(pair_loss.detach()), float(ms.detach()))
 
 
+_BASE_WORDS = {
+    effnet_gem.NAME: "EfficientNet-Lite0 ImageNet + GeM",
+    astroloc.NAME: "AstroLoc: DINOv2 ViT-B/14 + SALAD + projection, from the user's checkpoint",
+}
+_TRAINED_TOO = {effnet_gem.NAME: "conv head", astroloc.NAME: "final norm + aggregator"}
+
+
 def _model_md(card: dict[str, Any]) -> str:
     t = card["training"]
     return (
         f"# Fine-tuned Skyloc model `{card['model_id']}`\n\n"
-        f"- base: {card['base']} (EfficientNet-Lite0 ImageNet + GeM), base model id `{card['base_model_id']}`\n"
+        f"- base: {card['base']} ({_BASE_WORDS[card['base']]}), base model id `{card['base_model_id']}`\n"
         f"- front end: `{card['frontend']}`, input size {card['input_size']} px, {card['dim']}-d descriptor\n"
         f"- weights: `{card['weights']}`, sha256 `{card['weights_sha256']}`\n"
         f"- trained {card['created']} by skyloc {card['skyloc_version']} on {t['device']}: {t['params']['steps']} "
         f"steps, {t['photos']} photos ({t['pairs']} photo-tile pairs) from `{t['footprints']}`, "
         f"tiles of `{t['index']}`\n"
         f"- losses: {t['losses']}; first {t['loss_first']}, last {t['loss_last']}\n"
-        f"- last {t['params']['train_blocks']} blocks + conv head trained, the rest frozen (ImageNet)\n\n"
+        f"- last {t['params']['train_blocks']} blocks + {_TRAINED_TOO[card['base']]} trained, the rest frozen\n\n"
         "Use it with `--model <this folder>` (index, localize, footprint). Indexes built with another model "
         "refuse it: rebuild the index with it. Whether it beats the untrained default on *your* photos is "
         "not known until measured (see bench/train_iss.py for how it was measured on ISS photos).\n"

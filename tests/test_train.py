@@ -208,3 +208,54 @@ def test_an_unreadable_photo_is_a_clear_error_that_leaves_nothing(sample_index, 
     with pytest.raises(SkylocError, match="not an image file"):
         api.train(str(fp), str(sample_index), str(tmp_path / "model"), steps=1, batch_photos=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jpg", "fp.gpkg"]
+
+
+def test_train_fine_tunes_astroloc_from_its_checkpoint(tmp_path):
+    """An index built with AstroLoc (a checkpoint in the published MegaLoc layout; random weights here, as
+    the real one is not shipped) is fine-tuned into a model folder that loads and moves the descriptors."""
+    import torch
+
+    from engine.nets.astroloc import AstroLocNet
+
+    torch.manual_seed(3)
+    net = AstroLocNet(init_weights=False)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(("ls1.gamma", "ls2.gamma")):
+                p.fill_(0.1)  # make the blocks matter (timm's LayerScale init would hide them)
+    ckpt = tmp_path / "astroloc.pth"
+    torch.save(net.state_dict(), ckpt)
+    index = tmp_path / "idx"
+    api.index(
+        [str(SAMPLE / "naip_2018.tif")],
+        str(index),
+        model="astroloc",
+        weights=str(ckpt),
+        input_size=126,
+        tile_sizes=(768,),
+    )
+    out = tmp_path / "model"
+    result = api.train(str(_footprints(tmp_path / "fp.gpkg")), str(index), str(out), steps=2, batch_photos=1)
+    card = json.loads((out / training.CARD_FILE).read_text())
+    assert card["base"] == "astroloc" and card["input_size"] == 126 and card["base_weights"] == str(ckpt)
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+
+    ft = load_encoder(str(out))
+    base = load_encoder("astroloc", weights=str(ckpt), input_size=126)
+    assert ft.model_id.startswith("astroloc-ft@126/sha256:") and ft.dim == base.dim
+    img = read_image(PHOTO)[None]
+    a, b = ft.encode(img), base.encode(img)
+    assert 0.5 < float((a * b).sum()) < 0.99999  # moved, not destroyed
+    # only what training may touch moved: the first ViT blocks are frozen
+    saved = torch.load(out / training.WEIGHTS_FILE, weights_only=True)
+    original = net.state_dict()
+    assert torch.equal(
+        saved["backbone.blocks.0.attn.qkv.weight"], original["backbone.blocks.0.attn.qkv.weight"]
+    )
+    assert not torch.equal(saved["aggregator.linear.weight"], original["aggregator.linear.weight"])
+
+    # the checkpoint the index names must still be that checkpoint
+    torch.save({k: v + 1 if k == "aggregator.linear.bias" else v for k, v in original.items()}, ckpt)
+    with pytest.raises(SkylocError, match="not the checkpoint"):
+        api.train(str(tmp_path / "fp.gpkg"), str(index), str(tmp_path / "m2"), steps=1, batch_photos=1)
+    assert not (tmp_path / "m2").exists()
