@@ -5,7 +5,7 @@ import pytest
 import shapely
 
 from engine.errors import InputError
-from engine.retrieval.search_area import SearchArea, haversine_km
+from engine.geo.search_area import SearchArea, haversine_km
 
 
 def square(lon, lat, half=0.05):

@@ -8,13 +8,17 @@ of the index (neighbours and the ``surrounding_*`` context images included).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
 from ..imagery import GeoTiffSource, XyzMosaicSource
+from ..imagery.tile_source import TileMosaicSource, is_tile_source
+from ..imagery.tile_views import TileStoreGround
 from ..imagery.views import Ground, MosaicGround, MosaicImage, RasterGround
 from ..nets.base import ImageEncoder
+from ..progress import CancelToken, ProgressFn, no_progress
 from ..retrieval.index_store import TileIndex
 from .estimate import GroundCandidate
 
@@ -44,8 +48,13 @@ class IndexPlaces:
                     [MosaicImage(p, b) for p, b in images.items()], crs="EPSG:3857", name=str(self.idx.path)
                 )
             return self._mosaic
-        if source not in self._rasters:
-            self._rasters[source] = RasterGround(source)
+        if kind == "tiles":  # a tile service's MBTiles cache, an MBTiles file or a GeoPackage tile table
+            if source not in self._rasters:
+                self._rasters[source] = TileStoreGround(source)
+            return self._rasters[source]
+        if source not in self._rasters:  # read with the bands the index was built with (its colours)
+            bands = (self.idx.manifest.get("build") or {}).get("bands")
+            self._rasters[source] = RasterGround(source, bands=bands)
         return self._rasters[source]
 
     def candidate(self, tile_id: int, rank: int) -> GroundCandidate:
@@ -72,11 +81,23 @@ class RasterPlaces:
     """
 
     def __init__(
-        self, path: str, encoder: ImageEncoder, tile_sizes: tuple[int, ...] = (256, 512, 1024)
+        self,
+        path: str,
+        encoder: ImageEncoder,
+        tile_sizes: tuple[int, ...] = (256, 512, 1024),
+        tile_options: dict[str, Any] | None = None,
+        progress: ProgressFn = no_progress,
+        cancel: CancelToken | None = None,
     ) -> None:
         p = Path(path)
         self.name = p.name
-        if p.is_dir():
+        if is_tile_source(path):  # a tile service (through its cache), an MBTiles or GeoPackage of tiles
+            tiles = TileMosaicSource(path, **(tile_options or {}))
+            self.source = tiles  # type: ignore[assignment]
+            tiles.prepare(progress, cancel)  # downloads what the mosaics need, once
+            self.name = Path(tiles.store.path).name if tiles.template is None else tiles.template.host
+            self.ground = TileStoreGround(tiles.store, zooms=None, name=tiles.path)
+        elif p.is_dir():
             self.source: GeoTiffSource | XyzMosaicSource = XyzMosaicSource(p)
             self.ground: Ground = MosaicGround(
                 [MosaicImage(s.source, s.bounds) for s in self.source.specs()], name=str(p)

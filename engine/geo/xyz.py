@@ -21,6 +21,8 @@ EARTH_RADIUS = 6378137.0
 ORIGIN_SHIFT = math.pi * EARTH_RADIUS
 #: Highest zoom accepted when parsing names (beyond it 2^z tiles are sub-millimetre).
 MAX_ZOOM = 30
+#: Web Mercator's latitude limit (the square world).
+MAX_LAT_3857 = 85.05112878
 
 _NAME_RE = re.compile(r"(?:^|[_\-.])(\d{1,2})_(\d+)_(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
 
@@ -76,3 +78,15 @@ def parse_xyz_name(name: str | PurePath) -> tuple[int, int, int] | None:
     if z > MAX_ZOOM or row >= 2**z or col >= 2**z:
         return None
     return z, row, col
+
+
+def col_of_lon(lon: float, z: int) -> int:
+    """The column of the zoom-``z`` tile holding longitude ``lon`` (clamped to the grid)."""
+    return min(2**z - 1, max(0, math.floor((lon + 180.0) / 360.0 * 2**z)))
+
+
+def row_of_lat(lat: float, z: int) -> int:
+    """The row of the zoom-``z`` tile holding latitude ``lat`` (clamped to Web Mercator's range)."""
+    lat = max(-MAX_LAT_3857, min(MAX_LAT_3857, lat))
+    y = (1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0 * 2**z
+    return min(2**z - 1, max(0, math.floor(y)))

@@ -82,6 +82,20 @@ class Ground(ABC):
         )
         return GroundView(out, ok.astype(bool), to_crs)
 
+    def _view_box(
+        self, to_crs: np.ndarray, shape: tuple[int, int]
+    ) -> tuple[float, float, float, float] | None:
+        """The ground box (CRS units) a view frame covers, clipped to this ground's bounds; None when the
+        view is degenerate (a point at infinity) or misses the ground."""
+        border = apply_h(to_crs, frame_outline(shape))
+        if not np.all(np.isfinite(border)):
+            return None
+        minx, miny = np.maximum(border.min(0), self.bounds[:2])
+        maxx, maxy = np.minimum(border.max(0), self.bounds[2:])
+        if maxx <= minx or maxy <= miny:
+            return None
+        return float(minx), float(miny), float(maxx), float(maxy)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles (if any)."""
 
@@ -174,13 +188,10 @@ class MosaicGround(Ground):
         return self._res[im.path]
 
     def _chunk(self, to_crs: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        border = apply_h(to_crs, frame_outline(shape))
-        if not np.all(np.isfinite(border)):
+        box = self._view_box(to_crs, shape)
+        if box is None:
             return np.empty(0), np.empty(0), np.eye(3)
-        minx, miny = np.maximum(border.min(0), self.bounds[:2])
-        maxx, maxy = np.minimum(border.max(0), self.bounds[2:])
-        if maxx <= minx or maxy <= miny:
-            return np.empty(0), np.empty(0), np.eye(3)
+        minx, miny, maxx, maxy = box
         hits = np.flatnonzero(
             (self._boxes[:, 0] < maxx)
             & (self._boxes[:, 2] > minx)

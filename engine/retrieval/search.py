@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import OutsideAreaError
+from ..geo.search_area import SearchArea
 from . import faiss_index
 from .index_store import TileIndex
-from .search_area import SearchArea
 
 
 @dataclass(frozen=True)
