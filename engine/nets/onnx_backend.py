@@ -114,18 +114,26 @@ class TorchEncoder:
         self.dim = dim
         self.input_size = preprocess.size
         self.preprocess = preprocess
+        self.device = "cpu"
 
     @property
     def frontend(self) -> str:
         """The photometric front end (part of the model id; :mod:`engine.nets.frontend`)."""
         return self.preprocess.frontend
 
+    def to(self, device: str) -> TorchEncoder:
+        """Run the network on ``device`` ("cuda", "cuda:1"...; a Ray GPU worker). The preprocessing stays
+        on the CPU in numpy, the model id and the L2-normalised float32 output are the same."""
+        self.net = self.net.to(device).eval()
+        self.device = device
+        return self
+
     def encode(self, images: np.ndarray) -> np.ndarray:
         x = self.preprocess(images)
         if len(x) == 0:
             return np.zeros((0, self.dim), np.float32)
         with torch.inference_mode():
-            out = self.net(torch.from_numpy(x)).float().numpy()
+            out = self.net(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
         return _l2n(out)
 
 

@@ -1,0 +1,154 @@
+"""Index encoding throughput: the local build vs Ray with 1 and 2 workers on this machine, and identity.
+
+    nice .venv/bin/python bench/ray_encode.py | tee bench/results/ray_encode.txt
+
+The same tile list (the bundled NAIP rasters cut at ``--tile-sizes``, default model at its default input
+size, ONNX Runtime) is encoded three times, each into a fresh index folder:
+
+- ``local``: ``build_index`` as ``skyloc index`` runs it (ONNX Runtime with its default threads: every core);
+- ``ray x1`` and ``ray x2``: ``build_index`` with the Ray encode loop (engine/retrieval/ray_build.py), 1 and
+  2 workers of 1 CPU (1 intra-op thread) each, on a local Ray cluster started here with ``--cpus`` CPUs.
+
+Throughput is tiles (x 4 rotations = 4 images) per second of the encode phase only: from the first chunk
+sent to the last descriptor back, with the workers already started and their encoder loaded (starting
+them is printed apart). The identity check compares the Ray indexes with the local one: tile table, order
+and descriptors (max abs difference), manifest apart from ``created`` and ``built_at``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import api  # noqa: E402
+from engine.imagery import open_source  # noqa: E402
+from engine.retrieval import faiss_index  # noqa: E402
+from engine.retrieval.index_store import FAISS_FILE, TILES_FILE, _encode_all, build_index  # noqa: E402
+from engine.vector_io import read_layer  # noqa: E402
+
+RASTERS = [ROOT / "sample" / "naip_2018.tif", ROOT / "sample" / "naip_2009.tif"]
+
+
+def timed(encode, seconds: list[float]):
+    """An ``encode_with`` that records how long the encode phase took."""
+
+    def run(*args):
+        t0 = time.perf_counter()
+        out = encode(*args)
+        seconds.append(time.perf_counter() - t0)
+        return out
+
+    return run
+
+
+def open_all(tile_sizes):
+    return [open_source(r, tile_sizes=tile_sizes, overlap=0.5) for r in RASTERS]
+
+
+def compare(a: Path, b: Path) -> str:
+    ia, ib = faiss_index.read_index(a / FAISS_FILE), faiss_index.read_index(b / FAISS_FILE)
+    va, vb = ia.reconstruct_n(0, ia.ntotal), ib.reconstruct_n(0, ib.ntotal)
+    _, ca = read_layer(a / TILES_FILE, "tiles")
+    _, cb = read_layer(b / TILES_FILE, "tiles")
+    same_tiles = all(
+        list(ca[k]) == list(cb[k]) for k in ("tile_id", "source", "minx", "miny", "maxx", "maxy")
+    )
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    for m in (ma, mb):
+        m.pop("created"), m.pop("built_at")
+    diff = float(np.abs(va - vb).max()) if va.shape == vb.shape else float("inf")
+    ok = same_tiles and ma == mb and diff < 1e-4
+    return (
+        f"{'IDENTICAL' if ok else 'DIFFERENT'}: tiles and order {'same' if same_tiles else 'DIFFER'}, "
+        f"manifest {'same' if ma == mb else 'DIFFERS'} (but created/built_at), {va.shape[0]} vectors, "
+        f"max |descriptor diff| {diff:.2e}"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tile-sizes", default="128,256", help="GeoTIFF tile sides (default 128,256)")
+    ap.add_argument("--chunk", type=int, default=16, help="tiles per chunk (a Ray task; default 16)")
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
+    ap.add_argument("--backend", default="onnx", choices=["onnx", "torch"])
+    ap.add_argument("--note", default="", help="a line printed at the top (e.g. 'machine shared')")
+    args = ap.parse_args()
+    import ray
+
+    from engine.retrieval.ray_build import EncoderRecipe, RayCluster
+
+    tile_sizes = tuple(int(s) for s in args.tile_sizes.split(","))
+    encoder = api.get_encoder("default", None, args.backend, None, None)
+    print(
+        f"# bench/ray_encode.py {' '.join(sys.argv[1:])}\n# {platform.node()}: {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()[0]:.2f}; ray {ray.__version__}; model {encoder.model_id} "
+        f"({encoder.input_size} px, {args.backend}); tiles {tile_sizes} overlap 0.5 of "
+        f"{', '.join(r.name for r in RASTERS)}; chunks of {args.chunk} tiles"
+    )
+    if args.note:
+        print(f"# {args.note}")
+    work = Path(tempfile.mkdtemp(prefix="ray_encode_"))
+    rows: list[tuple[str, int, float]] = []
+    try:
+        srcs = open_all(tile_sizes)
+        n = sum(len(s.specs()) for s in srcs)
+        secs: list[float] = []
+        build_index(
+            srcs, encoder, work / "local", chunk_tiles=args.chunk, encode_with=timed(_encode_all, secs)
+        )
+        rows.append(("local (ONNX Runtime, all cores)", n, secs[-1]))
+        print(f"local build: {n} tiles in {secs[-1]:.1f} s", flush=True)
+
+        t0 = time.perf_counter()
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        print(f"ray cluster on this machine: {args.cpus} CPUs, started in {time.perf_counter() - t0:.1f} s")
+        recipe = EncoderRecipe.for_workers("default", None, args.backend, None, None)
+        for workers in (1, 2):
+            srcs = open_all(tile_sizes)
+            t0 = time.perf_counter()
+            with RayCluster(True, workers=workers) as cluster:
+                cluster.start(recipe, srcs, encoder)
+                started = time.perf_counter() - t0
+                secs = []
+                build_index(
+                    srcs,
+                    encoder,
+                    work / f"ray{workers}",
+                    chunk_tiles=args.chunk,
+                    encode_with=timed(cluster.encode_all, secs),
+                )
+            rows.append((f"ray x{workers} (1 CPU, 1 thread each)", n, secs[-1]))
+            print(
+                f"ray x{workers}: workers started in {started:.1f} s; {n} tiles in {secs[-1]:.1f} s",
+                flush=True,
+            )
+        ray.shutdown()
+
+        print(f"\n{'build':<36} {'tiles':>6} {'encode s':>9} {'tiles/s':>8} {'ms/image':>9}")
+        for name, tiles, s in rows:
+            print(f"{name:<36} {tiles:>6} {s:>9.1f} {tiles / s:>8.2f} {1000 * s / (4 * tiles):>9.1f}")
+        local, one, two = (n / s for _, n, s in rows)
+        print(f"\nratio ray x2 / ray x1: {two / one:.2f}x  (target >= 1.6x)")
+        print(f"ratio ray x2 / local : {two / local:.2f}x")
+        print(f"ratio ray x1 / local : {one / local:.2f}x")
+        for workers in (1, 2):
+            print(f"identity local vs ray x{workers}: {compare(work / 'local', work / f'ray{workers}')}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
