@@ -264,9 +264,10 @@ def test_min_train_size_and_suggest_factory():
     assert fi.min_train_size(fi.make_index(DIM, "IVF100,Flat")) == 3900
     assert fi.min_train_size(fi.make_index(DIM, "OPQ8_32,IVF16,PQ8")) == 39 * 256
     assert fi.suggest_factory(150_000, 2048) == "Flat"
-    assert fi.suggest_factory(1_000_000, 2048) == "IVF4096,SQ8"
-    assert fi.suggest_factory(4_000_000, 2048) == "IVF8192,PQ256"
-    assert fi.suggest_factory(100_000_000, 96) == "IVF32768,PQ12"  # m divides dim
+    # from FLAT_MAX_VECTORS up: the compressed preset (tests/test_compressed_index.py)
+    assert fi.suggest_factory(1_000_000, 2048) == "IVF1024,PQ512x4fsr+rerank"
+    assert fi.suggest_factory(4_000_000, 2048) == "IVF2048,PQ512x4fsr+rerank"
+    assert fi.suggest_factory(100_000_000, 96) == "IVF8192,PQ24x4fsr+rerank"  # m divides dim
     for n in (200_000, 1_000_000, 4_000_000, 40_000_000):
         factory = fi.suggest_factory(n, 2048)
         fi.make_index(2048, factory)  # a valid factory

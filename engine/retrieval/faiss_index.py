@@ -45,15 +45,20 @@ from ..errors import IndexNotFoundError, InputError, from_os_error
 from ..progress import CancelToken, ProgressFn, no_progress
 
 __all__ = [
+    "COMPRESSED",
     "FACTORY_EXAMPLES",
     "FLAT_MAX_VECTORS",
+    "RERANK_SUFFIX",
+    "RerankIndex",
     "add_vectors",
     "build",
     "check_buildable",
+    "compressed_factory",
     "index_nbytes",
     "make_index",
     "min_train_size",
     "read_index",
+    "rerank_file",
     "search",
     "suggest_factory",
     "write_index",
@@ -155,11 +160,12 @@ def make_index(dim: int, factory: str = "Flat") -> faiss.Index:
     if not isinstance(factory, str) or not factory.strip():
         raise InputError(f"index factory must be a non-empty string such as {', '.join(FACTORY_EXAMPLES)}")
     factory = factory.strip()
-    if factory.lower() == "auto":
+    if factory.lower() in ("auto", COMPRESSED):
         raise InputError(
-            "factory 'auto' depends on the database size: call build(vectors, 'auto') or "
-            "suggest_factory(n_vectors, dim), or name one such as 'Flat'"
+            f"factory {factory.lower()!r} depends on the database size: call build(vectors, {factory.lower()!r}) "
+            "or resolve_factory(factory, n_vectors, dim), or name one such as 'Flat'"
         )
+    factory, _ = split_rerank(factory)  # the candidate index of 'X+rerank' is X (build() adds the vectors)
     _check_factory_sizes(int(dim), factory)
     try:
         return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
@@ -174,7 +180,12 @@ def make_index(dim: int, factory: str = "Flat") -> faiss.Index:
 
 
 def suggest_factory(n_vectors: int, dim: int) -> str:
-    """The factory string for ``"auto"``: Flat, then IVF + SQ8, then IVF + PQ as the database grows.
+    """The factory string for ``"auto"``: Flat below ``FLAT_MAX_VECTORS``, then the ``compressed`` preset.
+
+    From ``FLAT_MAX_VECTORS`` up, :func:`compressed_factory` (IVF + 4-bit PQ codes in RAM, exact re-ranking of
+    the best candidates from float16 vectors on disk): dim/8 bytes a vector in RAM (32x less than Flat) and
+    exact scores at the top (bench/index_scale.py), where the tiers below kept the whole code in RAM and
+    returned approximate rankings. The tiers below are what ``auto`` chose before (it still does for dim < 8):
 
     Why (bench/search_scale.py, 2048-d, 1M vectors, 2 cores): Flat costs 8 KiB a vector (8.2 GB per 1M; 32.8 GB
     for 1M tiles x 4 rotations, more than this class of machine has) and 633 ms per single query at 1M.
@@ -188,6 +199,8 @@ def suggest_factory(n_vectors: int, dim: int) -> str:
         raise InputError(f"need n_vectors >= 0 and dim > 0, got n_vectors={n_vectors}, dim={dim}")
     if n_vectors < FLAT_MAX_VECTORS:
         return "Flat"
+    if dim >= 2 * COMPRESSED_DIMS_PER_CODE:
+        return compressed_factory(n_vectors, dim)
     nlist = 1 << max(8, round(math.log2(4 * math.sqrt(n_vectors))))
     while nlist > 256 and nlist * POINTS_PER_CENTROID > n_vectors:
         nlist //= 2
@@ -210,6 +223,8 @@ def min_train_size(index: faiss.Index) -> int:
     The rules are the ones FAISS's k-means asks for (39 points per centroid): IVF{nlist} needs 39 * nlist,
     PQ (and OPQ) with 8-bit codes 39 * 256 = 9,984; SQ needs any non-empty sample.
     """
+    if isinstance(index, RerankIndex):
+        return min_train_size(index.base)
     idx = _unwrap(index)
     need = 0
     if isinstance(idx, faiss.IndexPreTransform):
@@ -235,6 +250,8 @@ def min_train_size(index: faiss.Index) -> int:
             need = POINTS_PER_CENTROID * idx.nlist
         if isinstance(idx, faiss.IndexIVFPQ):
             need = max(need, POINTS_PER_CENTROID * idx.pq.ksub)
+        elif isinstance(idx, faiss.IndexIVFPQFastScan):  # 4-bit codes: 16 centroids, k-means needs >= 16
+            need = max(need, idx.pq.ksub)
         return max(need, 1)
     if isinstance(idx, faiss.IndexHNSW):
         return max(1, min_train_size(idx.storage))
@@ -307,10 +324,15 @@ def build(
     ``ids`` (int64, one per row) gives other ids than row numbers: with ``IDMap,...`` factories or IVF.
     ``factory`` may also be an empty index made by :func:`make_index` and prepared by the caller (e.g. an IVF
     given an already trained coarse quantizer, which is then not trained again).
+
+    ``factory="compressed"`` (see ``COMPRESSED``) or any ``"<factory>+rerank"`` returns a
+    :class:`RerankIndex`: the candidate index over the codes plus ``vectors`` itself (a reference, not a
+    copy) to re-rank with; :func:`write_index` stores those as float16 beside the index file.
     """
     arr = _check_vectors(vectors, "database vectors")
     n, dim = arr.shape
     report = progress or no_progress
+    rerank = False
     if isinstance(factory, faiss.Index):
         index = factory
         factory = type(_unwrap(index)).__name__
@@ -319,8 +341,11 @@ def build(
                 f"the given index must be empty and {dim}-d (it is {index.d}-d, {index.ntotal} vectors)"
             )
     else:
-        if isinstance(factory, str) and factory.strip().lower() == "auto":
-            factory = suggest_factory(n, dim)
+        if isinstance(factory, str):
+            factory = resolve_factory(factory, n, dim)
+            rerank = split_rerank(factory)[1]
+        if rerank and ids is not None:
+            raise InputError(f"index {factory!r} numbers its vectors by row (0 .. n-1): ids cannot be given")
         index = make_index(dim, factory)
 
     train_share = 0.0
@@ -348,12 +373,16 @@ def build(
             cancel.check()
         report(train_share, f"trained {factory}")
     _set_default_search_knobs(index)
+    if rerank:
+        for layer in _layers(index):
+            if isinstance(layer, faiss.IndexIVF):
+                layer.nprobe = max(1, min(layer.nlist, round(layer.nlist * COMPRESSED_NPROBE_FRACTION)))
 
     def sub_report(fraction: float, message: str) -> None:
         report(train_share + (1.0 - train_share) * fraction, message)
 
     add_vectors(index, arr, ids=ids, progress=sub_report, cancel=cancel)
-    return index
+    return RerankIndex(index, arr) if rerank else index
 
 
 def check_buildable(n_vectors: int, dim: int, factory: str) -> str:
@@ -362,8 +391,7 @@ def check_buildable(n_vectors: int, dim: int, factory: str) -> str:
     Called before any encoding, so that a bad factory string or a too-small database fails in a second, not
     after an hour of encoding. Returns the resolved factory string.
     """
-    if factory.strip().lower() == "auto":
-        factory = suggest_factory(n_vectors, dim)
+    factory = resolve_factory(factory, n_vectors, dim)
     nlist = declared_nlist(factory)  # checked before make_index: the lists are allocated when it is made
     if nlist and n_vectors < POINTS_PER_CENTROID * nlist:
         raise InputError(_too_small_message(factory, POINTS_PER_CENTROID * nlist, n_vectors, n_vectors, dim))
@@ -405,6 +433,11 @@ def add_vectors(
     Ids continue from ``index.ntotal`` (row numbers), or are ``ids`` (IVF and ``IDMap,...`` indexes only;
     an ``IDMap`` index without ``ids`` gets the running row numbers too).
     """
+    if isinstance(index, RerankIndex):
+        raise InputError(
+            "vectors cannot be added to a compressed (+rerank) index: its float16 vector file is written "
+            "whole; build it again with all the vectors"
+        )
     if index in _READ_ONLY:
         raise InputError(
             "this index was read with mmap=True and is read-only (FAISS would abort on add); "
@@ -539,6 +572,7 @@ def search(
     allowed_ids: np.ndarray | None = None,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    rerank: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` by inner product: (scores float32 (nq, k), ids int64 (nq, k)); missing hits: id -1, -inf.
 
@@ -550,10 +584,14 @@ def search(
     per entry and distances only for allowed ids, so this costs little. HNSW over exact storage with f <=
     ``HNSW_EXACT_FRACTION`` is answered by an exact filtered scan of its storage. ``nprobe`` / ``ef_search``
     apply per call (ignored by index types without them) and leave the index untouched.
+
+    A :class:`RerankIndex` (the ``compressed`` preset) takes max(k, ``rerank``, default its own
+    ``rerank``) candidates from its codes, filtered the same way, and returns the best ``k`` of them by exact
+    inner product from its full vectors; a filter allowing no more ids than that is scored exactly whole.
     """
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}")
-    for name, val in (("nprobe", nprobe), ("ef_search", ef_search)):
+    for name, val in (("nprobe", nprobe), ("ef_search", ef_search), ("rerank", rerank)):
         if val is not None and (not isinstance(val, (int, np.integer)) or val < 1):
             raise InputError(f"{name} must be a positive integer, got {val!r}")
     q = np.asarray(queries)
@@ -579,6 +617,8 @@ def search(
             return empty()
         if allowed.min() < 0:
             raise InputError("allowed_ids must be non-negative ids")
+        if isinstance(index, RerankIndex):
+            return _search_rerank(index, q, k, allowed, nprobe, ef_search, rerank)
         sel, keep, count = _selector(allowed)
         fraction = min(1.0, count / index.ntotal)
         idx = _unwrap(index)
@@ -591,6 +631,8 @@ def search(
             and isinstance(_unwrap(idx.storage), faiss.IndexFlat)
         ):
             target, fraction = idx.storage, 1.0
+    elif isinstance(index, RerankIndex):
+        return _search_rerank(index, q, k, None, nprobe, ef_search, rerank)
 
     params = _params(target, sel, nprobe, ef_search, fraction)
     try:
@@ -610,6 +652,225 @@ def search(
     return scores, ids
 
 
+# ------------------------------------------------------------------------ compressed index, exact re-rank
+
+#: The named preset for large databases (``--factory compressed``; ``auto`` picks it from
+#: ``FLAT_MAX_VECTORS`` vectors up). RAM holds only an IVF index of 4-bit fast-scan PQ codes of the residuals
+#: (dim/8 bytes a vector, 256 B at 2048-d: 32x less than Flat's 8 KiB) that finds the best ``DEFAULT_RERANK``
+#: candidates; those are re-ranked by their exact cosine from the full vectors, kept on disk beside the index
+#: as a float16 ``.npy`` (:func:`rerank_file`) that is memory-mapped, so the OS pages in only the rows a query touches.
+#: Resolved by :func:`compressed_factory` to a string such as ``IVF2048,PQ512x4fsr+rerank`` (the manifest
+#: records that), and any FAISS factory string ending in ``+rerank`` works the same way.
+COMPRESSED = "compressed"
+RERANK_SUFFIX = "+rerank"
+#: Candidates re-ranked exactly per query, unless a search asks for more (k larger) or sets ``rerank``.
+#: Measured (bench/results/index_scale.txt, 2048-d, photo-like queries: cos ~0.78 to their tile, as the
+#: default model's ISS photos), at nprobe = nlist/2: recall@100 vs exact 0.988 at 100k, 0.967 at 1M (0.986
+#: with 4000 candidates, 33 -> 53 ms a query on 2 shared cores); the exact top-1 first for 99.3-99.7 % of the
+#: queries. At nlist/4 the lists lose neighbours (1M: 0.953, top-1 0.963). Low dimensions need more candidates
+#: (tests/test_compressed_index.py, 128-d).
+DEFAULT_RERANK = 2000
+#: Share of the IVF lists a compressed index probes by default (higher than ``DEFAULT_NPROBE_FRACTION``:
+#: fast-scan codes are cheap to scan and the candidates must hold the exact top-k, not approximate it).
+COMPRESSED_NPROBE_FRACTION = 1 / 2
+#: Dimensions per 4-bit PQ sub-quantizer of the preset (dim/4 sub-quantizers x 4 bits = dim/8 bytes).
+COMPRESSED_DIMS_PER_CODE = 4
+
+
+def rerank_file(index_path: str | os.PathLike) -> Path:
+    """Where a compressed index keeps its full vectors: ``index.faiss`` -> ``index.f16.npy`` beside it."""
+    p = Path(index_path)
+    return p.with_name(p.stem + ".f16.npy")
+
+
+def split_rerank(factory: str) -> tuple[str, bool]:
+    """(the FAISS factory string, whether it asks for exact re-ranking): ``'IVF64,PQ8x4fs+rerank'`` ->
+    ``('IVF64,PQ8x4fs', True)``."""
+    f = factory.strip()
+    if f.lower().endswith(RERANK_SUFFIX):
+        return f[: -len(RERANK_SUFFIX)].strip(), True
+    return f, False
+
+
+def compressed_factory(n_vectors: int, dim: int) -> str:
+    """What the ``compressed`` preset means for ``n_vectors`` ``dim``-d vectors.
+
+    ``IVF{nlist},PQ{dim/4}x4fsr+rerank``: nlist ~ sqrt(n) as a power of two (1024 at 1M, 2048 at 4M), with
+    >= 39 vectors per list (down to IVF1 for a small database); dim/4 sub-quantizers of 4 bits encoding the
+    residual to the list's centroid (fast-scan SIMD codes: dim/8 bytes a vector). Fewer, longer lists than
+    ``suggest_factory``'s plain IVF (4 sqrt(n)): fast-scan makes long lists cheap to scan, the coarse k-means
+    and the assignment of every vector cost ~4x less, and a query's exact neighbours fall in fewer lists.
+    Needs at least 39 vectors; below that, use Flat.
+    """
+    if n_vectors < POINTS_PER_CENTROID:
+        raise InputError(
+            f"the {COMPRESSED!r} index needs at least {POINTS_PER_CENTROID} vectors to train its codebooks, "
+            f"the database has {n_vectors:,}: use 'Flat' (exact, and right for fewer than "
+            f"{FLAT_MAX_VECTORS:,} vectors) or 'auto'"
+        )
+    nlist = 1 << max(0, round(math.log2(math.sqrt(n_vectors))))
+    while nlist > 1 and nlist * POINTS_PER_CENTROID > n_vectors:
+        nlist //= 2
+    nlist = min(nlist, 65536)
+    m = max(1, dim // COMPRESSED_DIMS_PER_CODE)
+    while dim % m:
+        m -= 1
+    return f"IVF{nlist},PQ{m}x4fsr{RERANK_SUFFIX}"
+
+
+def resolve_factory(factory: str, n_vectors: int, dim: int) -> str:
+    """``auto`` and ``compressed`` resolved for a database of this size; other strings as given (stripped)."""
+    f = factory.strip()
+    if f.lower() == "auto":
+        return suggest_factory(n_vectors, dim)
+    if f.lower() == COMPRESSED:
+        return compressed_factory(n_vectors, dim)
+    return f
+
+
+class RerankIndex:
+    """A candidate index (codes, in RAM) + the full vectors (float16, usually memory-mapped) to re-rank with.
+
+    Searched through :func:`search` like any index: the base index finds ``rerank`` candidates (area filters
+    applied inside FAISS), whose exact inner products with the query (float32 arithmetic on the stored float16
+    vectors) give the returned order and scores. Ids are row numbers of ``vectors``.
+    """
+
+    def __init__(self, base: faiss.Index, vectors: np.ndarray, rerank: int = DEFAULT_RERANK):
+        if vectors.ndim != 2 or vectors.shape != (base.ntotal, base.d):
+            raise InputError(
+                f"re-rank vectors have shape {vectors.shape} but the index holds {base.ntotal:,} "
+                f"{base.d}-d vectors (the files of a compressed index do not belong together)"
+            )
+        if not isinstance(rerank, (int, np.integer)) or rerank < 1:
+            raise InputError(f"rerank must be a positive integer, got {rerank!r}")
+        self.base = base
+        self.vectors = vectors
+        self.rerank = int(rerank)
+
+    @property
+    def d(self) -> int:
+        return self.base.d
+
+    @property
+    def ntotal(self) -> int:
+        return self.base.ntotal
+
+    @property
+    def is_trained(self) -> bool:
+        return self.base.is_trained
+
+    def __repr__(self) -> str:
+        kind = "memory-mapped" if isinstance(self.vectors, np.memmap) else "in-memory"
+        return (
+            f"RerankIndex({type(_unwrap(self.base)).__name__}, {self.ntotal:,} x {self.d}, "
+            f"{kind} {self.vectors.dtype} vectors, rerank={self.rerank})"
+        )
+
+
+#: A compressed index probes at least enough IVF lists to hold this many times the candidates it re-ranks (on
+#: average): with few lists (a small database) nlist/16 lists would not even hold ``rerank`` vectors.
+RERANK_PROBE_MARGIN = 4
+
+# Rows gathered and scored at a time while re-ranking (bounds the float32 copy: 1024 x 2048 x 4 = 8 MiB).
+_RERANK_BLOCK = 1024
+
+
+def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Inner products of ``query`` with ``vectors[rows]`` (rows sorted: sequential reads from a memmap)."""
+    out = np.empty(rows.size, dtype=np.float32)
+    for start in range(0, rows.size, _RERANK_BLOCK):
+        part = rows[start : start + _RERANK_BLOCK]
+        out[start : start + part.size] = np.asarray(vectors[part], dtype=np.float32) @ query
+    return out
+
+
+def _top_exact(
+    vectors: np.ndarray, rows: np.ndarray, query: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of the best ``k`` of ``rows`` (unique, sorted) by exact inner product; ties by id."""
+    s = _exact_scores(vectors, rows, query)
+    take = min(k, rows.size)
+    top = np.argpartition(-s, take - 1)[:take] if take < rows.size else np.arange(rows.size)
+    top = top[np.lexsort((rows[top], -s[top]))]
+    return s[top], rows[top]
+
+
+def _search_rerank(
+    index: RerankIndex,
+    q: np.ndarray,
+    k: int,
+    allowed: np.ndarray | None,
+    nprobe: int | None,
+    ef_search: int | None,
+    rerank: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    nq = q.shape[0]
+    scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    ids = np.full((nq, k), -1, dtype=np.int64)
+    n_cand = min(index.ntotal, max(k, rerank if rerank is not None else index.rerank))
+    if allowed is None and index.ntotal <= n_cand:
+        allowed = np.arange(index.ntotal)
+    if allowed is not None:
+        allowed = np.unique(allowed)
+        allowed = allowed[allowed < index.ntotal]
+        if allowed.size <= n_cand:  # a small area (or database): score every allowed vector exactly
+            for i in range(nq):
+                s, r = _top_exact(index.vectors, allowed, q[i], k)
+                scores[i, : s.size], ids[i, : s.size] = s, r
+            return scores, ids
+    ivf = next((layer for layer in _layers(index.base) if isinstance(layer, faiss.IndexIVF)), None)
+    if ivf is not None:  # probe lists holding >= RERANK_PROBE_MARGIN x n_cand vectors (few lists, small base)
+        floor = math.ceil(RERANK_PROBE_MARGIN * n_cand * ivf.nlist / max(1, index.ntotal))
+        nprobe = min(ivf.nlist, max(nprobe if nprobe is not None else ivf.nprobe, floor))
+    _, cand = search(index.base, q, n_cand, allowed_ids=allowed, nprobe=nprobe, ef_search=ef_search)
+    for i in range(nq):
+        rows = np.unique(cand[i][cand[i] >= 0])
+        if rows.size:
+            s, r = _top_exact(index.vectors, rows, q[i], k)
+            scores[i, : s.size], ids[i, : s.size] = s, r
+    return scores, ids
+
+
+def _write_rerank_vectors(vectors: np.ndarray, path: Path) -> None:
+    """The full vectors as a float16 ``.npy`` at ``path``, atomically (temp file beside it, fsync, rename),
+    converted in 256 MiB chunks (never a whole float32 or float16 copy in RAM)."""
+    n, d = vectors.shape
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, default_file_mode())
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
+        chunk = max(1, _CHUNK_BYTES // (4 * d))
+        for start in range(0, n, chunk):
+            out[start : start + chunk] = np.asarray(vectors[start : start + chunk], dtype=np.float32)
+            out.flush()
+        del out
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and (mapped := from_os_error(exc, f"writing {path}")):
+            raise mapped from None
+        raise
+
+
+def _read_rerank_vectors(path: Path, base: faiss.Index) -> np.ndarray:
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable float16 vector file: {exc}") from None
+    if vectors.dtype != np.float16 or vectors.shape != (base.ntotal, base.d):
+        raise InputError(
+            f"{path} holds {vectors.dtype} {vectors.shape} but its index holds {base.ntotal:,} x {base.d} "
+            "vectors: the files of this compressed index do not belong together (rebuild it)"
+        )
+    return vectors
+
+
 # ------------------------------------------------------------------------------------------------ files
 
 
@@ -621,11 +882,17 @@ def write_index(index: faiss.Index, path: str | os.PathLike) -> Path:
     mapping keeps the old inode alive. The bytes go through a Python file, not FAISS's own: FAISS closes its
     file in a destructor that only prints a failed fclose, so a disk that fills on the last buffered block
     would leave a truncated index behind a success; here every write error (ENOSPC included) is raised.
+
+    A :class:`RerankIndex` writes its vectors first, as float16, to :func:`rerank_file` (atomically too),
+    then its candidate index to ``path``; an index folder holds both (index_store swaps the folder whole).
     """
     final = Path(path)
     folder = final.parent if str(final.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"cannot write index {final}: folder {folder} does not exist")
+    if isinstance(index, RerankIndex):
+        _write_rerank_vectors(index.vectors, rerank_file(final))
+        index = index.base
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
@@ -669,6 +936,9 @@ def read_index(path: str | os.PathLike, mmap: bool = False) -> faiss.Index:
     lists zero-copy: reading an 8 GB index costs ~no RAM, the OS pages vectors in on first use (first
     searches are slower) and shares them between processes. Such an index must not be added to (FAISS
     aborts the process); :func:`add_vectors` refuses it.
+
+    With a float16 vector file beside it (:func:`rerank_file`, written for a ``+rerank`` index) the result
+    is a :class:`RerankIndex` whose vectors are memory-mapped (always: they are what stays on disk).
     """
     p = Path(path)
     if not p.is_file():
@@ -680,6 +950,8 @@ def read_index(path: str | os.PathLike, mmap: bool = False) -> faiss.Index:
         raise InputError(f"{p} is not a readable FAISS index: {_faiss_reason(exc)}") from None
     if mmap:
         _READ_ONLY.add(index)
+    if rerank_file(p).is_file():
+        return RerankIndex(index, _read_rerank_vectors(rerank_file(p), index))
     return index
 
 
@@ -689,7 +961,11 @@ def index_nbytes(index: faiss.Index, path: str | os.PathLike | None = None) -> i
     With ``path`` of the written file, its size on disk (free). Otherwise the index is streamed through a
     byte-counting writer, which never holds the serialised copy: ``faiss.serialize_index`` would allocate
     a second 8 GB array for an 8 GB index.
+
+    For a :class:`RerankIndex`, the candidate index only: its vectors stay on disk (memory-mapped).
     """
+    if isinstance(index, RerankIndex):
+        index = index.base
     if path is not None:
         return os.path.getsize(path)
     total = 0

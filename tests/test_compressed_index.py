@@ -1,0 +1,246 @@
+"""The compressed index (``--factory compressed``): IVF + 4-bit PQ codes in RAM find candidates, the full
+vectors (float16, memory-mapped from the index folder) re-rank them exactly (faiss_index.RerankIndex)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+from imagery import SAMPLE, read_window
+from PIL import Image
+
+from engine import api
+from engine.errors import IndexNotFoundError, InputError
+from engine.geo.search_area import SearchArea
+from engine.retrieval import faiss_index as fi
+from engine.retrieval import search as tile_search
+from engine.retrieval.index_store import FAISS_FILE, VECTORS_FILE, is_index_folder, open_index
+
+
+def world(
+    n_tiles: int, dim: int, n_queries: int, seed: int = 0, keep: float = 0.6
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(database (n_tiles * 4, dim), queries, each query's own tile) with the structure of real descriptors.
+
+    A compact copy of bench/index_scale.py's generator, with the figures it measured on the default model's
+    real descriptors (ISS pool + rasters): a common mean (|mean|^2 0.58), a power-law spectrum (alpha 1.04),
+    scene clusters (64 tiles) > places (8 tiles) > tile > rotation (4 vectors per tile, tile-major) with
+    variance shares 0.30 / 0.30 / 0.09 / 0.31, and queries as far from their tile as real photos (a tile's
+    shared part x 0.6 + fresh noise: cos to its tile ~0.78).
+    """
+    rng = np.random.default_rng(seed)
+    lam = np.arange(1, dim + 1) ** -1.04
+    scale = np.sqrt(lam * (1 - 0.58) / lam.sum()).astype(np.float32)
+    mu = rng.standard_normal(dim)
+    mu = (mu * math.sqrt(0.58) / np.linalg.norm(mu)).astype(np.float32)
+    rot = np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)
+    places = np.arange(n_tiles) // 8
+    clusters = rng.integers(0, max(1, n_tiles // 64), places.max() + 1)[places]
+    c_lat = rng.standard_normal((clusters.max() + 1, dim), dtype=np.float32)
+    p_lat = rng.standard_normal((places.max() + 1, dim), dtype=np.float32)
+    shared = math.sqrt(0.3) * c_lat[clusters] + math.sqrt(0.3) * p_lat[places]
+    shared += math.sqrt(0.09) * rng.standard_normal((n_tiles, dim), dtype=np.float32)
+
+    def to_data(z: np.ndarray) -> np.ndarray:
+        x = (z * scale) @ rot + mu
+        faiss.normalize_L2(x)
+        return x
+
+    z = np.repeat(shared, 4, axis=0)
+    z += math.sqrt(0.31) * rng.standard_normal(z.shape, dtype=np.float32)
+    q_tiles = rng.choice(n_tiles, n_queries, replace=False)
+    zq = keep * shared[q_tiles]
+    zq += math.sqrt(1 - keep * keep * 0.69) * rng.standard_normal(zq.shape, dtype=np.float32)
+    return to_data(z), to_data(zq), q_tiles
+
+
+def recall(ids: np.ndarray, truth: np.ndarray, k: int) -> float:
+    return float(np.mean([np.isin(a[:k], b[:k]).mean() for a, b in zip(ids, truth, strict=True)]))
+
+
+@pytest.fixture(scope="module")
+def big():
+    """200k vectors (50k tiles x 4 rotations), 128-d: a few hundred thousand vectors as the issue asks, at a
+    dimension that keeps the test under a minute on 2 shared cores (2048-d would be 1.6 GB and minutes of
+    k-means; bench/index_scale.py measures 2048-d)."""
+    x, q, q_tiles = world(50_000, 128, 200)
+    flat = fi.build(x, "Flat")
+    truth_s, truth = fi.search(flat, q, 100)
+    index = fi.build(x, "compressed")
+    return x, q, q_tiles, truth_s, truth, index
+
+
+def test_recall_at_100_and_exact_top1_on_200k_vectors(big):
+    """recall@100 >= 0.995 vs exact and the exact top-1, with photo-like queries (cos ~0.78 to their tile).
+
+    At 128-d the 1 bit/dim codes (32 x 4 bits) rank coarsely: the 4-bit PQ's score error (std ~0.02) is as
+    wide as the band of the exact top-100 (~0.05), so the exact top-100 needs more candidates than the
+    default 2000 (tuned at 2048-d, where the IVF lists are the limit: bench/results/index_scale.txt).
+    Measured here: defaults recall@100 0.903, recall@10 0.973, top-1 0.995; rerank=8000: 0.994 / 1.0 / 1.0.
+    """
+    x, q, _, truth_s, truth, index = big
+    assert isinstance(index, fi.RerankIndex)
+    assert fi.compressed_factory(len(x), 128) == "IVF512,PQ32x4fsr+rerank"
+    _, ids = fi.search(index, q, 100)  # the defaults
+    assert recall(ids, truth, 100) >= 0.88 and recall(ids, truth, 10) >= 0.95
+    assert np.mean(ids[:, 0] == truth[:, 0]) >= 0.98
+    scores, ids = fi.search(index, q, 100, rerank=16_000)  # 8 % of the database re-ranked
+    assert recall(ids, truth, 100) >= 0.995
+    assert np.array_equal(ids[:, 0], truth[:, 0])  # the exact top-1, every query
+    # scores are exact inner products (of the vectors as stored), in order
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[ids]), atol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    # RAM holds the codes: 16 B a vector (+ 8 B id) instead of 512 B
+    assert fi.index_nbytes(index) * 10 < x.nbytes
+
+
+def test_rotation_dedup_and_search_area_on_200k_vectors(big, tmp_path):
+    """One hit per tile over the 4 rotations, and an id filter (a search area) inside the candidate search."""
+    x, q, q_tiles, _, _, index = big
+    fi.write_index(index, tmp_path / FAISS_FILE)
+    reopened = fi.read_index(tmp_path / FAISS_FILE)
+    assert isinstance(reopened, fi.RerankIndex) and isinstance(reopened.vectors, np.memmap)
+    assert reopened.vectors.dtype == np.float16 and reopened.vectors.shape == x.shape
+    tiles = np.arange(10_000, 12_000)  # a region: 2,000 of the 50,000 tiles (8,000 vectors)
+    allowed = (tiles[:, None] * 4 + np.arange(4)).ravel()
+    flat16 = fi.build(np.asarray(reopened.vectors, dtype=np.float32), "Flat")
+    exact_s, exact = fi.search(flat16, q, 10, allowed_ids=allowed)
+    got_s, got = fi.search(reopened, q, 10, allowed_ids=allowed)
+    assert np.isin(got, allowed).all()
+    assert recall(got, exact, 10) >= 0.99 and np.array_equal(got[:, 0], exact[:, 0])
+    np.testing.assert_allclose(got_s, exact_s, atol=1e-5)
+
+    class Stub:  # what engine.retrieval.search needs of a TileIndex
+        faiss = reopened
+        n_rotations = 4
+        manifest = {"rotations": [0, 90, 180, 270]}
+
+    hits = tile_search.search(Stub(), q[:20], 10, tiles=tiles)
+    for row in hits:
+        ids = [h.tile_id for h in row]
+        assert len(ids) == len(set(ids)) == 10 and set(ids) <= set(tiles.tolist())
+    hits = tile_search.search(Stub(), q[:20], 10)
+
+    class Exact(Stub):
+        faiss = flat16
+
+    exact = tile_search.search(Exact(), q[:20], 10)
+    same = [
+        (a[0].tile_id, a[0].rotation_deg) == (b[0].tile_id, b[0].rotation_deg)
+        for a, b in zip(hits, exact, strict=True)
+    ]
+    assert sum(same) >= 19  # the same best tile, at the same rotation
+
+
+def test_small_filter_is_scored_exactly(big):
+    x, q, _, _, _, index = big
+    allowed = np.arange(0, 800, 3)  # fewer ids than the candidates re-ranked: no candidate search at all
+    flat = fi.build(x[: allowed.max() + 1], "Flat")
+    exact_s, exact = fi.search(flat, q, 5, allowed_ids=allowed)
+    got_s, got = fi.search(index, q, 5, allowed_ids=allowed)
+    assert np.array_equal(got, exact)
+    np.testing.assert_allclose(got_s, exact_s, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def sample_compressed(tmp_path_factory):
+    """The bundled 2018 NAIP raster indexed with --factory compressed (as conftest's sample_index, but
+    compressed): 384-px tiles, 50% overlap, the default model at 224 px."""
+    out = tmp_path_factory.mktemp("idx") / "naip2018-compressed"
+    manifest = api.index(
+        [str(SAMPLE / "naip_2018.tif")], str(out), tile_sizes=(384,), input_size=224, factory="compressed"
+    )
+    return out, manifest
+
+
+def test_sample_index_folder_with_the_preset(sample_compressed, tmp_path):
+    """A real index folder of the bundled sample built with --factory compressed: files, manifest, search with
+    a search area, the same result after a reopen and from a copy of the folder, RAM part smaller than Flat."""
+    out, manifest = sample_compressed
+    assert manifest["factory"].endswith(fi.RERANK_SUFFIX) and manifest["factory"].startswith("IVF")
+    assert json.loads((out / "manifest.json").read_text())["factory"] == manifest["factory"]
+    assert {p.name for p in out.iterdir()} == {"manifest.json", FAISS_FILE, VECTORS_FILE, "tiles.gpkg"}
+    assert is_index_folder(out)
+
+    idx = open_index(out)
+    assert isinstance(idx.faiss, fi.RerankIndex)
+    n, dim = idx.faiss.ntotal, idx.faiss.d
+    assert n == 4 * len(idx.tiles)
+    vectors = np.load(out / VECTORS_FILE)
+    assert vectors.dtype == np.float16 and vectors.shape == (n, dim)
+    ram = fi.index_nbytes(idx.faiss, out / FAISS_FILE)
+    assert ram < n * dim * 4  # Flat would hold n x dim float32
+
+    centre = idx.tiles.footprints[len(idx.tiles) // 2].centroid
+    area = SearchArea(near=(centre.y, centre.x), radius_km=0.6)
+    allowed = set(area.select(idx.tiles.footprints).tolist())
+    assert 0 < len(allowed) < len(idx.tiles)
+    query = vectors[4 * (len(idx.tiles) // 2) + 1].astype(np.float32)[None]  # that tile at 90 degrees
+    hits = tile_search.search(idx, query, 5, tile_search.allowed_tiles(idx, area))[0]
+    assert hits[0].tile_id == len(idx.tiles) // 2 and hits[0].rotation_deg == 90
+    assert hits[0].score == pytest.approx(float(query[0] @ query[0]), abs=1e-4)
+    assert {h.tile_id for h in hits} <= allowed
+
+    flat = fi.build(vectors.astype(np.float32), "Flat")  # the same search, exact, over the stored vectors
+    exact = fi.search(flat, query, 20)[1][0]
+    assert [h.tile_id for h in tile_search.search(idx, query, 5)[0]] == list(dict.fromkeys(exact // 4))[:5]
+
+    again = open_index(out)  # survives a reopen, and a move of the folder
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    for other in (again, open_index(moved)):
+        assert tile_search.search(other, query, 5, tile_search.allowed_tiles(other, area))[0] == hits
+
+    photo = tmp_path / "photo.png"  # the whole pipeline: a photo through api.localize with the area
+    Image.fromarray(read_window(SAMPLE / "naip_2018.tif", 192, 192, 384)).save(photo)
+    res = api.localize([str(photo)], idx, top_k=3, area=area)
+    assert res.photos[0].status == "ok" and {c.tile_id for c in res.photos[0].candidates} <= allowed
+
+
+def test_a_compressed_folder_without_its_vectors_is_refused(sample_compressed, tmp_path):
+    x, _, _ = world(200, 32, 1)
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    fi.write_index(fi.build(x, "compressed"), folder / FAISS_FILE)
+    assert (folder / VECTORS_FILE).is_file()
+    np.save(folder / VECTORS_FILE, np.zeros((10, 32), dtype=np.float16))  # not this index's vectors
+    with pytest.raises(InputError, match="do not belong together"):
+        fi.read_index(folder / FAISS_FILE)
+    # an index folder whose manifest says +rerank but lost index.f16.npy: said clearly
+    out = tmp_path / "sample"
+    shutil.copytree(sample_compressed[0], out)
+    os.remove(out / VECTORS_FILE)
+    with pytest.raises(IndexNotFoundError, match=VECTORS_FILE):
+        open_index(out)
+
+
+def test_bad_input_is_refused_clearly():
+    x, _, _ = world(8, 32, 1)  # 32 vectors: too few to train any codebook
+    with pytest.raises(InputError, match="at least 39 vectors.*'Flat'"):
+        fi.build(x, "compressed")
+    with pytest.raises(InputError, match="at least 39 vectors"):
+        fi.check_buildable(len(x), 32, "compressed")
+    with pytest.raises(InputError, match="depends on the database size"):
+        fi.make_index(32, "compressed")
+    x, _, _ = world(200, 32, 1)
+    with pytest.raises(InputError, match="ids cannot be given"):
+        fi.build(x, "compressed", ids=np.arange(len(x)) + 1000)
+    index = fi.build(x, "IVF4,PQ8x4fsr+rerank")  # any factory + '+rerank' is a compressed index
+    assert isinstance(index, fi.RerankIndex) and index.ntotal == len(x)
+    with pytest.raises(InputError, match="cannot be added"):
+        fi.add_vectors(index, x)
+    with pytest.raises(InputError, match="rerank must be a positive integer"):
+        fi.search(index, x[:1], 5, rerank=0)
+
+
+def test_auto_picks_the_preset_above_the_flat_limit():
+    assert fi.suggest_factory(fi.FLAT_MAX_VECTORS - 1, 2048) == "Flat"
+    assert fi.suggest_factory(fi.FLAT_MAX_VECTORS, 2048) == fi.compressed_factory(fi.FLAT_MAX_VECTORS, 2048)
+    assert fi.suggest_factory(4_000_000, 2048) == "IVF2048,PQ512x4fsr+rerank"  # 256 B a vector: 32x < Flat
+    assert fi.check_buildable(1_000_000, 2048, "auto") == "IVF1024,PQ512x4fsr+rerank"
+    assert fi.check_buildable(1_000_000, 2048, "compressed") == "IVF1024,PQ512x4fsr+rerank"
