@@ -388,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         gen.fill(x)
         q = gen.queries(args.queries, args.seed)
 
-    nlist_default = int(fi.suggest_factory(max(n, fi.FLAT_MAX_VECTORS), d).split(",")[0][3:])
+    # IVF{nlist} as auto chose before the compressed preset: ~4 sqrt(n) as a power of two, >= 256
+    nlist_default = min(65536, 1 << max(8, round(math.log2(4 * math.sqrt(max(n, fi.FLAT_MAX_VECTORS))))))
     nlist_default = min(nlist_default, 1 << int(math.log2(max(1, n // fi.POINTS_PER_CENTROID))))
     factories = args.factories or [
         "IVF{nlist},SQ8",

@@ -45,8 +45,14 @@ EMBED_MODELS = {
 
 
 def embedding_models() -> list[dict[str, Any]]:
-    """One dict per embedding model, in the same shape as the retrieval encoders' (kind='embedding')."""
-    return [{"name": name, "kind": "embedding", **info} for name, info in EMBED_MODELS.items()]
+    """One dict per embedding model, in the same shape as the retrieval encoders' (kind='embedding'), with
+    ``weights_file``/``sha256`` of its image backbone where the engine knows them (the shipped default)."""
+    from ..nets.registry import known_weights
+
+    return [
+        {"name": name, "kind": "embedding", **info, **known_weights(name)}
+        for name, info in EMBED_MODELS.items()
+    ]
 
 
 @dataclass

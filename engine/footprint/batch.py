@@ -10,6 +10,7 @@ records; other settings start afresh).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -33,8 +34,17 @@ from .outputs import write_geotiff, write_points
 
 FOOTPRINT_LAYER = "footprints"
 
-#: ``locate(photo_path) -> (Footprint, rgb or None)``: the per-photo work, supplied by the API.
+#: ``locate(photo_path) -> (Footprint, rgb or None)``: the per-photo work, supplied by the API. A locate
+#: with a ``progress`` parameter gets a ProgressFn for its photo (0..1 of that photo's share of the batch).
 Locate = Callable[[Path], tuple[Footprint, np.ndarray | None]]
+
+
+def _call_locate(locate: Locate, photo: Path, progress: ProgressFn) -> tuple[Footprint, np.ndarray | None]:
+    try:
+        takes_progress = "progress" in inspect.signature(locate).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        takes_progress = False
+    return locate(photo, progress=progress) if takes_progress else locate(photo)  # type: ignore[call-arg]
 
 
 def parts_dir(out: Path) -> Path:
@@ -133,15 +143,21 @@ def _run_locked(
             continue
         if cancel is not None:
             cancel.check()
-        progress(i / len(photos), f"photo {i + 1} of {len(photos)}: {photo.name}")
+        head = f"photo {i + 1} of {len(photos)}: {photo.name}"
+        progress(i / len(photos), head)
+
+        def within(fraction: float, message: str, i: int = i, head: str = head) -> None:
+            progress((i + min(max(fraction, 0.0), 1.0)) / len(photos), f"{head}: {message}")
+
         try:
-            fp, rgb = locate(photo)
+            fp, rgb = _call_locate(locate, photo, within)
         except CancelledError:
             raise
         except SkylocError as exc:
             fp, rgb = Footprint(photo=str(photo), status="error", reason=f"{exc.code}: {exc.message}"), None
         if fp.status == "localized" and rgb is not None:
             tif, pts = names[i]
+            within(1.0, "writing its georeferenced GeoTIFF and .points")
             _write_georef(fp, rgb, tif, pts, overwrite, every_input)
         with atomic_path(record, suffix=".json") as tmp:
             tmp.write_text(json.dumps(asdict(fp), default=str))

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..geo.homography import apply_h, corners, cv_matrix, scaling, translation
 from ..imagery.views import Ground
-from ..progress import CancelToken
+from ..progress import CancelToken, ProgressFn, no_progress
 from . import learned
 from .matching import Features, detect, fit_homography, match, match_guided
 
@@ -185,16 +185,19 @@ def coregister(
     params: CoregParams = DEFAULT_PARAMS,
     cancel: CancelToken | None = None,
     rotation: float | None = None,
+    progress: ProgressFn = no_progress,
 ) -> Attempt:
     """Place ``photo`` on the ground around one candidate ``bounds`` (in ``ground.crs``), or say why not.
 
     Hypotheses from the first, unguided match (the photo as is, then its stretched copies if that fails)
     are refined and then verified; the first verified one is returned, else the best attempt with its
     reason. The returned ``h`` takes full-resolution photo pixels to the ground CRS. ``rotation`` (degrees,
-    the retrieval's) is tried first by the learned matchers' orientation search.
+    the retrieval's) is tried first by the learned matchers' orientation search. ``progress`` hears each
+    refinement pass (fraction of the passes, what it found).
     """
     if params.matcher in learned.LEARNED:
-        return _coregister_learned(photo, ground, bounds, params, cancel, hint_turn(rotation))
+        return _coregister_learned(photo, ground, bounds, params, cancel, hint_turn(rotation), progress)
+    progress(0.0, "first match")
     side = round(max(photo.features.shape) * params.context)
     to_crs, shape = first_view(bounds, params.context, side)
     view = ground.view(to_crs, shape)
@@ -219,7 +222,7 @@ def coregister(
                 reason = f"first match: {first['inliers']} inliers of {ia.size} matches"
                 attempts.append(Attempt(h=None, reason=reason, history=[first]))
                 continue
-            att = _refine(photo, ground, view.to_crs @ est @ a, params, cancel)
+            att = _refine(photo, ground, view.to_crs @ est @ a, params, cancel, progress=progress)
             att.history.insert(0, first)
             attempts.append(att)
             if att.h is not None and att.verified >= params.min_verified:
@@ -236,6 +239,7 @@ def _refine(
     params: CoregParams,
     cancel: CancelToken | None,
     lm: learned.LearnedMatcher | None = None,
+    progress: ProgressFn = no_progress,
 ) -> Attempt:
     """The EarthMatch loop from one hypothesis ``h_crs`` (photo matching px -> CRS), then verification.
 
@@ -291,6 +295,7 @@ def _refine(
         att.verified, att.verify_matches = verified, vmatches
         att.reproj_px = float(np.median(np.sqrt((resid**2).sum(1))))
         att.last_shift_px = shift
+        progress(k / iterations, f"pass {k}: {verified} verified, moved {shift:.0f} px")
         if shift < params.converge_px:
             att.converged = True
             break
@@ -311,6 +316,7 @@ def _coregister_learned(
     params: CoregParams,
     cancel: CancelToken | None,
     hint: int | None,
+    progress: ProgressFn = no_progress,
 ) -> Attempt:
     """The learned path: first view (features cached per tile), orientation search, one full match at the
     best turn(s), then the same refinement loop and verification as SIFT's, with LightGlue matches."""
@@ -328,6 +334,7 @@ def _coregister_learned(
     _, view_to_crs, feats = cached
     if feats is None:
         return Attempt(h=None, reason="no imagery under the candidate", matcher=name)
+    progress(0.0, "orientation search")
     turns = _orient(photo, feats, params, lm, hint, cancel)
     attempts: list[Attempt] = []
     for k, coarse in turns:
@@ -341,7 +348,7 @@ def _coregister_learned(
             reason = f"first match (turn {90 * k} deg): {first['inliers']} inliers of {ia.size} matches"
             attempts.append(Attempt(h=None, reason=reason, history=[first], matcher=name, turn=k))
             continue
-        att = _refine(photo, ground, view_to_crs @ est @ rot, params, cancel, lm)
+        att = _refine(photo, ground, view_to_crs @ est @ rot, params, cancel, lm, progress)
         att.history.insert(0, first)
         att.turn = k
         attempts.append(att)

@@ -33,7 +33,7 @@ from ..errors import InputError
 from ..geo.crs import to_lonlat, unwrap_lons
 from ..geo.homography import apply_h
 from ..imagery.views import Ground
-from ..progress import CancelToken
+from ..progress import CancelToken, ProgressFn, no_progress
 from . import learned
 from .coregister import DEFAULT_PARAMS, Attempt, CoregParams, PhotoFeatures, coregister, corners
 from .learned import MATCHERS, LearnedUnavailable
@@ -178,20 +178,32 @@ def estimate(
     params: CoregParams = DEFAULT_PARAMS,
     cancel: CancelToken | None = None,
     prepared: PhotoFeatures | None = None,
+    progress: ProgressFn = no_progress,
 ) -> Footprint:
-    """Coregister the photo against each candidate and keep the best accepted attempt."""
+    """Coregister the photo against each candidate and keep the best accepted attempt.
+
+    ``progress`` hears the candidate tried and each refinement pass (fraction of this photo's work; with
+    ``auto``, SIFT's pass over the candidates is the first half, the learned matcher's the second)."""
     if params.matcher not in MATCHERS:
         raise InputError(f"unknown matcher {params.matcher!r}: one of {', '.join(MATCHERS)}")
     if params.matcher == "auto":
         t0 = time.perf_counter()
         photo = prepared if prepared is not None else PhotoFeatures(rgb, params)
-        out = _estimate(photo_path, rgb, candidates, replace(params, matcher="sift"), cancel, photo)
+        out = _estimate(
+            photo_path,
+            rgb,
+            candidates,
+            replace(params, matcher="sift"),
+            cancel,
+            photo,
+            _within(progress, 0.0, 0.5),
+        )
         top = sorted(candidates, key=lambda c: c.rank)[: params.auto_learned_top]
         if out.status != "localized" and top and len(photo.features) >= MIN_PHOTO_FEATURES:
             sift = out
             try:
                 aliked = replace(params, matcher="aliked")
-                out = _estimate(photo_path, rgb, top, aliked, cancel, photo)
+                out = _estimate(photo_path, rgb, top, aliked, cancel, photo, _within(progress, 0.5, 1.0))
             except LearnedUnavailable as exc:  # the wheel is optional for auto: say so, keep SIFT's verdict
                 out.reason = f"{out.reason}; not tried with ALIKED: {exc.message}"
             else:
@@ -200,7 +212,18 @@ def estimate(
                     out.reason = f"SIFT: {sift.reason}; ALIKED (best {len(top)} candidates): {out.reason}"
         out.seconds = round(time.perf_counter() - t0, 3)
         return out
-    return _estimate(photo_path, rgb, candidates, params, cancel, prepared)
+    return _estimate(photo_path, rgb, candidates, params, cancel, prepared, progress)
+
+
+def _within(progress: ProgressFn, lo: float, hi: float) -> ProgressFn:
+    """``progress`` for a part ``lo..hi`` of the work, never moving back (a retry restarts its passes)."""
+    reached = [lo]
+
+    def report(fraction: float, message: str) -> None:
+        reached[0] = max(reached[0], lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+        progress(reached[0], message)
+
+    return report
 
 
 def _estimate(
@@ -210,6 +233,7 @@ def _estimate(
     params: CoregParams,
     cancel: CancelToken | None,
     prepared: PhotoFeatures | None,
+    progress: ProgressFn = no_progress,
 ) -> Footprint:
     """One matcher over the candidates, in rank order."""
     t0 = time.perf_counter()
@@ -228,9 +252,11 @@ def _estimate(
         return out
     best: tuple[Attempt, GroundCandidate] | None = None
     accepted: list[tuple[shapely.Polygon, str, int]] = []  # (footprint in its CRS, crs, rank)
-    for cand in candidates:
+    for n, cand in enumerate(candidates):
         if cancel is not None:
             cancel.check()
+        what = f"candidate {n + 1} of {len(candidates)} ({params.matcher})"
+        progress(n / len(candidates), what)
         centre = shapely.Point((cand.bounds[0] + cand.bounds[2]) / 2, (cand.bounds[1] + cand.bounds[3]) / 2)
         covered = next(
             (r for poly, crs, r in accepted if crs == cand.ground.crs and poly.contains(centre)), None
@@ -257,7 +283,16 @@ def _estimate(
                 )
             )
             continue
-        att = coregister(photo, cand.ground, cand.bounds, params, cancel, cand.rotation)
+        step = _within(progress, n / len(candidates), (n + 1) / len(candidates))
+        att = coregister(
+            photo,
+            cand.ground,
+            cand.bounds,
+            params,
+            cancel,
+            cand.rotation,
+            lambda f, m, what=what, step=step: step(f, f"{what}: {m}"),
+        )
         reason = judge(att, cand, shape, params)
         out.checks.append(
             CandidateCheck(

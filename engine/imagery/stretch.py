@@ -6,6 +6,7 @@ coregistration views), so that the same ground value gives the same colour where
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+
+log = logging.getLogger("skyloc.imagery")
 
 
 def percentile_stretch_params(
@@ -84,7 +87,7 @@ def choose_rgb_bands(ds: Any, bands: Sequence[int] | None = None) -> tuple[int, 
     Descriptions come before the colour interpretation because GDAL writes red/green/blue for ANY 3- or
     4-band byte GeoTIFF created with default options, whatever the bands hold, whereas a description is
     set on purpose. Rule 4 is a guess: a file stored as B, G, R without metadata comes out with red and
-    blue swapped (pass ``bands``).
+    blue swapped (pass ``bands``); it is logged as a warning (a service job lists it in its ``warnings``).
     """
     from rasterio.enums import ColorInterp  # here: reading a JPEG photo must not import rasterio
 
@@ -99,6 +102,12 @@ def choose_rgb_bands(ds: Any, bands: Sequence[int] | None = None) -> tuple[int, 
         return by_interp[ColorInterp.red], by_interp[ColorInterp.green], by_interp[ColorInterp.blue]
     usable = [i for i, ci in enumerate(interp, start=1) if ci != ColorInterp.alpha] or [1]
     if len(usable) >= 3:
+        log.warning(
+            "%s: band order guessed: bands %d,%d,%d read as red, green, blue (no band names or colour "
+            "interpretation say which is which; give the bands to choose)",
+            getattr(ds, "name", "raster"),
+            *usable[:3],
+        )
         return usable[0], usable[1], usable[2]
     return usable[0], usable[0], usable[0]
 

