@@ -26,15 +26,34 @@ from .footprint.batch import FOOTPRINT_LAYER, run_batch
 from .footprint.coregister import CoregParams
 from .footprint.estimate import Footprint, check_matcher, estimate
 from .footprint.places import IndexPlaces, RasterPlaces
+from .geo.search_area import SearchArea
 from .imagery import open_source
 from .imagery.photos import DEFAULT_MAX_PIXELS, read_image
+from .imagery.tile_service import is_url
+from .imagery.tile_source import (
+    DEFAULT_MAX_TILES,
+    TileMosaicSource,
+    is_tile_source,
+    prepare_tile_sources,
+    tile_build_params,
+    tile_source_options,
+)
+from .imagery.tile_source import render_tiles as render_tiles  # an extent of tiles as one GeoTIFF
 from .nets.base import ImageEncoder
 from .nets.registry import available_models, load_encoder, resolve_name
 from .output_guard import check_output
 from .progress import CancelToken, ProgressFn, no_progress
 from .retrieval import search as tile_search
-from .retrieval.index_store import FAISS_FILE, MANIFEST, TILES_FILE, TileIndex, build_index, open_index
-from .retrieval.search_area import SearchArea
+from .retrieval.index_store import (
+    FAISS_FILE,
+    MANIFEST,
+    TILES_FILE,
+    VECTORS_FILE,
+    TileIndex,
+    build_index,
+    check_index_out,
+    open_index,
+)
 from .vector_io import driver_for, write_polygons
 
 #: ONNX Runtime by default: same descriptors as PyTorch (cosine >= 0.9999) and faster on a CPU: per photo
@@ -74,36 +93,118 @@ def index(
     bands: Sequence[int] | None = None,
     span: int = 4,
     exclude: Sequence[str] | None = None,
+    recursive: bool = False,
+    zooms: Sequence[int] | str | None = None,
+    area: SearchArea | None = None,
+    max_tiles: int = DEFAULT_MAX_TILES,
+    tile_cache: str | None = None,
+    attribution: str | None = None,
+    subdomains: Sequence[str] | None = None,
+    ray: str | bool | None = None,
+    ray_workers: int | None = None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
-    """Build a tile database from GeoTIFFs and/or XYZ mosaic folders. Returns the index manifest."""
+    """Build a tile database from GeoTIFFs and/or XYZ mosaic folders (``recursive``: and their
+    subfolders, ``exclude`` globs of paths relative to the folder). Returns the index manifest.
+
+    Also from XYZ tile services (URL templates, with ``zooms`` and ``area``), MBTiles files and GeoPackage
+    tile tables (engine/imagery/tile_source.py). Everything is checked (sources, output folder, tile count
+    against ``max_tiles``) before any tile is downloaded; tiles go through an MBTiles cache (``tile_cache``,
+    default one file per service under ``~/.cache/skyloc/tiles``) so that a re-run downloads nothing twice.
+
+    ``ray``: encode the tiles on a Ray cluster (True: Ray's default cluster; "local", "auto", "HOST:PORT",
+    "ray://HOST:PORT"), ``ray_workers`` workers (default: one per CPU, or per GPU, of the cluster); the
+    same index as without it (engine/retrieval/ray_build.py). None: no Ray (it is not imported).
+    """
     if not sources:
         raise EmptyInputError("no source given: name GeoTIFF files and/or folders of XYZ mosaics")
     if not 0 <= overlap < 1:
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
-    encoder = get_encoder(model, weights, backend, input_size, sha256)
+    if ray_workers is not None and (ray is None or ray is False or ray_workers < 1):
+        raise InputError(f"ray_workers (--ray-workers) must be >= 1 and needs ray (--ray), got {ray_workers}")
     # absolute: the index is used from other working folders (the plugin's engine, the service)
-    sources = [os.path.abspath(s) for s in sources]
-    opened = [
-        open_source(s, tile_sizes=tuple(tile_sizes), overlap=overlap, bands=bands, span=span, exclude=exclude)
-        for s in sources
-    ]
+    sources = [s if is_url(s) else os.path.abspath(s) for s in sources]
+    # InputError for tile options without a tile source, or one cache file for several services
+    tile_options = tile_source_options(sources, zooms, area, max_tiles, tile_cache, attribution, subdomains)
+    check_index_out(out)  # before any download
+    opened: list[Any] = []
     try:
+        for s in sources:
+            opened.append(
+                open_source(
+                    s,
+                    tile_sizes=tuple(tile_sizes),
+                    overlap=overlap,
+                    bands=bands,
+                    span=span,
+                    exclude=exclude,
+                    recursive=recursive,
+                    tile_options=tile_options,
+                )
+            )
+        encoder = get_encoder(model, weights, backend, input_size, sha256)
+        progress = prepare_tile_sources(opened, progress, cancel)  # downloads; progress then continues
         params = {
             "tile_sizes": list(tile_sizes),
             "overlap": overlap,
             "bands": list(bands) if bands else None,
             "span": span,
             "exclude": list(exclude) if exclude else None,
+            "recursive": bool(recursive),
             "weights": str(weights) if weights else None,
+            **tile_build_params(opened),
         }
-        return build_index(
-            opened, encoder, out, factory=factory, build_params=params, progress=progress, cancel=cancel
-        )
+        if ray is None or ray is False:
+            return build_index(
+                opened, encoder, out, factory=factory, build_params=params, progress=progress, cancel=cancel
+            )
+        # tiles encoded by Ray workers (engine/retrieval/ray_build.py); the same index, manifest and resume
+        from .retrieval.ray_build import EncoderRecipe, RayCluster
+
+        recipe = EncoderRecipe.for_workers(model, weights, backend, input_size, sha256)
+        with RayCluster(ray, workers=ray_workers, progress=progress, cancel=cancel) as cluster:
+            cluster.start(recipe, opened, encoder)
+            return build_index(
+                opened,
+                encoder,
+                out,
+                factory=factory,
+                build_params=params,
+                progress=progress,
+                cancel=cancel,
+                encode_with=cluster.encode_all,
+            )
     finally:
         for src in opened:
             src.close()
+
+
+def plan_index(
+    sources: Sequence[str],
+    *,
+    zooms: Sequence[int] | str | None = None,
+    area: SearchArea | None = None,
+    span: int = 4,
+    overlap: float = 0.5,
+    max_tiles: int = DEFAULT_MAX_TILES,
+    tile_cache: str | None = None,
+    attribution: str | None = None,
+    subdomains: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """What ``index`` would fetch, per tile source, without downloading or encoding anything: mosaics,
+    tiles needed / cached / to download, estimated download bytes (the plugin shows it before starting).
+
+    Raises what ``index`` would raise for the same tile options (bad template, over the cap ...)."""
+    sources = [s if is_url(s) else os.path.abspath(s) for s in sources]
+    options = tile_source_options(sources, zooms, area, max_tiles, tile_cache, attribution, subdomains)
+    plans = []
+    for s in sources:
+        if not is_tile_source(s):
+            continue
+        with TileMosaicSource(s, span=span, overlap=overlap, **options) as src:
+            plans.append(src.plan())
+    return plans
 
 
 # -------------------------------------------------------------------------------------------- localize
@@ -286,7 +387,7 @@ def _localize_one(
 
 def index_files(idx: TileIndex) -> list[Path]:
     """The files of an index folder: inputs of any action that reads it, so never outputs."""
-    return [idx.path / name for name in (MANIFEST, FAISS_FILE, TILES_FILE)]
+    return [idx.path / name for name in (MANIFEST, FAISS_FILE, VECTORS_FILE, TILES_FILE)]
 
 
 def write_candidates(
@@ -347,10 +448,19 @@ def footprint(
     resume: bool = True,
     overwrite: bool = False,
     params: CoregParams | None = None,
+    zooms: Sequence[int] | str | None = None,
+    area: SearchArea | None = None,
+    max_tiles: int = DEFAULT_MAX_TILES,
+    tile_cache: str | None = None,
+    subdomains: Sequence[str] | None = None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> list[Footprint]:
     """Footprints of photos on one raster (GeoTIFF) or XYZ folder named by the user, no index needed.
+
+    ``against`` may also be a tile service URL template (with ``zooms`` and ``area``: its tiles are fetched
+    once through the MBTiles cache ``tile_cache``), an MBTiles file or a GeoPackage tile table; the ground
+    is then read from the tiles at the zoom each view needs.
 
     Candidates: the whole extent, then the ``top_k - 1`` windows most similar to the photo. Writes the
     footprint layer ``out`` (one feature per photo), and for localized photos the georeferenced GeoTIFF and
@@ -361,15 +471,26 @@ def footprint(
     params = params or CoregParams()
     check_matcher(params)  # weights checked before any output
     paths = expand_photos(photos)
-    places = RasterPlaces(against, get_encoder(model, None, backend, None, None))
+    tile_options = None
+    if is_tile_source(against):
+        tile_options = tile_source_options([against], zooms, area, max_tiles, tile_cache, None, subdomains)
+        tile_options.pop("attribution")
+    elif zooms or area is not None or tile_cache:
+        raise InputError(
+            "--zooms/--bbox/--near/--tile-cache apply to tile sources (URL, MBTiles, GeoPackage)"
+        )
+    encoder = get_encoder(model, None, backend, None, None)
+    places = RasterPlaces(against, encoder, tile_options=tile_options, progress=progress, cancel=cancel)
     try:
 
-        def locate(path: Path) -> tuple[Footprint, np.ndarray]:
+        def locate(path: Path, progress: ProgressFn = no_progress) -> tuple[Footprint, np.ndarray]:
             rgb = read_image(path, max_pixels=max_pixels)
-            return estimate(str(path), rgb, places.candidates(rgb, top_k), params, cancel), rgb
+            progress(0.0, "finding candidate windows")
+            cands = places.candidates(rgb, top_k)
+            return estimate(str(path), rgb, cands, params, cancel, progress=progress), rgb
 
         settings = dict(
-            against=Path(against).resolve(),
+            against=against if is_url(against) else Path(against).resolve(),
             top_k=top_k,
             model=model,
             params=asdict(params),
@@ -447,7 +568,7 @@ def localize_footprints(
     places = IndexPlaces(idx)
     try:
 
-        def locate(path: Path) -> tuple[Footprint, np.ndarray]:
+        def locate(path: Path, progress: ProgressFn = no_progress) -> tuple[Footprint, np.ndarray]:
             hit = by_photo[str(path)]
             if hit.status != "ok":
                 return Footprint(
@@ -459,7 +580,7 @@ def localize_footprints(
             cands = [places.candidate(c.tile_id, c.rank) for c in hit.candidates]
             for cand, c in zip(cands, hit.candidates, strict=True):
                 cand.rotation = float(c.rotation_deg)  # the learned matchers try this turn first
-            return estimate(str(path), rgb, cands, params, cancel), rgb
+            return estimate(str(path), rgb, cands, params, cancel, progress=progress), rgb
 
         settings = dict(
             index=idx.path.resolve(),
@@ -505,7 +626,8 @@ def train(
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> Any:
-    """Fine-tune the default encoder on the localized photos of a footprint layer (engine/train.py).
+    """Fine-tune the index's encoder (the default, or AstroLoc with its checkpoint) on the localized photos
+    of a footprint layer (engine/train.py).
 
     Writes a model folder that ``--model OUT`` accepts everywhere; returns a ``TrainResult``."""
     from . import train as training

@@ -21,9 +21,9 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError, SkylocError, from_os_error
+from .geo.search_area import SearchArea
 from .imagery.photos import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
 from .output_guard import JSON_KEY, check_output, mark_written
-from .retrieval.search_area import SearchArea
 
 EXIT_CODES = __doc__.split("Exit codes: ", 1)[1].strip()
 
@@ -77,6 +77,54 @@ def _sha256(text: str) -> str:
             f"got {text!r} ({len(digest)} characters)"
         )
     return digest
+
+
+def tile_source_args(p: argparse.ArgumentParser, area: bool) -> None:
+    """Options of XYZ tile services (URL templates), MBTiles files and GeoPackage tile tables."""
+    g = p.add_argument_group(
+        "tile services, MBTiles, GeoPackage tiles",
+        "SOURCE may be an http(s) URL template (https://host/{z}/{x}/{y}.jpg; {-y} TMS, {q} quadkey, {s} or "
+        "{switch:a,b,c} subdomains), an .mbtiles file or a .gpkg with a raster tile table (EPSG:3857)",
+    )
+    g.add_argument("--zooms", metavar="Z", help="zoom levels: 9-11 or 9,11 (services: required; files: all)")
+    if area:
+        g.add_argument("--near", metavar="LAT,LON", help="index the mosaics within --radius-km of this point")
+        g.add_argument("--radius-km", type=float, help="radius for --near, in km")
+        g.add_argument(
+            "--bbox", metavar="MIN_LON,MIN_LAT,MAX_LON,MAX_LAT", help="index the mosaics in this box"
+        )
+    g.add_argument(
+        "--max-tiles",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse to fetch more than N tiles per service (default 20000: about 0.5 GB)",
+    )
+    g.add_argument(
+        "--tile-cache",
+        metavar="FILE.mbtiles",
+        help="download cache of a URL source (default: ~/.cache/skyloc/tiles/HOST-HASH.mbtiles, or "
+        "$SKYLOC_TILE_CACHE/...); a re-run or resumed build downloads nothing twice",
+    )
+    g.add_argument(
+        "--attribution", metavar="TEXT", help="credit line of the imagery (stored in the manifest)"
+    )
+    g.add_argument("--subdomains", metavar="a,b,c", help="subdomains for {s} (default a,b,c)")
+
+
+def _tile_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The api.index/footprint keyword arguments of tile_source_args."""
+    from .imagery.tile_source import DEFAULT_MAX_TILES
+
+    return {
+        "zooms": args.zooms,
+        "max_tiles": args.max_tiles if args.max_tiles is not None else DEFAULT_MAX_TILES,
+        "tile_cache": args.tile_cache,
+        "attribution": args.attribution,
+        "subdomains": [s.strip() for s in args.subdomains.split(",") if s.strip()]
+        if args.subdomains
+        else None,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,10 +209,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="XYZ folders: skip file names matching GLOB (repeatable), e.g. 'surrounding_*'",
     )
+    p.add_argument("--recursive", action="store_true", help="XYZ folders: read their subfolders too")
+    tile_source_args(p, area=True)
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="tile sources: print (JSON) the mosaics, tiles to download and estimated size, then stop",
+    )
     p.add_argument(
         "--factory",
         default="Flat",
-        help="FAISS index factory string: Flat (exact, default), auto (by database size), IVF4096,SQ8, IVF4096,PQ256, HNSW32, ...",
+        help="FAISS index factory string: Flat (exact, default), auto (by database size), compressed (codes in "
+        "RAM, exact re-ranking from float16 vectors on disk; any '<factory>+rerank' too), IVF4096,SQ8, HNSW32, ...",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="ADDRESS",
+        help="encode the tiles on a Ray cluster (pip install 'skyloc[ray]'): HOST:PORT of the head node, "
+        "'auto' (a cluster started here with `ray start`), 'local' (a new one on this machine); alone: "
+        "RAY_ADDRESS, else a running cluster, else a new local one. Same index as without --ray",
+    )
+    p.add_argument(
+        "--ray-workers",
+        type=int,
+        metavar="N",
+        help="with --ray: encoding workers (default: one per CPU of the cluster, or one per GPU)",
     )
     model_args(p, "default")
 
@@ -194,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("footprint", help="footprints of photos on a raster you name (no index needed)")
     p.add_argument("photos", nargs="+", metavar="PHOTO", help="photo files or folders of photos")
-    p.add_argument("--against", required=True, metavar="RASTER", help="GeoTIFF (or folder of XYZ mosaics)")
+    p.add_argument(
+        "--against",
+        required=True,
+        metavar="RASTER",
+        help="GeoTIFF, folder of XYZ mosaics, tile URL template, .mbtiles or .gpkg of tiles",
+    )
     p.add_argument("--out", required=True, metavar="OUT.gpkg", help="footprint layer (.gpkg, or .shp)")
     p.add_argument("--top-k", type=int, default=5, help="places tried: whole extent + most similar windows")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -204,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--backend", choices=("torch", "onnx"), default="onnx", help="retrieval encoder backend")
     footprint_args(p)
+    tile_source_args(p, area=True)  # --against a tile service URL, an MBTiles or a GeoPackage of tiles
 
     def embed_model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -220,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="default model: 3 band numbers for R,G,B; gair: the 10 bands B2,B3,B4,B5,B6,B7,B8,B8A,B11,B12",
         )
         p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+        tile_source_args(p, area=True)  # RASTER may be tiles: their extent at one zoom, as a GeoTIFF
 
     p = sub.add_parser("embed", help="embedding of a raster at exact coordinates (GAIR's NILI)")
     embed_model_args(p)
@@ -259,12 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     overwrite_arg(p)
 
     p = sub.add_parser(
-        "train", help="fine-tune the default encoder on your localized photos: writes a --model folder"
+        "train",
+        help="fine-tune the index's encoder (default or AstroLoc) on your localized photos: writes a --model folder",
     )
     p.add_argument(
         "--footprints", required=True, metavar="FOOTPRINTS.gpkg", help="footprint layer (localized)"
     )
-    p.add_argument("--index", required=True, metavar="INDEX_DIR", help="index built with the default model")
+    p.add_argument(
+        "--index", required=True, metavar="INDEX_DIR", help="index built with the default model or AstroLoc"
+    )
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write")
     p.add_argument("--steps", type=int, default=30, help="optimisation steps (default 30: minutes on a CPU)")
     p.add_argument("--batch-photos", type=int, default=4, help="photos per step (default 4)")
@@ -330,6 +412,12 @@ def _run(args: argparse.Namespace) -> int:
 
     progress = StderrProgress(quiet=args.quiet)
     if args.command == "index":
+        if args.plan:
+            plans = api.plan_index(
+                args.sources, area=_area(args), span=args.span, overlap=args.overlap, **_tile_options(args)
+            )
+            print(json.dumps(plans, indent=1))
+            return 0
         manifest = api.index(
             args.sources,
             args.out,
@@ -344,6 +432,11 @@ def _run(args: argparse.Namespace) -> int:
             bands=_ints(args.bands, "--bands") if args.bands else None,
             span=args.span,
             exclude=args.exclude,
+            recursive=args.recursive,
+            area=_area(args),
+            **_tile_options(args),
+            ray=args.ray,
+            ray_workers=args.ray_workers,
             progress=progress,
         )
         c = manifest["counts"]
@@ -351,6 +444,15 @@ def _run(args: argparse.Namespace) -> int:
             f"index {args.out}: {c['tiles']} tiles x {len(manifest['rotations'])} rotations = {c['vectors']} "
             f"vectors, model {manifest['model']['model_id']}, factory {manifest['factory']}"
         )
+        for rec in manifest.get("sources", []):
+            if rec.get("download"):
+                d = rec["download"]
+                print(
+                    f"  {rec['url']}: {d['downloaded']} tiles downloaded ({d['bytes'] / 2**20:.1f} MB), "
+                    f"{d['cached_before']} from the cache {rec['cache']}, {d['missing']} missing (no tile there)"
+                )
+            if rec.get("attribution"):
+                print(f"  imagery: {rec['attribution']}")
         return 0
 
     if args.command == "train":
@@ -447,7 +549,9 @@ def _footprints(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
         "params": CoregParams(matcher=args.matcher) if args.matcher else None,
     }
     if args.command == "footprint":
-        results = api.footprint(args.photos, args.against, **common)
+        tiles = _tile_options(args)
+        tiles.pop("attribution")
+        results = api.footprint(args.photos, args.against, area=_area(args), **tiles, **common)
     else:
         results = api.localize_footprints(
             args.photos, args.index, area=_area(args), candidates_out=args.candidates, **common
@@ -505,6 +609,26 @@ def _points_file(path: str, crs: str | None) -> tuple[list[tuple[float, float]],
 
 
 def _embeddings(api: Any, args: argparse.Namespace, progress: StderrProgress) -> int:
+    from .imagery.tile_source import is_tile_source
+
+    if is_tile_source(args.raster):  # a tile service, MBTiles or GeoPackage: one zoom over an extent
+        import tempfile
+
+        opts = _tile_options(args)
+        with tempfile.TemporaryDirectory(prefix="skyloc-tiles-") as tmp:
+            extent = str(Path(tmp) / "extent.tif")
+            api.render_tiles(
+                args.raster,
+                extent,
+                zoom=args.zooms,
+                area=_area(args),
+                max_tiles=opts["max_tiles"],
+                tile_cache=opts["tile_cache"],
+                subdomains=opts["subdomains"],
+                progress=progress,
+            )
+            args.raster = extent
+            return _embeddings(api, args, progress)
     bands = _ints(args.bands, "--bands") if args.bands else None
     common = {"model": args.model, "weights": args.weights, "sha256": args.sha256, "bands": bands}
     if args.command == "embed":

@@ -62,6 +62,8 @@ class Job:
     params: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    #: what the engine warned about on the way (e.g. a raster's band order guessed)
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Job:
@@ -225,11 +227,46 @@ class SkylocClient:
         bands: Sequence[int] | None = None,
         span: int | None = None,
         exclude: Sequence[str] | None = None,
+        recursive: bool | None = None,
+        ray: bool | str | None = None,
+        ray_workers: int | None = None,
+        zooms: Sequence[int] | None = None,
+        near: Sequence[float] | None = None,
+        radius_km: float | None = None,
+        bbox: Sequence[float] | None = None,
+        max_tiles: int | None = None,
+        tile_cache: str | None = None,
+        attribution: str | None = None,
+        subdomains: Sequence[str] | None = None,
     ) -> Job:
-        """Build a tile database (a job)."""
+        """Build a tile database (a job); ``recursive``: XYZ mosaic folders with their subfolders; ``ray``:
+        encode on a Ray cluster (True, "local", "auto" or the head's HOST:PORT), ``ray_workers`` workers.
+
+        Sources may be http(s) tile URL templates (with ``zooms`` and ``bbox`` or ``near``+``radius_km``),
+        MBTiles files or GeoPackage tile tables; see :meth:`index_plan` for the download before starting."""
         body = dict(locals())
         body.pop("self")
         return self._job("/index", {k: list(v) if isinstance(v, tuple) else v for k, v in body.items()})
+
+    def index_plan(
+        self,
+        sources: Sequence[str],
+        *,
+        zooms: Sequence[int] | None = None,
+        near: Sequence[float] | None = None,
+        radius_km: float | None = None,
+        bbox: Sequence[float] | None = None,
+        span: int | None = None,
+        overlap: float | None = None,
+        max_tiles: int | None = None,
+        tile_cache: str | None = None,
+        subdomains: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Per tile source: mosaics, tiles needed/cached/to download, estimated_download_bytes (no download)."""
+        body = dict(locals())
+        body.pop("self")
+        body = {k: list(v) if isinstance(v, tuple) else v for k, v in body.items()}
+        return self.request("POST", "/index/plan", json_body=_drop_none(body))
 
     def localize(
         self,

@@ -12,10 +12,10 @@ from PIL import Image
 
 from engine import api
 from engine.errors import CancelledError, IndexNotFoundError, ModelMismatchError, OutsideAreaError
+from engine.geo.search_area import SearchArea
 from engine.imagery.geotiff import GeoTiffSource
 from engine.progress import CancelToken
 from engine.retrieval.index_store import build_index, open_index
-from engine.retrieval.search_area import SearchArea
 from engine.vector_io import read_layer
 
 WINDOW = (192, 192, 384)  # col, row, size: one of the indexed 384-px tiles

@@ -4,6 +4,8 @@ Layout of an index folder::
 
     manifest.json   model id/name/dim, rotations, build parameters, counts, format version
     index.faiss     4 vectors per tile (0/90/180/270 degrees), vector id = tile_id * 4 + k
+    index.f16.npy   only for a compressed index (factory ``compressed`` / ``...+rerank``): the full vectors,
+                    float16, memory-mapped to re-rank exactly what index.faiss (codes only) finds
     tiles.gpkg      layer "tiles": footprint polygons in EPSG:4326, one per tile_id, openable in QGIS as is
 
 The folder is built under ``<out>.partial`` and swapped into place only when complete (manifest written
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,9 @@ FORMAT_VERSION = 1
 ROTATIONS = (0, 90, 180, 270)  # counter-clockwise; np.rot90(img, k) for k = 0..3
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
+#: The full vectors of a compressed index (``--factory compressed``, or any ``...+rerank``), float16, (n, dim):
+#: memory-mapped to re-rank the candidates of index.faiss, which then holds only the codes.
+VECTORS_FILE = faiss_index.rerank_file(FAISS_FILE).name
 TILES_FILE = "tiles.gpkg"
 TILES_LAYER = "tiles"
 CHUNK_TILES = 128
@@ -115,9 +121,11 @@ def _params_fingerprint(params: dict[str, Any]) -> str:
 
 
 #: Files a complete index folder holds; QGIS adds the -wal/-shm journals while it shows tiles.gpkg.
-INDEX_FILES = frozenset({MANIFEST, FAISS_FILE, TILES_FILE, f"{TILES_FILE}-wal", f"{TILES_FILE}-shm"})
+INDEX_FILES = frozenset(
+    {MANIFEST, FAISS_FILE, VECTORS_FILE, TILES_FILE, f"{TILES_FILE}-wal", f"{TILES_FILE}-shm"}
+)
 #: Staging folder contents: the build marker, descriptor chunks, the files being written, temp files.
-STAGING_FILES = frozenset({"build_params.json", "chunks", MANIFEST, FAISS_FILE, TILES_FILE})
+STAGING_FILES = frozenset({"build_params.json", "chunks", MANIFEST, FAISS_FILE, VECTORS_FILE, TILES_FILE})
 _TEMP = re.compile(r"^\..+\.tmp(\.[a-z]+)?$")
 
 
@@ -196,6 +204,13 @@ def _is_staging(folder: Path) -> bool:
 
 _CHUNK = re.compile(r"^\d{9}-\d{9}\.npy$")
 
+#: ``encode_all(specs, encoder, chunk_dir, batch_tiles, chunk_tiles, progress, cancel)`` -> descriptors
+#: ``(n_tiles * 4, dim)`` tile-major, every finished chunk saved as :func:`chunk_file` (resume).
+EncodeFn = Callable[
+    [list[tuple[TileSource, TileSpec]], ImageEncoder, Path, int, int, ProgressFn, "CancelToken | None"],
+    np.ndarray,
+]
+
 
 def build_index(
     sources: list[TileSource],
@@ -208,12 +223,26 @@ def build_index(
     chunk_tiles: int = CHUNK_TILES,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
+    encode_with: EncodeFn | None = None,
 ) -> dict[str, Any]:
-    """Encode every tile of ``sources`` at 4 rotations and write the index folder. Returns the manifest."""
+    """Encode every tile of ``sources`` at 4 rotations and write the index folder. Returns the manifest.
+
+    ``encode_with`` replaces the local encode loop (same arguments, same chunk files, same result): the
+    Ray build (engine/retrieval/ray_build.py) encodes the chunks on a cluster through it.
+    """
     out_dir = check_index_out(out_dir)
     with output_lock(out_dir), os_errors_as_user_errors(f"building the index {out_dir}"):
         return _build_locked(
-            sources, encoder, out_dir, factory, build_params, batch_tiles, chunk_tiles, progress, cancel
+            sources,
+            encoder,
+            out_dir,
+            factory,
+            build_params,
+            batch_tiles,
+            chunk_tiles,
+            progress,
+            cancel,
+            encode_with or _encode_all,
         )
 
 
@@ -227,6 +256,7 @@ def _build_locked(
     chunk_tiles: int,
     progress: ProgressFn,
     cancel: CancelToken | None,
+    encode_all: EncodeFn,
 ) -> dict[str, Any]:
     out_dir = check_index_out(out_dir)  # again, now that no other build can change it
     specs: list[tuple[TileSource, TileSpec]] = [(src, s) for src in sources for s in src.specs()]
@@ -245,7 +275,7 @@ def _build_locked(
 
     if batch_tiles is None:  # each tile is encoded at every rotation in the same call
         batch_tiles = max(1, getattr(encoder, "max_batch", 64) // len(ROTATIONS))
-    descriptors = _encode_all(specs, encoder, staged / "chunks", batch_tiles, chunk_tiles, progress, cancel)
+    descriptors = encode_all(specs, encoder, staged / "chunks", batch_tiles, chunk_tiles, progress, cancel)
     if cancel is not None:
         cancel.check()
     progress(0.9, f"building FAISS index ({factory}) over {len(descriptors)} vectors")
@@ -267,6 +297,8 @@ def _build_locked(
         "vector_id": "tile_id * 4 + k, rotation = k * 90 degrees counter-clockwise",
         "factory": factory,
         "build": params,
+        # per source: kind, file or URL template, zooms, attribution (tile services, MBTiles, GeoPackage)
+        "sources": [_source_record(src) for src in sources],
         # where the index was built: tile sources that moved together with it are found again from here
         "built_at": os.path.abspath(out_dir),
         "counts": {"sources": len(sources), "tiles": len(specs), "vectors": int(index.ntotal)},
@@ -284,6 +316,14 @@ def _build_locked(
     replace_dir(staged, out_dir)
     progress(1.0, f"index written to {out_dir}")
     return manifest
+
+
+def _source_record(src: TileSource) -> dict[str, Any]:
+    """What the manifest says of one source: its own ``describe()``, else its kind and path."""
+    describe = getattr(src, "describe", None)
+    if callable(describe):
+        return describe()
+    return {"kind": getattr(src, "kind", None), "path": src.path}
 
 
 def _prepare_staging(staged: Path, params: dict[str, Any], progress: ProgressFn = no_progress) -> None:
@@ -328,7 +368,7 @@ def _encode_all(
     chunks = []
     for start in range(0, n, chunk_tiles):
         stop = min(start + chunk_tiles, n)
-        chunk_path = chunk_dir / f"{start:09d}-{stop:09d}.npy"
+        chunk_path = chunk_file(chunk_dir, start, stop)
         if chunk_path.exists():
             chunks.append(np.load(chunk_path))
             progress(0.9 * stop / n, f"resumed tiles {start}-{stop} of {n}")
@@ -337,10 +377,7 @@ def _encode_all(
         for b in range(start, stop, batch_tiles):
             if cancel is not None:
                 cancel.check()
-            batch = specs[b : min(b + batch_tiles, stop)]
-            images = np.stack([src.read(spec, encoder.input_size) for src, spec in batch])
-            rotated = np.stack([np.rot90(img, k) for img in images for k in range(len(ROTATIONS))])
-            vecs.append(encoder.encode(np.ascontiguousarray(rotated)))
+            vecs.append(encode_tiles(specs[b : min(b + batch_tiles, stop)], encoder))
             done = min(b + batch_tiles, stop)
             progress(0.9 * done / n, f"encoded {done} of {n} tiles x {len(ROTATIONS)} rotations")
         arr = np.concatenate(vecs).astype(np.float32)
@@ -348,6 +385,18 @@ def _encode_all(
             np.save(tmp, arr)
         chunks.append(arr)
     return np.concatenate(chunks)
+
+
+def chunk_file(chunk_dir: Path, start: int, stop: int) -> Path:
+    """The descriptor chunk of tiles ``start``..``stop - 1`` in a staging folder (local and Ray builds)."""
+    return chunk_dir / f"{start:09d}-{stop:09d}.npy"
+
+
+def encode_tiles(batch: Sequence[tuple[TileSource, TileSpec]], encoder: ImageEncoder) -> np.ndarray:
+    """Descriptors of tiles at every rotation, tile-major ``(len(batch) * 4, dim)``: one encoder call."""
+    images = np.stack([src.read(spec, encoder.input_size) for src, spec in batch])
+    rotated = np.stack([np.rot90(img, k) for img in images for k in range(len(ROTATIONS))])
+    return encoder.encode(np.ascontiguousarray(rotated))
 
 
 def _write_tiles(path: Path, specs: list[TileSpec]) -> None:
@@ -389,7 +438,8 @@ def open_index(path: str | os.PathLike[str], *, mmap: bool = False) -> TileIndex
         raise IndexNotFoundError(f"{manifest_path} is unreadable: {exc}") from exc
     if manifest.get("format") != FORMAT_VERSION or not manifest.get("complete"):
         raise IndexNotFoundError(f"{path}: unsupported or incomplete index (format {manifest.get('format')})")
-    for name in (FAISS_FILE, TILES_FILE):
+    rerank = faiss_index.split_rerank(str(manifest.get("factory", "")))[1]
+    for name in (FAISS_FILE, TILES_FILE, *((VECTORS_FILE,) if rerank else ())):
         if not (path / name).is_file():
             raise IndexNotFoundError(
                 f"{path} is not a complete Skyloc index: {name} is missing (rebuild it with `skyloc index`)"

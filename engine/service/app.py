@@ -49,6 +49,7 @@ from ..errors import (
 )
 from ..footprint.coregister import CoregParams
 from ..imagery.photos import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
+from ..imagery.tile_service import default_cache_dir as default_tile_cache_dir
 from ..output_guard import check_output
 from ..retrieval.index_store import check_index_out
 from .auth import TokenMiddleware
@@ -74,6 +75,7 @@ from .schemas import (
     IndexRequest,
     JobOut,
     LocalizeRequest,
+    TilePlanRequest,
     UploadOut,
 )
 
@@ -109,6 +111,8 @@ class ServiceConfig:
     on_ready: Callable[[], None] | None = None
     on_shutdown: Callable[[], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: accept http(s) tile URL templates as index sources (``skyloc serve --no-tile-urls`` turns it off)
+    allow_tile_urls: bool = True
 
 
 # ------------------------------------------------------------------------------------------ index cache
@@ -214,7 +218,10 @@ class Service:
         upload_dir = config.upload_dir or tempfile.mkdtemp(prefix="skyloc-uploads-")
         os.makedirs(upload_dir, mode=0o700, exist_ok=True)
         self.upload_dir = Path(os.path.realpath(upload_dir))
-        self.policy = PathPolicy(config.roots, read_only_roots=[str(self.upload_dir)])
+        # the engine's own tile cache folder is readable like the uploads: an index of a tile service
+        # names its cache there, and footprints read it
+        tile_cache_dir = str(default_tile_cache_dir())
+        self.policy = PathPolicy(config.roots, read_only_roots=[str(self.upload_dir), tile_cache_dir])
         self.gdal = GdalGuard(self.policy.allowed, self.policy.describe)
         self.jobs = JobManager(
             config.workers, config.queue_size, keep=config.keep_jobs, keep_seconds=config.keep_jobs_seconds
@@ -292,6 +299,27 @@ class Service:
         self.gdal.raster(real, what)
         return real
 
+    def index_source(self, given: str) -> str:
+        """A source of ``POST /index``: an http(s) tile URL template (unless the engine runs with
+        ``--no-tile-urls``), an MBTiles/GeoPackage tile file inside the roots (read with sqlite, never by
+        GDAL), else a raster or XYZ folder (``raster_input``)."""
+        from ..imagery.tile_service import UrlTemplate, is_url
+        from ..imagery.tile_source import is_tile_source
+
+        if is_url(given):
+            if not self.config.allow_tile_urls:
+                raise InputError(f"source {given[:200]!r}: this engine was started with --no-tile-urls")
+            UrlTemplate.parse(given)  # 422 for a bad template or a scheme other than http(s)
+            return given
+        real = self.policy.resolve_input(given, what="source")
+        if real.is_file() and is_tile_source(str(real)):
+            return str(real)
+        return str(self.raster_input(given, what="source"))
+
+    def tile_cache(self, path: str | None) -> str | None:
+        """A tile cache named by a request: an .mbtiles the service may write (inside the roots)."""
+        return None if path is None else str(self.output(path, "tile_cache", (".mbtiles",)))
+
     def raster_input(self, path: str, what: str) -> Path:
         """A raster file or an XYZ mosaic folder (read by PIL, checked entry by entry by the policy)."""
         real = self.policy.resolve_input(path, what=what)
@@ -314,7 +342,7 @@ class Service:
                     f"index {idx.path}: the imagery of its tiles, {src}, lies outside the folders this "
                     f"service may read ({self.policy.describe()})"
                 )
-            if str(kind) != "xyz" and os.path.isfile(real):
+            if str(kind) not in ("xyz", "tiles") and os.path.isfile(real):  # tiles: read by sqlite
                 self.gdal.raster(Path(real), "index imagery")
 
     def optional_input(self, path: str | None, what: str) -> str | None:
@@ -353,7 +381,7 @@ class Service:
 
     @staticmethod
     def area(req: AreaFields):
-        from ..retrieval.search_area import SearchArea
+        from ..geo.search_area import SearchArea
 
         if req.near is not None and req.bbox is not None:
             raise InputError("give near/radius_km or bbox, not both")
@@ -590,7 +618,17 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.post("/index", status_code=202, response_model=JobOut, tags=["jobs"])
     def post_index(req: IndexRequest):
         """Build a tile database (a job)."""
-        sources = [str(svc.raster_input(s, what="source")) for s in req.sources]
+        sources = [svc.index_source(s) for s in req.sources]
+        tile_cache = svc.tile_cache(req.tile_cache)
+        area = svc.area(req)
+        tile_options = dict(
+            zooms=req.zooms,
+            area=area,
+            max_tiles=req.max_tiles,
+            tile_cache=tile_cache,
+            attribution=req.attribution,
+            subdomains=req.subdomains,
+        )
         out = svc.policy.resolve(req.out, write=True, what="out")
         if any(out == Path(r) or Path(r).is_relative_to(out) for r in svc.policy.roots):
             raise InputError(f"out {req.out!r} is (or holds) a root folder")
@@ -598,6 +636,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         weights = svc.optional_input(req.weights, "weights")
         svc.check_model_name(req.model)
         staged = out.with_name(out.name + ".partial")
+        # tile templates, caps, MBTiles/GeoPackage tilings: refused now (422/413), not as a failed job
+        api.plan_index(sources, span=req.span, overlap=req.overlap, **tile_options)
 
         def run(progress, cancel) -> JobOutcome:
             manifest = api.index(
@@ -614,14 +654,37 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 bands=req.bands,
                 span=req.span,
                 exclude=req.exclude,
+                recursive=req.recursive,
+                ray=req.ray or None,
+                ray_workers=req.ray_workers,
+                **tile_options,
                 progress=progress,
                 cancel=cancel,
             )
             return JobOutcome(sorted(str(p) for p in out.iterdir()), plain(manifest))
 
         params = {**req.model_dump(), "sources": sources, "out": out}
-        recheck = lambda: [svc.raster_input(s, what="source") for s in sources]  # noqa: E731
+        recheck = lambda: [svc.index_source(s) for s in sources]  # noqa: E731
         return submit("index", run, params, [out, staged], recheck)
+
+    @app.post("/index/plan", tags=["actions"])
+    def post_index_plan(req: TilePlanRequest) -> list[dict[str, Any]]:
+        """What indexing these tile sources would download (mosaics, tiles, estimated bytes): nothing is
+        fetched; the same errors as ``POST /index`` (bad template, over max_tiles ...)."""
+        sources = [svc.index_source(s) for s in req.sources]
+        with svc.sync_slot():
+            return plain(
+                api.plan_index(
+                    sources,
+                    zooms=req.zooms,
+                    area=svc.area(req),
+                    span=req.span,
+                    overlap=req.overlap,
+                    max_tiles=req.max_tiles,
+                    tile_cache=svc.tile_cache(req.tile_cache),
+                    subdomains=req.subdomains,
+                )
+            )
 
     @app.post("/localize", status_code=202, response_model=JobOut, tags=["jobs"])
     def post_localize(req: LocalizeRequest):

@@ -50,6 +50,7 @@ class JobOut(BaseModel):
     params: dict[str, Any]
     result: JobResult | None
     error: JobError | None
+    warnings: list[str] = Field(default_factory=list, description="what the engine warned about on the way")
 
 
 class AreaFields(Strict):
@@ -58,6 +59,26 @@ class AreaFields(Strict):
     bbox: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = Field(
         None, description="[min_lon, min_lat, max_lon, max_lat]"
     )
+
+
+Zooms = Annotated[list[Annotated[int, Field(ge=0, le=30)]], Field(min_length=1, max_length=31)]
+
+
+class TilePlanRequest(Strict):
+    """What ``POST /index`` would download for its tile sources (nothing is fetched)."""
+
+    sources: Annotated[list[Path_], Field(min_length=1, max_length=1000)]
+    zooms: Zooms | None = None
+    near: LatLon | None = None
+    radius_km: Annotated[float, Field(gt=0, le=20000, allow_inf_nan=False)] | None = None
+    bbox: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = None
+    span: Annotated[int, Field(ge=1, le=64)] = 4
+    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    max_tiles: Annotated[int, Field(ge=1, le=10_000_000)] = 20_000
+    tile_cache: Path_ | None = None
+    subdomains: (
+        Annotated[list[Annotated[str, Field(min_length=1, max_length=40)]], Field(max_length=26)] | None
+    ) = None
 
 
 class IndexRequest(Strict):
@@ -83,6 +104,33 @@ class IndexRequest(Strict):
     )
     span: Annotated[int, Field(ge=1, le=64)] = 4
     exclude: Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=100)] | None = None
+    recursive: bool = Field(False, description="folders of XYZ mosaics: their subfolders too")
+    # tile services (http(s) URL templates), MBTiles files, GeoPackage tile tables: see TileOptions
+    zooms: Zooms | None = Field(None, description="tile sources: zoom levels (required for a URL)")
+    near: LatLon | None = Field(None, description="tile services: mosaics within radius_km of [lat, lon]")
+    radius_km: Annotated[float, Field(gt=0, le=20000, allow_inf_nan=False)] | None = None
+    bbox: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = Field(
+        None, description="tile services: mosaics in [min_lon, min_lat, max_lon, max_lat]"
+    )
+    max_tiles: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        20_000, description="refuse a URL source that needs more tiles than this"
+    )
+    tile_cache: Path_ | None = Field(
+        None, description="URL source: its MBTiles download cache, inside the roots (default: the engine's)"
+    )
+    attribution: Annotated[str, Field(max_length=2000)] | None = Field(
+        None, description="credit line of the imagery (default: the MBTiles/GeoPackage metadata)"
+    )
+    subdomains: (
+        Annotated[list[Annotated[str, Field(min_length=1, max_length=40)]], Field(max_length=26)] | None
+    ) = None
+    ray: bool | Annotated[str, Field(min_length=1, max_length=300)] | None = Field(
+        None,
+        description="encode on a Ray cluster: true (Ray's default), 'local', 'auto', or HOST:PORT of the head",
+    )
+    ray_workers: Annotated[int, Field(ge=1, le=100000)] | None = Field(
+        None, description="with ray: encoding workers (default one per CPU, or GPU, of the cluster)"
+    )
 
 
 class LocalizeRequest(AreaFields):

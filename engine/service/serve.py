@@ -75,6 +75,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=DEFAULT_MAX_RASTER_PIXELS,
         help=f"refuse heatmaps of larger rasters (default {DEFAULT_MAX_RASTER_PIXELS:,})",
     )
+    p.add_argument(
+        "--no-tile-urls",
+        action="store_true",
+        help="refuse http(s) tile URL templates as index sources (the engine then makes no web request)",
+    )
     p.add_argument("--ready-file", metavar="PATH", help="write JSON {url, port, token_file, pid} when ready")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -256,6 +261,7 @@ def _serve(
                 upload_dir=str(rundir.uploads),
                 body_idle_timeout_s=args.request_timeout,
                 on_ready=on_ready,
+                allow_tile_urls=not args.no_tile_urls,
             )
         )
         server = uvicorn.Server(
