@@ -10,7 +10,9 @@
 
 3. The plugin's dock at 300 px (the narrowest a right-hand dock is used at), with a real engine behind it
    (``skyloc serve``, started by the plugin's client): ``dock_localize.png`` after a run of two photos (one
-   placed, one rejected: the outcome in words and one line per photo), ``dock_embed.png`` and
+   placed, one rejected: the outcome in words and one line per photo), ``dock_progress.png`` (mid-photo:
+   the candidate and refinement pass), ``dock_build.png`` ('Build an index' open: layers, a mosaic folder
+   tree, exclude, span, bands, model and the engine's weights file with its sha256), ``dock_embed.png`` and
    ``dock_engine.png`` (engine status, folders, models, diagnostics). A cramped or clipped dock shows here.
 4. ``search_area.png``: a map canvas (not a layout: rubber bands live on the canvas) with the search point
    and its radius circle as the dock's "Pick" draws them. The plugin's icons are redrawn into
@@ -182,8 +184,8 @@ def render_dock(out_dir: Path, work: Path, index: Path, width: int = 300) -> lis
         seen_running = False
         while not task.ended:
             settle(0.1)
-            if not seen_running and task.message.startswith("photo 2"):
-                seen_running = True  # mid-run: the engine's message and the seconds it stands
+            if not seen_running and ": candidate " in task.message:
+                seen_running = True  # mid-photo: the candidate and refinement pass the engine is at
                 area = dock.tabs.widget(0)
                 area.verticalScrollBar().setValue(area.verticalScrollBar().maximum())
                 settle(1.2)
@@ -198,8 +200,20 @@ def render_dock(out_dir: Path, work: Path, index: Path, width: int = 300) -> lis
         area.verticalScrollBar().setValue(area.verticalScrollBar().maximum())
         settle()
         grab(dock, out_dir / "dock_localize.png", written)
+        area.verticalScrollBar().setValue(0)  # 'Build an index' opened: sources, mosaics, model, weights
+        panel.build_box.setCollapsed(False)
+        panel.mosaics.setFilePath(str(work / "mosaics"))
+        panel.recursive.setChecked(True)
+        panel.exclude.setText("surrounding_*")
+        panel.model_fields.update_hint()
+        settle()
+        area.verticalScrollBar().setValue(panel.build_box.y())
+        settle()
+        grab(dock, out_dir / "dock_build.png", written)
+        panel.build_box.setCollapsed(True)
         dock.tabs.setCurrentIndex(1)
         dock.embeddings.raster.setLayer(project.mapLayersByName("naip_2009")[0])
+        dock.embeddings.models_box.setCollapsed(False)
         settle()
         grab(dock, out_dir / "dock_embed.png", written)
         dock.tabs.setCurrentIndex(2)

@@ -94,6 +94,7 @@ def engine(skyloc_pkg, work_dir):
     from skyloc.client import launch
 
     env = {k: v for k, v in os.environ.items() if k != "GDAL_PAM_ENABLED"}  # the engine as users run it
+    env["SKYLOC_TILE_CACHE"] = str(work_dir / "tile-cache")  # not the user's ~/.cache
     eng = launch([str(ENGINE), "serve"], roots=[str(work_dir), str(SAMPLE)], env=env)
     yield eng
     eng.stop()

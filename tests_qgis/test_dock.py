@@ -17,11 +17,16 @@ def show_narrow(dock, width: int = 300, height: int = 760):
 
 
 def test_dock_fits_300_px_with_every_tab_reachable(plugin):
+    from qgis.gui import QgsCollapsibleGroupBox
     from skyloc.dock import NARROW
 
     dock = plugin.dock
     show_narrow(dock, NARROW)
+    boxes = dock.findChildren(QgsCollapsibleGroupBox)
+    assert len(boxes) >= 2  # 'Build an index', 'Model and weights': checked open, as a user opens them
     try:
+        for box in boxes:
+            box.setCollapsed(False)
         tabs = dock.tabs
         bar = tabs.tabBar()
         assert bar.sizeHint().width() <= tabs.width(), (bar.sizeHint().width(), tabs.width())
@@ -38,6 +43,8 @@ def test_dock_fits_300_px_with_every_tab_reachable(plugin):
                     assert button.width() >= button.minimumSizeHint().width() - 1, button.text()
         assert dock.minimumSizeHint().width() <= NARROW
     finally:
+        for box in boxes:
+            box.setCollapsed(True)
         tabs.setCurrentIndex(0)
         dock.hide()
 

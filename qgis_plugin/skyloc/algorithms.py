@@ -26,6 +26,7 @@ from qgis.core import (
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
     QgsProcessingParameterBoolean,
+    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSink,
@@ -45,8 +46,17 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QCoreApplication
 
 from .client import Job, ServiceError, SkylocClient
-from .engine_link import EngineLink, EngineSettings, explain, inside
-from .layers import heatmap_name, point_query, raster_file, style_candidates, style_footprints, style_heatmap
+from .engine_link import MODEL_LOAD_TIMEOUT_S, EngineLink, EngineSettings, explain, inside
+from .layers import (
+    heatmap_name,
+    point_query,
+    raster_file,
+    renderer_bands,
+    rgb_bands,
+    style_candidates,
+    style_footprints,
+    style_heatmap,
+)
 from .paths import StagedOutput, engine_photos, engine_roots, require_inside
 from .tasks import follow_job, stamp
 
@@ -116,8 +126,11 @@ class SkylocAlgorithm(QgsProcessingAlgorithm):
     def createInstance(self) -> QgsProcessingAlgorithm:  # noqa: N802 (QGIS API)
         return type(self)()
 
+    #: read timeout of the algorithm's requests (seconds): longer where a request may load a model
+    timeout = 60.0
+
     def client(self) -> SkylocClient:
-        return EngineLink.instance().client()
+        return EngineLink.instance().client(timeout=self.timeout)
 
     def follow(self, client: SkylocClient, job: Job, feedback: QgsProcessingFeedback) -> Job:
         last = [""]
@@ -128,7 +141,34 @@ class SkylocAlgorithm(QgsProcessingAlgorithm):
                 last[0] = message
                 feedback.setProgressText(message)
 
-        return follow_job(client, job, progress, feedback.isCanceled)
+        job = follow_job(client, job, progress, feedback.isCanceled)
+        for warning in job.warnings:  # e.g. a raster whose band order the engine guessed
+            feedback.pushWarning(f"engine warning: {warning}")
+        return job
+
+    def add_model_parameters(self) -> None:
+        """MODEL, WEIGHTS (file) and SHA256: the model and, where it needs them, its weights."""
+        self.addParameter(QgsProcessingParameterString("MODEL", tr("Model"), "default"))
+        weights = QgsProcessingParameterFile(
+            "WEIGHTS",
+            tr("Weights file (empty: the weights the engine knows for the model)"),
+            optional=True,
+        )
+        weights.setFlags(weights.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
+        self.addParameter(weights)
+        sha = QgsProcessingParameterString("SHA256", tr("Weights sha256 (64 hex digits)"), optional=True)
+        sha.setFlags(sha.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
+        self.addParameter(sha)
+
+    def model_options(self, parameters, context, roots) -> dict[str, Any]:
+        """``model``, ``weights`` (inside the engine's folders) and ``sha256`` for the client."""
+        weights = self.parameterAsFile(parameters, "WEIGHTS", context) if parameters.get("WEIGHTS") else ""
+        sha = (self.parameterAsString(parameters, "SHA256", context) or "").strip() or None
+        return {
+            "model": self.model(parameters, context),
+            "weights": require_inside(weights, roots, "weights file") if weights else None,
+            "sha256": sha,
+        }
 
     def processAlgorithm(  # noqa: N802 (QGIS API)
         self, parameters: dict[str, Any], context: QgsProcessingContext, feedback: QgsProcessingFeedback
@@ -164,7 +204,10 @@ class BuildIndex(SkylocAlgorithm):
     help_text = (
         "Cuts the rasters (and/or a folder of XYZ mosaics) into tiles at each tile size, encodes every tile "
         "at 4 rotations and writes a Skyloc index folder, to localize photos on. The rasters and the index "
-        "folder must lie inside the engine's folders (a temporary output goes to the results folder)."
+        "folder must lie inside the engine's folders (a temporary output goes to the results folder). "
+        "Bands: the raster bands read as red, green, blue (empty: the layers' own renderer choice, else "
+        "the engine's rule, which warns when it has to guess). Mosaics: with their subfolders if asked, "
+        "leaving out the files matching the exclude patterns; span: XYZ tiles per side of a mosaic file."
     )
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API)
@@ -181,7 +224,30 @@ class BuildIndex(SkylocAlgorithm):
                 optional=True,
             )
         )
+        self.addParameter(QgsProcessingParameterBoolean("RECURSIVE", tr("Mosaics: with subfolders"), False))
+        self.addParameter(
+            QgsProcessingParameterString(
+                "EXCLUDE", tr("Mosaics: leave out (globs, comma-separated)"), optional=True
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterNumber(
+                "SPAN",
+                tr("Mosaics: span (tiles per side)"),
+                QgsProcessingParameterNumber.Type.Integer,
+                4,
+                minValue=1,
+                maxValue=64,
+            )
+        )
         self.addParameter(QgsProcessingParameterString("TILE_SIZES", tr("Tile sizes (pixels)"), "256,512"))
+        self.addParameter(
+            QgsProcessingParameterString(
+                "BANDS",
+                tr("Bands read as red,green,blue (e.g. 3,2,1; empty: the layers' own)"),
+                optional=True,
+            )
+        )
         self.addParameter(
             QgsProcessingParameterNumber(
                 "OVERLAP",
@@ -192,13 +258,34 @@ class BuildIndex(SkylocAlgorithm):
                 maxValue=0.95,
             )
         )
-        self.addParameter(QgsProcessingParameterString("MODEL", tr("Model"), "default"))
+        self.add_model_parameters()
         self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT", tr("Index folder")))
+
+    def bands(self, parameters, context, layers) -> list[int] | None:
+        """BANDS typed in, else the layers' renderer choice when they agree (None: the engine's rule)."""
+        text = (self.parameterAsString(parameters, "BANDS", context) or "").replace(" ", "")
+        if text:
+            try:
+                bands = [int(b) for b in text.split(",") if b]
+            except ValueError:
+                bands = []
+            if len(bands) != 3 or min(bands) < 1:
+                raise QgsProcessingException(
+                    tr("Bands: three band numbers (1-based) as red,green,blue, e.g. 3,2,1")
+                )
+            return bands
+        chosen = {tuple(b) for b in (renderer_bands(lyr) for lyr in layers) if b is not None}
+        if len(chosen) > 1:
+            raise QgsProcessingException(
+                tr("The rasters show different bands: give the bands to read as red,green,blue.")
+            )
+        return list(chosen.pop()) if chosen else None
 
     def process(self, client, parameters, context, feedback):
         roots = engine_roots(client)
         sources = []
-        for layer in self.parameterAsLayerList(parameters, "SOURCES", context):
+        layers = self.parameterAsLayerList(parameters, "SOURCES", context)
+        for layer in layers:
             sources.append(require_inside(raster_file(layer), roots, "raster"))
         mosaics = self.parameterAsFile(parameters, "MOSAICS", context)
         if mosaics:
@@ -218,12 +305,26 @@ class BuildIndex(SkylocAlgorithm):
                 feedback.pushInfo(f"temporary output: the index goes to {out} (inside the engine's folders)")
             else:
                 require_inside(out, roots, "index folder")
+        bands = self.bands(parameters, context, layers)
+        if bands is not None:
+            feedback.pushInfo(f"bands read as red, green, blue: {','.join(map(str, bands))}")
+        exclude = [
+            p.strip()
+            for p in (self.parameterAsString(parameters, "EXCLUDE", context) or "")
+            .replace(";", ",")
+            .split(",")
+            if p.strip()
+        ]
         job = client.index(
             sources,
             out,
             tile_sizes=sizes,
             overlap=self.parameterAsDouble(parameters, "OVERLAP", context),
-            model=self.model(parameters, context),
+            bands=bands,
+            span=self.parameterAsInt(parameters, "SPAN", context) if mosaics else None,
+            exclude=exclude or None,
+            recursive=self.parameterAsBoolean(parameters, "RECURSIVE", context) or None,
+            **self.model_options(parameters, context, roots),
         )
         job = self.follow(client, job, feedback)
         counts = (job.summary or {}).get("counts", {})
@@ -405,7 +506,7 @@ class HeatmapAtPoint(SkylocAlgorithm):
                 minValue=0.0,
             )
         )
-        self.addParameter(QgsProcessingParameterString("MODEL", tr("Model"), "default"))
+        self.add_model_parameters()
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", tr("Heatmap")))
 
     def process(self, client, parameters, context, feedback):
@@ -420,12 +521,14 @@ class HeatmapAtPoint(SkylocAlgorithm):
         out = StagedOutput(out_dest, roots, work)
         if os.path.splitext(out.dest)[1].lower() not in (".tif", ".tiff"):
             raise QgsProcessingException(tr("The heatmap is a GeoTIFF: give a .tif output."))
+        model = self.model_options(parameters, context, roots)
         job = client.heatmap(
             raster,
             out.engine_path,
             at=[point.x(), point.y()],
             resolution=resolution,
-            model=self.model(parameters, context),
+            bands=rgb_bands(layer, model["model"]),
+            **model,
         )
         try:
             job = self.follow(client, job, feedback)
@@ -447,6 +550,7 @@ class HeatmapAtPoint(SkylocAlgorithm):
 
 class EmbeddingsAtPoints(SkylocAlgorithm):
     name_ = "embeddingsatpoints"
+    timeout = MODEL_LOAD_TIMEOUT_S  # its first /embed may load the model
     display = "Embeddings at points of a layer"
     help_text = (
         "The embedding of the raster at each point of a layer (transformed to the raster's CRS). Output: a "
@@ -463,7 +567,7 @@ class EmbeddingsAtPoints(SkylocAlgorithm):
                 "INPUT", tr("Points"), [QgsProcessing.SourceType.TypeVectorPoint]
             )
         )
-        self.addParameter(QgsProcessingParameterString("MODEL", tr("Model"), "default"))
+        self.add_model_parameters()
         self.addParameter(
             QgsProcessingParameterBoolean("ATTRIBUTE", tr("Store the embedding as an attribute (JSON)"), True)
         )
@@ -516,12 +620,18 @@ class EmbeddingsAtPoints(SkylocAlgorithm):
         vectors: dict[int, dict[str, Any]] = {}
         answer: dict[str, Any] = {}
         nodata = 0
-        model = self.model(parameters, context)
+        model = self.model_options(parameters, context, roots)
+        bands = rgb_bands(layer, model["model"])
+        if points:  # the engine's first /embed of a model loads it (this client waits for that)
+            feedback.setProgressText(
+                "loading the embedding model (its first use by the engine may take a minute)…"
+            )
         for start in range(0, len(points), EMBED_CHUNK):
             if feedback.isCanceled():
                 raise QgsProcessingException(tr("Cancelled."))
             chunk = points[start : start + EMBED_CHUNK]
-            answer = client.embed(raster, [xy for _, xy in chunk], model=model)
+            answer = client.embed(raster, [xy for _, xy in chunk], bands=bands, **model)
+            feedback.setProgressText(f"embedded {start + len(chunk)} of {len(points)} points")
             if len(answer["points"]) != len(chunk):
                 raise QgsProcessingException(tr("The engine answered a different number of points."))
             for (n, _), emb in zip(chunk, answer["points"]):  # noqa: B905 (QGIS 3.22 may run Python 3.9)

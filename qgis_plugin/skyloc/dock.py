@@ -19,12 +19,13 @@ from qgis.core import (
 )
 from qgis.gui import (
     QgsCheckableComboBox,
+    QgsCollapsibleGroupBox,
     QgsDockWidget,
     QgsExtentWidget,
     QgsFileWidget,
     QgsMapLayerComboBox,
 )
-from qgis.PyQt.QtCore import QRect, Qt, QTimer
+from qgis.PyQt.QtCore import Qt, QTimer
 from qgis.PyQt.QtGui import QColor, QDoubleValidator
 from qgis.PyQt.QtWidgets import (
     QAction,
@@ -40,6 +41,7 @@ from qgis.PyQt.QtWidgets import (
     QLineEdit,
     QListWidget,
     QListWidgetItem,
+    QMessageBox,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
@@ -47,6 +49,7 @@ from qgis.PyQt.QtWidgets import (
     QSizePolicy,
     QSpinBox,
     QTabWidget,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -63,11 +66,13 @@ from .layers import (
     open_georeferencer,
     raster_file,
     renderer_bands,
+    rgb_bands,
     zoom_to_feature,
 )
 from .map_tool import PickPointTool, SearchAreaBand
-from .messages import clean, push, report_error
+from .messages import OUTCOME, clean, push, report_error
 from .tasks import EngineTask, HeatmapTask, IndexTask, LocalizeTask, row_text, start_task
+from .tile_layers import extent_lonlat, layer_source, parse_zooms
 
 WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
 PHOTO_FILTER = "Images (*.jpg *.jpeg *.png *.tif *.tiff *.webp *.bmp)"
@@ -88,6 +93,20 @@ def _row(*widgets: QWidget) -> QWidget:
     for w in widgets:
         lay.addWidget(w)
     return box
+
+
+def _narrow(combo: QComboBox, chars: int = 12) -> QComboBox:
+    """A combo box whose width does not follow its longest item (a long layer name would widen the dock)."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
+    combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+    return combo
+
+
+def _wrapped(label: QLabel) -> QLabel:
+    """A label that wraps instead of widening the dock."""
+    label.setWordWrap(True)
+    return label
 
 
 def _scrolled(inner: QWidget) -> QScrollArea:
@@ -140,10 +159,14 @@ class ElidedLabel(QLabel):
     """``lines`` lines of text that never widen or grow their parent: wrapped, the end elided with "…" to
     the room it gets (the full text as tooltip), so the widgets below never move."""
 
-    def __init__(self, text: str = "", lines: int = 1) -> None:
+    def __init__(self, text: str = "", lines: int = 1, keep_end: bool = False) -> None:
         super().__init__()
         self._full = ""
+        self._probe: QLabel | None = None  # lays out candidate texts (never shown)
         self.lines = lines
+        #: too long: keep the text's start up to its first " · " and its end, "…" between (a progress
+        #: line's latest stage is at its end)
+        self.keep_end = keep_end
         self.setWordWrap(lines > 1)
         self.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
@@ -162,10 +185,18 @@ class ElidedLabel(QLabel):
         self._elide()
 
     def _fits(self, text: str, width: int) -> bool:
-        flags = int(Qt.TextFlag.TextWordWrap) if self.lines > 1 else 0
-        rect = self.fontMetrics().boundingRect(QRect(0, 0, width, 100000), flags, text)
-        room = self.fontMetrics().lineSpacing() * self.lines + self.fontMetrics().leading() + 2
-        return rect.height() <= room and rect.width() <= width
+        """Whether ``text`` takes at most ``lines`` lines at ``width``, laid out as a label lays it out
+        (QFontMetrics' own wrapping breaks lines elsewhere than QLabel does: it over-counted lines)."""
+        if self.lines == 1:
+            return self.fontMetrics().horizontalAdvance(text) <= width
+        if self._probe is None:
+            self._probe = QLabel()
+            self._probe.setWordWrap(True)
+        self._probe.setFont(self.font())
+        self._probe.setText("\n".join("x" * self.lines))  # the height of ``lines`` lines, as laid out
+        room = self._probe.heightForWidth(width)
+        self._probe.setText(text)
+        return self._probe.heightForWidth(width) <= room
 
     def _elide(self) -> None:
         width = max(self.width() - 4, 40)
@@ -174,15 +205,23 @@ class ElidedLabel(QLabel):
             shown = self.fontMetrics().elidedText(text, Qt.TextElideMode.ElideRight, width)
         elif self._fits(text, width):
             shown = text
-        else:
-            lo, hi = 0, len(text)  # the longest start of the text that fits with "…"
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if self._fits(text[:mid].rstrip() + "…", width):
-                    lo = mid
-                else:
-                    hi = mid - 1
-            shown = text[:lo].rstrip() + "…"
+        elif self.keep_end:
+            head = text[: text.index(" · ") + 3] if " · " in text else ""
+            rest = text[len(head) :]
+            cuts = [i + 1 for i, c in enumerate(rest) if c == " "]
+            shown = head + "…"
+            for cut in cuts:  # the longest end, from a word on, that fits after the head and "…"
+                if self._fits(head + "…" + rest[cut:], width):
+                    shown = head + "…" + rest[cut:]
+                    break
+        else:  # the longest start of the text, cut after a word, that fits with "…" (wrapping is not
+            # monotonic in the length: a long word moves to the next line, so no bisection)
+            cuts = [i for i, c in enumerate(text) if c == " "] or [len(text)]
+            shown = "…"
+            for cut in reversed(cuts):
+                if self._fits(text[:cut].rstrip() + "…", width):
+                    shown = text[:cut].rstrip() + "…"
+                    break
         super().setText(shown)
 
 
@@ -197,7 +236,8 @@ class TaskProgress(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
-        self.label = ElidedLabel("", lines=2)  # never clipped mid-line: elided, the whole text as tooltip
+        # never clipped mid-line: elided in the middle (the latest stage stays), the whole text as tooltip
+        self.label = ElidedLabel("", lines=4, keep_end=True)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(_row(self.bar, self.cancel_button))
@@ -210,6 +250,7 @@ class TaskProgress(QWidget):
     def follow(self, task: EngineTask) -> None:
         self.task = task
         self.bar.setValue(0)
+        self.label.keep_end = True  # while it runs: the latest stage stays in sight
         self.label.setText(clean(task.description()) + ": starting…")
         self.label.setToolTip("")
         self.cancel_button.setEnabled(True)
@@ -235,6 +276,7 @@ class TaskProgress(QWidget):
             self.timer.stop()
             self.cancel_button.setEnabled(False)
             self.bar.setValue(100 if task.ok else 0)
+            self.label.keep_end = False  # how it ended: from its start
             if task.ok:
                 text = getattr(task, "outcome", "") or "done"
             else:
@@ -245,6 +287,84 @@ class TaskProgress(QWidget):
     def cancel(self) -> None:
         if self.task is not None:
             self.task.cancel()
+
+
+def warning_line(warning: str) -> str:
+    """An engine warning for the results list: its file by name only, its gist (up to a parenthesis)."""
+    head, sep, rest = warning.partition(": ")
+    if sep and os.sep in head:
+        warning = os.path.basename(head) + sep + rest
+    return warning.split(" (", 1)[0]
+
+
+class ModelFields:
+    """Model, weights file and its sha256 (both optional: the engine's shipped default needs neither); below
+    them what the engine's status says of the model's weights (its file and sha256 where it knows them).
+    The rows go into ``form`` (so that their labels line up with the form's others)."""
+
+    def __init__(self, form: QFormLayout, kind: str, model: str = "default") -> None:
+        self.kind = kind  # "retrieval" (indexes) or "embedding" (heatmaps)
+        self.model = QLineEdit(model)
+        self.model.setToolTip(
+            "The engine's model (Engine tab: Models): default, or e.g. astroloc / gair with their weights file"
+        )
+        self.weights = QgsFileWidget()
+        self.weights.setFilter("Weights (*.pth *.pt *.ckpt *.bin *.safetensors);;All files (*)")
+        self.weights.setToolTip("The model's weights file (empty: the weights the engine knows for it)")
+        self.sha256 = QLineEdit()
+        self.sha256.setPlaceholderText("optional")
+        self.sha256.setToolTip("The weights file's sha256 (sha256sum FILE): the engine refuses another file")
+        self.hint = ElidedLabel("", lines=4)
+        form.addRow("Model", self.model)
+        form.addRow("Weights", self.weights)
+        form.addRow("sha256", self.sha256)
+        form.addRow(self.hint)
+        self.model.editingFinished.connect(self.update_hint)
+        self.weights.fileChanged.connect(self.update_hint)
+        self.update_hint()
+
+    def options(self) -> dict[str, Any]:
+        """``model``, ``weights``, ``sha256`` for the client (None where empty); ValueError for a bad sha256."""
+        sha = self.sha256.text().strip().lower().removeprefix("sha256:")
+        if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+            raise ValueError("sha256: all 64 hex digits, as 'sha256sum FILE' prints them")
+        return {
+            "model": self.model.text().strip() or None,
+            "weights": self.weights.filePath().strip() or None,
+            "sha256": sha or None,
+        }
+
+    def engine_model(self) -> dict[str, Any] | None:
+        """The engine's entry (its last status) for the model named here, if it reported one."""
+        name = (self.model.text().strip() or "default").lower()
+        for m in EngineLink.instance().models:
+            if m.get("kind") == self.kind and (m.get("name") == name or name in (m.get("aliases") or [])):
+                return m
+        return None
+
+    def update_hint(self, *_args) -> str:
+        """What the engine says of the weights of the model named here (the line under the fields)."""
+        m = self.engine_model()
+        given = self.weights.filePath().strip()
+        if given:
+            text = f"weights: {os.path.basename(given)} (the engine checks it when it loads)"
+            tip = given
+        elif m is None:
+            text = "weights: the engine's own (Engine tab: Status)"
+            tip = text
+        elif m.get("weights_file") or m.get("sha256"):
+            sha = m.get("sha256") or "?"
+            text = f"weights: {os.path.basename(m.get('weights_file') or '?')}\nsha256 {sha[:16]}…"
+            tip = f"{m.get('weights_file')}\nsha256 {sha}\n{m.get('weights', '')}"
+        elif m.get("needs_weights"):
+            text = f"{m.get('name')} needs its weights file: {m.get('weights', '')}"
+            tip = text
+        else:
+            text = f"weights: {m.get('weights', '')}"
+            tip = text
+        self.hint.setText(text)
+        self.hint.setToolTip(tip)
+        return text
 
 
 # ------------------------------------------------------------------------------------ Localize photos
@@ -283,24 +403,17 @@ class LocalizePanel(QWidget):
         self.tiles_button.clicked.connect(self.add_tiles)
         form.addRow(QLabel("Index folder"))
         form.addRow(_row(self.index, self.tiles_button))
-        self.rasters = QgsCheckableComboBox()
-        refresh = QPushButton("↻")
-        refresh.setToolTip("List the raster layers of the project")
-        refresh.clicked.connect(self.refresh_rasters)
-        self.build_button = QPushButton("Build index")
-        self.build_button.clicked.connect(self.build_index)
-        form.addRow(QLabel("or build one from layers"))
-        form.addRow(self.rasters)
-        form.addRow(_row(refresh, self.build_button))
-        self.tile_sizes = QLineEdit("256,512")
-        form.addRow("Tile sizes", self.tile_sizes)
-        self.bands = QLineEdit()
-        self.bands.setPlaceholderText("from the layers' style")
-        self.bands.setToolTip(
-            "Raster bands read as red, green, blue (1-based, e.g. 3,2,1). Empty: the checked layers' own "
-            "band choice (a layer shown as 3,2,1 is read as red=3, green=2, blue=1)"
+        self.against = _narrow(QgsMapLayerComboBox())
+        self.against.setFilters(raster_filter())
+        self.against.setAllowEmptyLayer(True)
+        self.against.setLayer(None)
+        self.against.setToolTip(
+            "Match the photos on this raster layer instead of an index (no retrieval: the whole raster, "
+            "then its windows most like the photo); footprints only, no search area"
         )
-        form.addRow("Bands (R,G,B)", self.bands)
+        form.addRow(_wrapped(QLabel("or match on a raster layer (no index)")))
+        form.addRow(self.against)
+        form.addRow(self._build_box())
 
         self.footprint = QCheckBox("Estimate footprints")
         self.footprint.setToolTip(
@@ -372,6 +485,70 @@ class LocalizePanel(QWidget):
         QgsProject.instance().layersRemoved.connect(self.refresh_rasters)
 
     # ----------------------------------------------------------------------------------------- inputs
+
+    def _build_box(self) -> QWidget:
+        """'Build an index' (collapsed): from project raster layers (files, MBTiles, GeoPackage tiles, XYZ
+        tile services over the map extent) and/or a folder (tree) of XYZ mosaics."""
+        box = QgsCollapsibleGroupBox("Build an index")
+        box.setCollapsed(True)
+        box.setSaveCollapsedState(False)
+        form = QFormLayout(box)
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+        self.rasters = _narrow(QgsCheckableComboBox())
+        self.rasters.setToolTip(
+            "The project's raster layers to index: raster files, MBTiles and GeoPackage tiles, and XYZ "
+            "tile services (fetched over the current map extent at the zooms below)"
+        )
+        refresh = QToolButton()  # a small button, sized to its one character
+        refresh.setText("↻")
+        refresh.setToolTip("List the raster layers of the project")
+        refresh.clicked.connect(self.refresh_rasters)
+        form.addRow(QLabel("Raster or tile layers"))
+        form.addRow(_row(self.rasters, refresh))
+        self.mosaics = QgsFileWidget()
+        self.mosaics.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.mosaics.setToolTip("A folder of XYZ mosaics (*Z_ROW_COL.jpg|png), e.g. an AstroLoc database")
+        self.recursive = QCheckBox("with its subfolders")
+        self.recursive.setToolTip("Read the mosaics of the whole folder tree (each file once)")
+        form.addRow(_wrapped(QLabel("and/or a folder of XYZ mosaics")))
+        form.addRow(self.mosaics)
+        self.exclude = QLineEdit()
+        self.exclude.setPlaceholderText("e.g. surrounding_*")
+        self.exclude.setToolTip(
+            "Mosaic files to leave out: globs of file names or of paths inside the folder, separated by commas"
+        )
+        self.span = QSpinBox()
+        self.span.setRange(1, 64)
+        self.span.setValue(4)
+        self.span.setToolTip("XYZ tiles per side of one mosaic file (AstroLoc's databases: 4)")
+        form.addRow(self.recursive)
+        form.addRow("Exclude", self.exclude)
+        form.addRow("Span", self.span)
+        self.tile_sizes = QLineEdit("256,512")
+        self.tile_sizes.setToolTip("Raster layers: tile sides in pixels, separated by commas")
+        form.addRow("Tile sizes", self.tile_sizes)
+        self.zooms = QLineEdit()
+        self.zooms.setPlaceholderText("XYZ: 12-14")
+        self.zooms.setToolTip(
+            "XYZ tile layers: the zoom levels to fetch and index over the current map extent (e.g. 12-14 "
+            "or 12,14). The tile count and download size are shown before anything is fetched; tiles are "
+            "cached, so a second build fetches nothing twice"
+        )
+        form.addRow("Zooms", self.zooms)
+        self.bands = QLineEdit()
+        self.bands.setPlaceholderText("layer style")
+        self.bands.setToolTip(
+            "Raster bands read as red, green, blue (1-based, e.g. 3,2,1). Empty: the checked layers' own "
+            "band choice (a layer shown as 3,2,1 is read as red=3, green=2, blue=1)"
+        )
+        form.addRow("Bands", self.bands)
+        self.model_fields = ModelFields(form, "retrieval")
+        self.build_button = QPushButton("Build index")
+        self.build_button.setToolTip("Build the index in the results folder; it becomes the index above")
+        self.build_button.clicked.connect(self.build_index)
+        form.addRow(self.build_button)
+        self.build_box = box
+        return box
 
     def _add_files(self) -> None:
         files, _ = QFileDialog.getOpenFileNames(self, "Photos", "", PHOTO_FILTER)
@@ -523,18 +700,32 @@ class LocalizePanel(QWidget):
             )
         return list(chosen.pop()) if chosen else None
 
+    def exclude_patterns(self) -> list[str]:
+        return [p.strip() for p in self.exclude.text().replace(";", ",").split(",") if p.strip()]
+
     def build_index(self) -> IndexTask | None:
-        """Build an index (in the results folder) from the checked raster layers."""
+        """Build an index (in the results folder) from the checked layers and/or the mosaic folder. XYZ
+        tile layers are indexed over the current map extent at the chosen zooms, after the user has seen
+        (and accepted) how many tiles that downloads."""
         try:
             ids = self.rasters.checkedItemsData()
-            layers = [QgsProject.instance().mapLayer(i) for i in ids]
-            if not layers:
-                raise ValueError("check the raster layers to index in the list first")
-            sources = [raster_file(lyr) for lyr in layers if lyr is not None]
+            layers = [lyr for lyr in (QgsProject.instance().mapLayer(i) for i in ids) if lyr is not None]
+            mosaics = self.mosaics.filePath().strip()
+            if not layers and not mosaics:
+                raise ValueError("check the raster layers to index, or choose a folder of XYZ mosaics, first")
+            if mosaics and not os.path.isdir(mosaics):
+                raise ValueError(f"the mosaics folder {mosaics} does not exist")
+            found = [layer_source(lyr) for lyr in layers]
+            services = [s for s in found if s.is_service]
+            sources = [s.source for s in found] + ([mosaics] if mosaics else [])
             sizes = self._tile_sizes()
-            bands = self.index_bands([lyr for lyr in layers if lyr is not None])
+            bands = self.index_bands([layers[i] for i, s in enumerate(found) if s.kind == "file"])
+            model = self.model_fields.options()
+            tiles = self._service_options(services) if services else {}
         except Exception as exc:
             report_error(exc, self.iface, "Build index")
+            return None
+        if tiles is None:  # the user declined the download
             return None
 
         def done(task: EngineTask) -> None:
@@ -542,32 +733,93 @@ class LocalizePanel(QWidget):
             if task.ok:
                 self.index.setFilePath(task.out)
 
-        task = IndexTask(sources, tile_sizes=sizes, bands=bands, iface=self.iface, on_done=done)
+        task = IndexTask(
+            sources,
+            tile_sizes=sizes,
+            bands=bands,
+            span=self.span.value() if mosaics else None,
+            exclude=self.exclude_patterns() if mosaics else None,
+            recursive=self.recursive.isChecked() if mosaics else None,
+            iface=self.iface,
+            on_done=done,
+            **tiles,
+            **model,
+        )
+        task.retry = self.build_index
         self.progress.follow(task)
         self.last_task = start_task(task)
         return task
 
+    def _service_options(self, services: list) -> dict[str, Any] | None:
+        """Zooms and box for the XYZ layers, after the engine's plan (tiles, download size) was accepted;
+        None when the user declined. Errors (no zooms, zooms the service does not serve, a plan over the
+        engine's tile cap) are raised as sentences."""
+        zooms = parse_zooms(self.zooms.text())
+        for s in services:
+            if s.zmax is not None and zooms[-1] > s.zmax or s.zmin is not None and zooms[0] < s.zmin:
+                raise ValueError(
+                    f"layer {s.layer_name!r} serves zooms {s.zmin}-{s.zmax}, not {self.zooms.text()}"
+                )
+        canvas = self.iface.mapCanvas()
+        bbox = list(extent_lonlat(canvas.extent(), canvas.mapSettings().destinationCrs()))
+        with EngineLink.instance().client() as client:
+            plan = client.index_plan([s.source for s in services], zooms=zooms, bbox=bbox)
+        if not self.confirm_download(download_text(services, plan, zooms)):
+            return None
+        credits = sorted({s.attribution for s in services if s.attribution})
+        return {"zooms": zooms, "bbox": bbox, "attribution": "; ".join(credits) or None}
+
+    def confirm_download(self, text: str) -> bool:
+        """Ask before fetching tiles from a service (tests replace this with their own answer)."""
+        answer = QMessageBox.question(
+            self,
+            "Skyloc: download tiles",
+            text,
+            QMessageBox.StandardButton.Ok | QMessageBox.StandardButton.Cancel,
+        )
+        return answer == QMessageBox.StandardButton.Ok
+
     def run(self) -> LocalizeTask | None:
         """Localize the photos (a task): candidates, footprints and georeferenced photos become layers."""
         photos, index = self.photos(), self.index.filePath().strip()
-        if not photos or not index:
-            push("add photos (or a folder) and choose an index folder first", iface=self.iface)
+        layer = self.against.currentLayer()
+        if not photos or not (index or layer is not None):
+            push(
+                "add photos (or a folder) and choose an index folder (or a raster layer to match on) first",
+                iface=self.iface,
+            )
             return None
-        try:
-            area = self.search_area()
-        except ValueError as exc:
-            push(str(exc), Qgis.MessageLevel.Warning, self.iface)
-            return None
-        task = LocalizeTask(
-            photos,
-            index=index,
-            footprint=self.footprint.isChecked(),
-            top_k=self.top_k.value(),
-            matcher=self.matcher.currentData() if self.footprint.isChecked() else None,
-            iface=self.iface,
-            on_done=self.show_outcome,
-            **area,
-        )
+        if layer is not None:  # footprints on a raster: no index, no search area
+            try:
+                against = raster_file(layer)
+            except Exception as exc:
+                report_error(exc, self.iface, "Localize photos")
+                return None
+            task = LocalizeTask(
+                photos,
+                against=against,
+                top_k=self.top_k.value(),
+                matcher=self.matcher.currentData(),
+                iface=self.iface,
+                on_done=self.show_outcome,
+            )
+        else:
+            try:
+                area = self.search_area()
+            except ValueError as exc:
+                push(str(exc), Qgis.MessageLevel.Warning, self.iface)
+                return None
+            task = LocalizeTask(
+                photos,
+                index=index,
+                footprint=self.footprint.isChecked(),
+                top_k=self.top_k.value(),
+                matcher=self.matcher.currentData() if self.footprint.isChecked() else None,
+                iface=self.iface,
+                on_done=self.show_outcome,
+                **area,
+            )
+        task.retry = self.run
         self.results.clear()
         self.progress.follow(task)
         self.last_task = start_task(task)
@@ -590,11 +842,18 @@ class LocalizePanel(QWidget):
             if colour:
                 item.setForeground(QColor(colour).darker(130))
             self.results.addItem(item)
+        for warning in task.warnings if task.ok else []:  # after the photos: short, the whole as tooltip
+            item = QListWidgetItem("⚠ " + warning_line(warning))
+            item.setToolTip(warning)
+            item.setForeground(QColor("#b35806"))
+            self.results.addItem(item)
 
     def zoom_to_row(self, item: QListWidgetItem) -> bool:
         """Zoom to (and select) the feature of a photo's outcome; False when there is none."""
         layer_id, fid = item.data(Qt.ItemDataRole.UserRole) or (None, None)
         layer = QgsProject.instance().mapLayer(layer_id) if layer_id else None
+        if item.text().startswith("⚠"):  # the engine's warning about the run: nothing on the map
+            return False
         if layer is None or fid is None or self.iface is None:
             push(f"{item.text()}: no place to show on the map", iface=self.iface)
             return False
@@ -619,10 +878,15 @@ class EmbeddingsPanel(QWidget):
             map_tool_action.toggled.connect(click.setChecked)
         lay.addWidget(click)
         self.click_button = click
-        form = QFormLayout()
-        self.model = QLineEdit(EngineSettings.load().model)
-        form.addRow("Model", self.model)
-        lay.addLayout(form)
+        models = QgsCollapsibleGroupBox("Model and weights")
+        models.setCollapsed(True)
+        models.setSaveCollapsedState(False)
+        mform = QFormLayout(models)
+        mform.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+        self.model_fields = ModelFields(mform, "embedding", EngineSettings.load().model)
+        self.model = self.model_fields.model
+        self.models_box = models
+        lay.addWidget(models)
         self.keep_heatmaps = QCheckBox("Keep previous heatmaps")
         self.keep_heatmaps.setToolTip(
             "Off: each new heatmap replaces the previous one on the map. On: they pile up (pinned); "
@@ -646,7 +910,7 @@ class EmbeddingsPanel(QWidget):
         )
         bform = QFormLayout(box)
         bform.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapAllRows)  # fits a 300 px dock
-        self.raster = QgsMapLayerComboBox()
+        self.raster = _narrow(QgsMapLayerComboBox())
         self.raster.setFilters(raster_filter())
         bform.addRow("Raster", self.raster)
         self.photo = QgsFileWidget()
@@ -669,6 +933,10 @@ class EmbeddingsPanel(QWidget):
     def model_name(self) -> str | None:
         return self.model.text().strip() or None
 
+    def model_options(self) -> dict[str, Any]:
+        """``model``, ``weights``, ``sha256`` of the fields (the map tool's too); ValueError for a bad sha256."""
+        return self.model_fields.options()
+
     def show_embedding(self, answer: dict[str, Any]) -> None:
         """Show the engine's /embed answer: point, pixel, model and the vector (JSON)."""
         p = answer["points"][0]
@@ -690,18 +958,21 @@ class EmbeddingsPanel(QWidget):
             if layer is None:
                 raise ValueError("choose a raster layer")
             path = raster_file(layer)
+            model = self.model_options()
         except Exception as exc:
             report_error(exc, self.iface, "Heatmap")
             return None
         task = HeatmapTask(
             path,
             layer=layer,
-            model=self.model_name(),
+            bands=rgb_bands(layer, model["model"]),
             iface=self.iface,
             on_done=self.progress.ended,
             slot=self.heatmaps,
+            **model,
             **query,
         )
+        task.retry = lambda: self._heatmap(**query)
         self.progress.follow(task)
         self.last_task = start_task(task)
         return task
@@ -746,6 +1017,9 @@ class StartEngineTask(QgsTask):
             report_error(self.error, self.panel.iface, "Start engine")
         self.panel._start_task = None
         self.panel.refresh()
+        then, self.panel._then = self.panel._then, None
+        if ok and then is not None:
+            then()
 
 
 def engine_line(st: dict[str, Any]) -> str:
@@ -765,6 +1039,16 @@ def engine_line(st: dict[str, Any]) -> str:
     if code == "unreachable":
         return "Engine: not running"
     return "Engine: error (Engine tab)"
+
+
+def model_line(m: dict[str, Any]) -> str:
+    """One model of the engine's list: name, kind, description, weights (file and sha256 where known)."""
+    line = f"{m.get('name')} ({m.get('kind')}): {m.get('description', '')}"
+    if m.get("weights_file") or m.get("sha256"):
+        line += f" Weights file: {m.get('weights_file') or '(missing)'}, sha256 {m.get('sha256') or '?'}."
+    elif m.get("weights"):
+        line += f" Weights: {m['weights']}."
+    return line
 
 
 class EnginePanel(QWidget):
@@ -826,7 +1110,12 @@ class EnginePanel(QWidget):
         form.addRow(copy)
         self.line: ElidedLabel | None = None  # the dock's one-line engine status
         self._start_task: StartEngineTask | None = None
+        #: what to run once the engine being started answers (after 'Add folder')
+        self._then = None
+        #: called after each refresh, when the engine's model list may have changed (the dock's hints)
+        self.on_models: list = []
         self.link.changed.connect(self.refresh)
+        self.link.folder_adder = self.add_folders
 
     def settings(self) -> EngineSettings:
         roots = [r.strip() for r in self.roots.text().split(os.pathsep) if r.strip()]
@@ -867,6 +1156,28 @@ class EnginePanel(QWidget):
         self._start_task = StartEngineTask(self)
         QgsApplication.taskManager().addTask(self._start_task)
         return self._start_task
+
+    def add_folders(self, folders: list[str], then=None) -> bool:
+        """Add ``folders`` to the engine's folders (saved) and restart the engine with them, then run
+        ``then``; False (and why, in the bar) when the engine is not one the plugin can restart."""
+        s = EngineSettings.load()
+        names = ", ".join(folders)
+        s.with_roots(folders).save()
+        self.load_fields()
+        if not s.executable:
+            push(
+                f"added {names} to the engine's folders, but the engine at {s.url or 'its URL'} was started "
+                f"outside QGIS: restart 'skyloc serve' with --root {folders[0]} (or set the engine "
+                "executable in the Engine tab, and the plugin restarts it itself)",
+                Qgis.MessageLevel.Warning,
+                self.iface,
+                key=OUTCOME,
+            )
+            return False
+        push(f"restarting the engine with {names} among its folders…", iface=self.iface, key=OUTCOME)
+        self._then = then
+        self.start(save=False)
+        return True
 
     def stop(self) -> None:
         """Stop the engine the plugin started; the settings (and these fields) stay as they are."""
@@ -910,16 +1221,12 @@ class EnginePanel(QWidget):
             st.update(code="stopped", error="the engine was stopped (Start starts it again; settings kept)")
         self.show_status(st)
         if st["ok"]:
-            self.models.setPlainText(
-                "\n".join(
-                    f"{m.get('name')} ({m.get('kind')}): {m.get('description', '')}"
-                    + (f" Weights: {m['weights']}." if m.get("weights") else "")
-                    for m in st["models"]
-                )
-            )
+            self.models.setPlainText("\n".join(model_line(m) for m in st["models"]))
         else:
             self.models.setPlainText("")
         self.diagnostics.setPlainText(self.link.diagnostics())
+        for hint in self.on_models:
+            hint()
         return st
 
     def copy_diagnostics(self) -> str:
@@ -960,9 +1267,27 @@ class SkylocDock(QgsDockWidget):
             self.tabs.setTabToolTip(i, tip)
         self.line = ElidedLabel("Engine: not checked yet")
         self.engine.line = self.line
+        self.engine.on_models += [
+            self.localize.model_fields.update_hint,
+            self.embeddings.model_fields.update_hint,
+        ]
         body = QWidget()
         lay = QVBoxLayout(body)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.line)
         lay.addWidget(self.tabs)
         self.setWidget(body)
+
+
+def download_text(services: list, plan: list[dict], zooms: list[int]) -> str:
+    """What indexing the XYZ layers over the map extent will fetch, in words (from the engine's plan)."""
+    lines = []
+    for i, s in enumerate(services):  # the plan lists the services in the order asked
+        p = plan[i] if i < len(plan) else {}
+        mb = (p.get("estimated_download_bytes") or 0) / 1e6
+        lines.append(
+            f"{s.layer_name}: {p.get('mosaics', '?')} mosaics at zooms {zooms[0]}-{zooms[-1]}, "
+            f"{p.get('tiles_needed', '?')} tiles ({p.get('tiles_cached', 0)} already cached, "
+            f"{p.get('tiles_to_download', '?')} to download, about {mb:.0f} MB)"
+        )
+    return "\n".join(lines) + "\n\nIndex the current map extent? Tiles are kept in the engine's cache."

@@ -43,6 +43,11 @@ PROCESSING_HINT = (
 )
 #: seconds to wait for a first connection to a configured URL before starting the saved engine instead
 PROBE_S = 0.5
+#: Seconds a synchronous request that may load a model (``/embed``) may take: its first call in an engine
+#: loads the embedding model (and reads the raster around the point) before it answers. With the plugin's
+#: former 60 s for every request, that first answer could come too late on a slow machine: the request
+#: ended in a read timeout, which the plugin then called "the engine is not running" (issue 13).
+MODEL_LOAD_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -77,6 +82,22 @@ class EngineSettings:
         s.setValue(f"{GROUP}/roots", os.pathsep.join(r.strip() for r in self.roots if r.strip()))
         s.setValue(f"{GROUP}/output_dir", self.output_dir.strip())
         s.setValue(f"{GROUP}/model", self.model.strip() or "default")
+
+    def with_roots(self, folders: list[str]) -> EngineSettings:
+        """These settings with ``folders`` added to the engine's folders (the home folder stays when the
+        folders were the default)."""
+        roots = list(self.roots) or [str(Path.home())]
+        for folder in folders:
+            if not inside(folder, roots):
+                roots.append(folder)
+        return EngineSettings(
+            url=self.url,
+            token_file=self.token_file,
+            executable=self.executable,
+            roots=roots,
+            output_dir=self.output_dir,
+            model=self.model,
+        )
 
     def start_roots(self) -> list[str]:
         """Folders a local engine gets: the configured roots (default: the home folder) + the output folder."""
@@ -208,6 +229,20 @@ def _answers(url: str, timeout: float = PROBE_S) -> bool:
         return False
 
 
+def outside_folders(paths: list[str], roots: list[str]) -> list[str]:
+    """The folders to give the engine so that it may read ``paths``: the folder of each file (the folder
+    itself for a folder) that lies outside ``roots``, without repeats."""
+    out: list[str] = []
+    for path in paths:
+        if not path or inside(path, roots):
+            continue
+        real = os.path.realpath(os.path.expanduser(path))
+        folder = real if os.path.isdir(real) else os.path.dirname(real)
+        if folder and folder not in out and not inside(folder, out):
+            out.append(folder)
+    return out
+
+
 def inside(path: str, roots: list[str]) -> bool:
     """Whether ``path`` (resolved) lies inside one of ``roots`` (resolved)."""
     real = os.path.realpath(os.path.expanduser(path))
@@ -239,6 +274,12 @@ class EngineLink(QObject):
         self.stopped = False
         self.errors: deque[str] = deque(maxlen=20)
         self._lock = threading.RLock()
+        #: (engine URL, model) pairs whose embedding model an engine has loaded (answered an /embed)
+        self.warm_models: set[tuple[str, str]] = set()
+        #: the engine's model list as its last status reported it (for weights file and sha256)
+        self.models: list[dict[str, Any]] = []
+        #: set by the dock: ``add_folders(folders, then)`` adds folders to the engine's and restarts it
+        self.folder_adder = None
 
     @classmethod
     def instance(cls) -> EngineLink:
@@ -355,6 +396,7 @@ class EngineLink(QObject):
                 out["health"] = c.health()
                 out["version"] = c.version()
                 out["models"] = c.models()
+            self.models = list(out["models"])
             out["ok"] = True
         except ServiceError as exc:
             out["error"] = explain(exc)

@@ -84,6 +84,14 @@ def renderer_bands(layer: QgsMapLayer | None) -> list[int] | None:
     return bands if all(b > 0 for b in bands) else None
 
 
+def rgb_bands(layer: QgsMapLayer | None, model: str | None = None) -> list[int] | None:
+    """The bands an RGB model reads from ``layer``: its renderer's red, green, blue (None: the engine's own
+    rule); None for GAIR, which reads its 10 Sentinel-2 bands by name or count, never 3 display bands."""
+    if (model or "default").strip().lower() == "gair":
+        return None
+    return renderer_bands(layer)
+
+
 def _group():
     root = QgsProject.instance().layerTreeRoot()
     group = root.findGroup(GROUP_NAME)
@@ -437,6 +445,17 @@ def open_georeferencer(iface) -> bool:
 TILES_FILE = "tiles.gpkg"
 
 
+def index_attribution(index: str) -> str:
+    """The attribution texts of an index's imagery sources (its manifest), joined; "" when none."""
+    try:
+        with open(os.path.join(index, "manifest.json"), encoding="utf-8") as f:
+            sources = json.load(f).get("sources") or []
+    except (OSError, ValueError, AttributeError):
+        return ""
+    texts = [s.get("attribution") for s in sources if isinstance(s, dict) and s.get("attribution")]
+    return "; ".join(dict.fromkeys(texts))
+
+
 def add_index_tiles(index: str, group: QgsLayerTreeGroup | None = None) -> QgsVectorLayer:
     """The index's tile footprints (``tiles.gpkg``) as an outline layer on top of the layer tree."""
     path = os.path.join(index, TILES_FILE)
@@ -447,6 +466,9 @@ def add_index_tiles(index: str, group: QgsLayerTreeGroup | None = None) -> QgsVe
     if layer.isValid():
         symbol = _outline("#3288bd", 0.3)
         layer.renderer().setSymbol(symbol)
+        credits = index_attribution(index)
+        if credits:  # the imagery provider's credit line, as the service asks (Layer Properties > Metadata)
+            layer.setAttribution(credits)
     if group is None:
         project = QgsProject.instance()
         if layer.isValid():

@@ -22,7 +22,7 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QColor, QCursor
 
 from .client import ServiceError
-from .layers import HeatmapSlot, is_heatmap, raster_file
+from .layers import HeatmapSlot, is_heatmap, raster_file, rgb_bands
 from .messages import report_error
 from .tasks import HeatmapTask, start_task
 
@@ -32,13 +32,15 @@ class HeatmapMapTool(QgsMapTool):
     gets an ``/embed`` at the point and a ``/heatmap`` job; the heatmap layer lands just above it.
 
     ``on_embedding(dict)`` receives the engine's embedding answer; ``last_task`` is the latest task.
+    ``model()`` names the model, or gives ``{"model", "weights", "sha256"}`` (the dock's fields). The bands
+    read as red, green, blue are the layer's own (its renderer's), as in the dock.
     """
 
     def __init__(
         self,
         canvas,
         iface=None,
-        model: Callable[[], str | None] | None = None,
+        model: Callable[[], str | dict[str, Any] | None] | None = None,
         on_embedding: Callable[[dict[str, Any]], None] | None = None,
         slot: HeatmapSlot | None = None,
     ) -> None:
@@ -86,18 +88,22 @@ class HeatmapMapTool(QgsMapTool):
             path = raster_file(layer)
             dest = self.canvas().mapSettings().destinationCrs()
             xy = QgsCoordinateTransform(dest, layer.crs(), QgsProject.instance()).transform(point)
+            chosen = self.model()
         except Exception as exc:
             report_error(exc, self.iface)
             return None
+        options = chosen if isinstance(chosen, dict) else {"model": chosen}
         task = HeatmapTask(
             path,
             layer=layer,
             at=[xy.x(), xy.y()],
-            model=self.model(),
+            bands=rgb_bands(layer, options.get("model")),
             iface=self.iface,
             on_embedding=self.on_embedding,
             slot=self.slot,
+            **options,
         )
+        task.retry = lambda: self.heatmap_at(point)
         self.last_task = task
         start_task(task)
         return task

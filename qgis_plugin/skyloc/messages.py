@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable
 
 from qgis.core import Qgis, QgsMessageLog
 from qgis.gui import QgsMessageBarItem
 from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtWidgets import QMessageBox, QPushButton
+from qgis.PyQt.QtWidgets import QHBoxLayout, QMessageBox, QPushButton, QWidget
 
-from .engine_link import EngineLink, explain
+from .engine_link import EngineLink, EngineSettings, explain
 
 TITLE = "Skyloc"
 #: characters of a message shown in the bar itself (the rest behind "Details")
@@ -78,10 +79,14 @@ def push(
     iface=None,
     duration: int | None = None,
     key: str | None = None,
+    buttons: list[tuple[str, str, Callable[[], object]]] | None = None,
+    short: str | None = None,
 ) -> QgsMessageBarItem | None:
     """Show ``text`` in the message bar (and the log panel); silent when there is no interface.
 
     ``key``: replaces the message pushed earlier with the same key. ``duration`` None: by level.
+    ``buttons``: (label, tooltip, action) of buttons in the message, after "Details" (if any).
+    ``short``: the line shown in the bar (default: the text's first sentences, up to BAR_CHARS).
     """
     text = clean(text)
     QgsMessageLog.logMessage(text, TITLE, level)
@@ -90,13 +95,21 @@ def push(
         return None
     if key is not None:
         drop(key, owner)
-    short = headline(text)
+    short = clean(short) if short else headline(text)
     item = QgsMessageBarItem(TITLE, short, level, DURATIONS.get(level, 8) if duration is None else duration)
-    if short != text:
-        details = QPushButton("Details", item)  # owned by the item
-        details.setToolTip("The whole message")
-        details.clicked.connect(lambda: _show_details(text, level))
-        item.setWidget(details)
+    wanted = (
+        [("Details", "The whole message", lambda: _show_details(text, level))] if short != text else []
+    ) + (buttons or [])
+    if wanted:
+        holder = QWidget(item)  # owned by the item
+        row = QHBoxLayout(holder)
+        row.setContentsMargins(0, 0, 0, 0)
+        for label, tip, action in wanted:
+            button = QPushButton(label, holder)
+            button.setToolTip(tip)
+            button.clicked.connect(lambda _checked=False, action=action: action())
+            row.addWidget(button)
+        item.setWidget(holder)
     item.setToolTip(text)
     owner.messageBar().pushItem(item)
     if key is not None:
@@ -120,10 +133,54 @@ def bar_messages(iface, level: Qgis.MessageLevel | None = None) -> list[str]:
     return out
 
 
-def report_error(exc: BaseException, iface=None, what: str = "", key: str | None = OUTCOME) -> str:
-    """Explain ``exc`` in the message bar as a critical message (replacing the last outcome); the text."""
+def report_error(
+    exc: BaseException,
+    iface=None,
+    what: str = "",
+    key: str | None = OUTCOME,
+    folders: list[str] | None = None,
+    retry: Callable[[], object] | None = None,
+) -> str:
+    """Explain ``exc`` in the message bar as a critical message (replacing the last outcome); the text.
+
+    ``folders``: for an input outside the engine's folders, the folders that would let the engine read it:
+    the message offers to add them to the engine's folders and restart it (then ``retry``)."""
     what = clean(what)
-    text = (f"{what[:1].upper() + what[1:]}: " if what else "") + explain(exc)
+    lead = f"{what[:1].upper() + what[1:]}: " if what else ""
+    text = lead + explain(exc)
+    buttons = short = None
+    if folders:  # a short first sentence: the bar shows it alone (a narrow bar clips a long one)
+        names = ", ".join(folders)
+        short = f"{lead}{names} is outside the engine's folders ('Add folder' adds it)."
+        text = (
+            f"{short} {explain(exc)} "
+            f"'Add folder' adds {names} to the engine's folders and restarts the engine"
+            + (", then runs this again." if retry is not None else ".")
+        )
+        buttons = [
+            (
+                "Add folder",
+                f"Add {names} to the engine's folders and restart the engine",
+                lambda: add_folders(folders, retry, iface),
+            )
+        ]
     EngineLink.instance().record_error(text, exc)
-    push(text, Qgis.MessageLevel.Critical, iface, key=key)
+    push(text, Qgis.MessageLevel.Critical, iface, key=key, buttons=buttons, short=short)
     return text
+
+
+def add_folders(folders: list[str], retry: Callable[[], object] | None = None, iface=None) -> bool:
+    """Add ``folders`` to the engine's folders and restart it (through the dock when there is one);
+    ``retry`` runs once it answers again. False when only the settings could change."""
+    drop(OUTCOME, iface)
+    adder = EngineLink.instance().folder_adder
+    if adder is not None:
+        return bool(adder(folders, retry))
+    EngineSettings.load().with_roots(folders).save()
+    push(
+        f"added {', '.join(folders)} to the engine's folders: restart the engine to use them",
+        Qgis.MessageLevel.Info,
+        iface,
+        key=OUTCOME,
+    )
+    return False

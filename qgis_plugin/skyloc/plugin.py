@@ -65,7 +65,7 @@ class SkylocPlugin:
         self.map_tool = HeatmapMapTool(
             canvas,
             self.iface,
-            model=self.dock.embeddings.model_name,
+            model=self.dock.embeddings.model_options,
             on_embedding=self.dock.embeddings.show_embedding,
             slot=self.dock.embeddings.heatmaps,
         )
@@ -100,6 +100,7 @@ class SkylocPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+        self.link.folder_adder = None
         self.link.stop_local()
 
     # ---------------------------------------------------------------------------------------- actions

@@ -8,7 +8,9 @@ to the message bar. Keep a reference to a running task: :func:`start_task` does.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -17,7 +19,7 @@ from typing import Any
 from qgis.core import Qgis, QgsApplication, QgsMapLayer, QgsProject, QgsTask
 
 from .client import Job, ServiceError, SkylocClient
-from .engine_link import EngineLink
+from .engine_link import MODEL_LOAD_TIMEOUT_S, EngineLink, outside_folders
 from .layers import (
     HeatmapSlot,
     add_candidates,
@@ -32,6 +34,9 @@ from .layers import (
 )
 from .messages import OUTCOME, clean, push, report_error
 from .paths import engine_photos, engine_roots
+
+#: key of the bar message with the engine's warnings about a run (band order guessed ...)
+WARNINGS = "warnings"
 
 #: Seconds of each long poll: the cancel button answers within this.
 POLL_S = 0.5
@@ -61,6 +66,12 @@ def follow_job(
     return job.raise_for_state()
 
 
+def paths_named(message: str) -> list[str]:
+    """Absolute paths an engine message names: quoted (``raster '/x/r.tif' resolves to ...``) or as an
+    index's imagery (``the imagery of its tiles, /x/r.tif, lies outside ...``)."""
+    return re.findall(r"'(/[^']+)'", message or "") + re.findall(r", (/[^,]+), lies outside", message or "")
+
+
 def stamp() -> str:
     """A name part unique to the second (and then some)."""
     return time.strftime("%Y%m%d_%H%M%S") + f"_{int(time.time() * 1000) % 1000:03d}"
@@ -76,9 +87,15 @@ def start_task(task: QgsTask) -> QgsTask:
 class EngineTask(QgsTask):
     """Base: ``work(client)`` in the background, then ``succeeded(result)`` on the main thread.
 
-    After it ended: ``ok`` (bool), ``result``, ``error`` (the exception), ``error_text`` and ``ended``.
-    ``on_done(task)`` is called on the main thread at the end, whatever happened.
+    After it ended: ``ok`` (bool), ``result``, ``error`` (the exception), ``error_text`` and ``ended``;
+    ``messages`` (every message it showed, in order) and ``warnings`` (the engine's, about the job).
+    ``on_done(task)`` is called on the main thread at the end, whatever happened. ``retry`` (set by whoever
+    started it) runs the same again: offered after an input outside the engine's folders (``outside``:
+    the folders that would let it read them) once they are added.
     """
+
+    #: read timeout of the task's requests (seconds); long polls add their wait to it
+    timeout = 60.0
 
     def __init__(self, description: str, iface=None, on_done: Callable[[EngineTask], None] | None = None):
         super().__init__(description, QgsTask.Flag.CanCancel)
@@ -95,31 +112,52 @@ class EngineTask(QgsTask):
         self.ok = False
         self.ended = False
         self.was_canceled = False
+        self.messages: list[str] = []
+        self.warnings: list[str] = []
+        self.outside: list[str] = []
+        self.retry: Callable[[], Any] | None = None
 
     # ---------------------------------------------------------------------------------- worker thread
 
     def work(self, client: SkylocClient) -> Any:
         raise NotImplementedError
 
+    def inputs(self) -> list[str]:
+        """The files and folders the engine must read in place (rasters, indexes): for ``outside``."""
+        return []
+
+    def note(self, message: str) -> None:
+        """Show ``message`` as what the task is doing now (the dock's progress line)."""
+        if message and message != self.message:
+            self.message, self.message_since = message, time.monotonic()
+            self.messages.append(message)
+
     def follow(self, client: SkylocClient, job: Job, start: float = 0.0, end: float = 1.0) -> Job:
         """Follow a job, mapping its progress to ``start..end`` of this task's progress."""
         self.job = job
 
         def progress(fraction: float, message: str) -> None:
-            if message != self.message:
-                self.message, self.message_since = message, time.monotonic()
+            self.note(message)
             self.setProgress(100.0 * (start + (end - start) * fraction))
 
         def seen(current: Job) -> None:
             self.job = current
 
         self.job = follow_job(client, job, progress, self.isCanceled, on_job=seen)
+        self.warnings += [w for w in self.job.warnings if w not in self.warnings]
         return self.job
 
     def run(self) -> bool:
         try:
-            with EngineLink.instance().client() as client:
-                self.result = self.work(client)
+            with EngineLink.instance().client(timeout=self.timeout) as client:
+                try:
+                    self.result = self.work(client)
+                except ServiceError as exc:
+                    if exc.code == "forbidden_path":
+                        given = self.inputs() + paths_named(exc.message)  # an index's imagery too
+                        with contextlib.suppress(ServiceError):
+                            self.outside = outside_folders(given, engine_roots(client))
+                    raise
             return True
         except ServiceError as exc:
             self.error = exc
@@ -149,11 +187,24 @@ class EngineTask(QgsTask):
                 except Exception as exc:
                     self.error = exc
                     self.error_text = report_error(exc, self.iface, self.description())
+                if self.ok and self.warnings:  # beside the outcome, which it does not replace
+                    push(
+                        "the engine warns: " + "; ".join(self.warnings),
+                        Qgis.MessageLevel.Warning,
+                        self.iface,
+                        key=WARNINGS,
+                    )
             elif cancelled:
                 self.error_text = f"{clean(self.description())}: cancelled"
                 push(self.error_text, Qgis.MessageLevel.Info, self.iface, key=OUTCOME)
             elif self.error is not None:
-                self.error_text = report_error(self.error, self.iface, self.description())
+                self.error_text = report_error(
+                    self.error,
+                    self.iface,
+                    self.description(),
+                    folders=self.outside,
+                    retry=self.retry if self.outside else None,
+                )
             if not self.ok:
                 self.failed()
         finally:
@@ -164,7 +215,8 @@ class EngineTask(QgsTask):
 
 
 class IndexTask(EngineTask):
-    """Build an index from rasters (files) and/or XYZ mosaic folders; ``out`` None: in the results folder."""
+    """Build an index from rasters (files, MBTiles, GeoPackage tiles), XYZ tile services (URL templates,
+    with ``zooms`` and ``bbox``) and/or XYZ mosaic folders; ``out`` None: in the results folder."""
 
     def __init__(
         self,
@@ -174,7 +226,15 @@ class IndexTask(EngineTask):
         tile_sizes: Sequence[int] | None = None,
         overlap: float | None = None,
         model: str | None = None,
+        weights: str | None = None,
+        sha256: str | None = None,
         bands: Sequence[int] | None = None,
+        span: int | None = None,
+        exclude: Sequence[str] | None = None,
+        recursive: bool | None = None,
+        zooms: Sequence[int] | None = None,
+        bbox: Sequence[float] | None = None,
+        attribution: str | None = None,
         iface=None,
         on_done=None,
     ) -> None:
@@ -185,8 +245,20 @@ class IndexTask(EngineTask):
             "tile_sizes": tile_sizes,
             "overlap": overlap,
             "model": model,
+            "weights": weights or None,
+            "sha256": sha256 or None,
             "bands": None if bands is None else list(bands),
+            "span": span,
+            "exclude": list(exclude) if exclude else None,
+            "recursive": recursive or None,
+            "zooms": list(zooms) if zooms else None,
+            "bbox": list(bbox) if bbox else None,
+            "attribution": attribution or None,
         }
+
+    def inputs(self) -> list[str]:
+        files = [s for s in self.sources if not s.lower().startswith(("http://", "https://"))]  # not URLs
+        return [*files, *([self.options["weights"]] if self.options["weights"] else [])]
 
     def work(self, client: SkylocClient) -> Job:
         if self.out is None:
@@ -194,13 +266,31 @@ class IndexTask(EngineTask):
         return self.follow(client, client.index(self.sources, self.out, **self.options))
 
     def succeeded(self, result: Job) -> None:
-        counts = (result.summary or {}).get("counts", {})
+        summary = result.summary or {}
+        counts = summary.get("counts", {})
         push(
-            f"index built: {self.out} ({counts.get('tiles', '?')} tiles)",
+            f"index built: {self.out} ({counts.get('tiles', '?')} tiles){source_notes(summary)}",
             Qgis.MessageLevel.Success,
             self.iface,
             key=OUTCOME,
         )
+
+
+def source_notes(manifest: dict) -> str:
+    """What an index's tile services downloaded and whom to credit (the provider's attribution)."""
+    notes = []
+    for s in manifest.get("sources") or []:
+        if not isinstance(s, dict):
+            continue
+        d = s.get("download") or {}
+        if s.get("kind") == "tile_service" and d:
+            notes.append(
+                f"{d.get('downloaded', 0)} tiles downloaded, {d.get('cached_before', 0)} from the cache, "
+                f"{d.get('missing', 0)} missing"
+            )
+        if s.get("attribution"):
+            notes.append(f"imagery: {s['attribution']}")
+    return ("; " + "; ".join(dict.fromkeys(notes))) if notes else ""
 
 
 def remove_empty_folders(folder: str) -> None:
@@ -261,6 +351,9 @@ class LocalizeTask(EngineTask):
         self.run_name = (names[0] if len(names) == 1 else f"{len(names)} photo sources") + time.strftime(
             " %H:%M:%S"
         )
+
+    def inputs(self) -> list[str]:
+        return [p for p in (self.index, self.against) if p]
 
     def work(self, client: SkylocClient) -> Job:
         with engine_photos(client, self.photos, engine_roots(client), self.origins) as photos:
@@ -425,7 +518,11 @@ class HeatmapTask(EngineTask):
     raster and the query, is added just above ``layer`` (the raster layer) with the fixed-range colour ramp
     of :func:`style_heatmap`; ``slot`` (a :class:`HeatmapSlot`) replaces the previous heatmap unless pinned.
     A click (``at``) also adds a point with its embedding to the clicked-points layer (``point_fid``).
+    Its first ``/embed`` in an engine loads the embedding model: the task says so and waits up to
+    MODEL_LOAD_TIMEOUT_S for it (a timeout there used to read as "the engine is not running").
     """
+
+    timeout = MODEL_LOAD_TIMEOUT_S
 
     def __init__(
         self,
@@ -436,6 +533,9 @@ class HeatmapTask(EngineTask):
         photo: str | None = None,
         location: Sequence[float] | None = None,
         model: str | None = None,
+        weights: str | None = None,
+        sha256: str | None = None,
+        bands: Sequence[int] | None = None,
         out: str | None = None,
         iface=None,
         on_done=None,
@@ -443,6 +543,8 @@ class HeatmapTask(EngineTask):
         slot: HeatmapSlot | None = None,
     ) -> None:
         super().__init__("Skyloc: similarity heatmap", iface, on_done)
+        self.weights, self.sha256 = weights or None, sha256 or None
+        self.bands = None if bands is None else list(bands)
         self.raster = raster
         self.layer_id = None if layer is None else layer.id()
         self.raster_name = (
@@ -465,9 +567,20 @@ class HeatmapTask(EngineTask):
         self.embedding: dict[str, Any] | None = None
         self.heatmap_layer: QgsMapLayer | None = None
 
+    def inputs(self) -> list[str]:
+        return [self.raster, *([self.weights] if self.weights else [])]
+
     def work(self, client: SkylocClient) -> Job:
+        model = {"model": self.model, "weights": self.weights, "sha256": self.sha256, "bands": self.bands}
         if self.at is not None:
-            self.embedding = client.embed(self.raster, [self.at], model=self.model)
+            link = EngineLink.instance()
+            warm = (client.url, f"{self.model or 'default'} {self.weights or ''}")
+            if warm in link.warm_models:
+                self.note("embedding at the clicked point…")
+            else:  # the engine's first /embed of this model loads it: say so, and wait for it
+                self.note("loading the embedding model (its first use by this engine)…")
+            self.embedding = client.embed(self.raster, [self.at], **model)
+            link.warm_models.add(warm)
             self.setProgress(10.0)
         if self.out is None:
             stem = os.path.splitext(os.path.basename(self.raster))[0]
@@ -482,7 +595,7 @@ class HeatmapTask(EngineTask):
                 at=self.at,
                 photo=photos[0] if photos else None,
                 location=self.location,
-                model=self.model,
+                **model,
             )
             return self.follow(client, job, 0.1 if self.at is not None else 0.0, 1.0)
 
