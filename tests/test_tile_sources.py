@@ -798,3 +798,30 @@ def test_sources_sharing_one_cache_fetch_each_tile_once(
         np.testing.assert_array_equal(b.mosaic(spec), a.mosaic(spec))
         assert b.mosaic(spec).any()
     a.close(), b.close()
+
+
+def test_iss_photos_localize_as_well_through_a_tile_service(shared_data, tmp_path: Path) -> None:
+    """Issue 14's end-to-end check on real imagery: the pooled ISS mosaics cut into 256-px XYZ tiles,
+    served on loopback, indexed through the service; the 23 photos with a true place in the pool are
+    found as often as with the mosaic-folder index (bench/tile_service_iss.py, run as is)."""
+    import re
+    import subprocess
+    import sys
+
+    out = tmp_path / "result.txt"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "tile_service_iss.py"
+    run = subprocess.run(
+        [sys.executable, str(bench), "--work", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {}
+    for line in out.read_text().splitlines():
+        m = re.match(r"(mosaic folder|tile service)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", line)
+        if m:
+            rows[m.group(1)] = [float(v) for v in m.groups()[3:6]]
+    folder, service = rows["mosaic folder"], rows["tile service"]
+    assert service[2] >= folder[2]  # R@10
+    assert service[0] >= folder[0] - 1 / 23 - 1e-9  # R@1: at most one photo apart
