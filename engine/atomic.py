@@ -11,10 +11,12 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike[str], suffix: str = "", durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success rename it over ``final``, on error delete it.
 
     The temporary name keeps ``suffix`` (e.g. ".gpkg") because some writers (GDAL) pick a driver from it.
+    ``durable``: fsync the file before the rename and the folder after it (an index survives a power cut
+    as the old or the new file; a write error such as ENOSPC surfaces here, not in a destructor).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -24,11 +26,21 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Pat
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if durable:
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    if durable:
+        with contextlib.suppress(OSError):  # not every platform/filesystem can fsync a directory
+            dir_fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
 
 def default_file_mode() -> int:

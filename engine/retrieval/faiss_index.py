@@ -29,18 +29,16 @@ never by mutating the index, so concurrent searches on one index are safe (FAISS
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
-import tempfile
 import weakref
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from ..atomic import default_file_mode
+from ..atomic import atomic_path
 from ..errors import IndexNotFoundError, InputError, from_os_error
 from ..progress import CancelToken, ProgressFn, no_progress
 
@@ -836,24 +834,16 @@ def _write_rerank_vectors(vectors: np.ndarray, path: Path) -> None:
     """The full vectors as a float16 ``.npy`` at ``path``, atomically (temp file beside it, fsync, rename),
     converted in 256 MiB chunks (never a whole float32 or float16 copy in RAM)."""
     n, d = vectors.shape
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, default_file_mode())
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
-        chunk = max(1, _CHUNK_BYTES // (4 * d))
-        for start in range(0, n, chunk):
-            out[start : start + chunk] = np.asarray(vectors[start : start + chunk], dtype=np.float32)
-            out.flush()
-        del out
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and (mapped := from_os_error(exc, f"writing {path}")):
+        with atomic_path(path, durable=True) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
+            chunk = max(1, _CHUNK_BYTES // (4 * d))
+            for start in range(0, n, chunk):
+                out[start : start + chunk] = np.asarray(vectors[start : start + chunk], dtype=np.float32)
+                out.flush()
+            del out
+    except OSError as exc:
+        if mapped := from_os_error(exc, f"writing {path}"):
             raise mapped from None
         raise
 
@@ -894,38 +884,19 @@ def write_index(index: faiss.Index, path: str | os.PathLike) -> Path:
         _write_rerank_vectors(index.vectors, rerank_file(final))
         index = index.base
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise from_os_error(exc, f"writing index {final}") or InputError(
-            f"cannot write index {final}: {exc.strerror or exc}"
-        ) from None
-    os.fchmod(fd, default_file_mode())  # the mode of the index's other files (mkstemp makes it 0600)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with open(tmp, "wb") as fh:
+        with atomic_path(final, durable=True) as tmp, open(tmp, "wb") as fh:
             writer = faiss.PyCallbackIOWriter(fh.write)
             try:
                 faiss.write_index(index, writer)
             finally:
                 del writer
             fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and (mapped := from_os_error(exc, f"writing index {final}")):
-            raise mapped from None
-        if isinstance(exc, RuntimeError):
-            raise InputError(f"cannot write index {final}: {_faiss_reason(exc)}") from None
-        raise
-    with contextlib.suppress(OSError):  # not every platform/filesystem can fsync a directory
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    except OSError as exc:
+        raise from_os_error(exc, f"writing index {final}") or InputError(
+            f"cannot write index {final}: {exc.strerror or exc}"
+        ) from None
+    except RuntimeError as exc:
+        raise InputError(f"cannot write index {final}: {_faiss_reason(exc)}") from None
     return final
 
 
