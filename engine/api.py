@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from .footprint.places import IndexPlaces, RasterPlaces
 from .geo.search_area import SearchArea
 from .imagery import open_source
 from .imagery.photos import DEFAULT_MAX_PIXELS, read_image
-from .imagery.tile_service import is_url
+from .imagery.tile_service import is_url, redact
 from .imagery.tile_source import (
     DEFAULT_MAX_TILES,
     TileMosaicSource,
@@ -39,10 +40,11 @@ from .imagery.tile_source import (
     tile_source_options,
 )
 from .imagery.tile_source import render_tiles as render_tiles  # an extent of tiles as one GeoTIFF
+from .imagery.tile_views import DEFAULT_FETCH_BUDGET
 from .nets.base import ImageEncoder
 from .nets.registry import available_models, load_encoder, resolve_name
 from .output_guard import check_output
-from .progress import CancelToken, ProgressFn, no_progress
+from .progress import CancelToken, ProgressFn, no_progress, within
 from .retrieval import search as tile_search
 from .retrieval.index_store import (
     FAISS_FILE,
@@ -100,6 +102,7 @@ def index(
     tile_cache: str | None = None,
     attribution: str | None = None,
     subdomains: Sequence[str] | None = None,
+    retry_missing: bool = False,
     ray: str | bool | None = None,
     ray_workers: int | None = None,
     progress: ProgressFn = no_progress,
@@ -126,7 +129,9 @@ def index(
     # absolute: the index is used from other working folders (the plugin's engine, the service)
     sources = [s if is_url(s) else os.path.abspath(s) for s in sources]
     # InputError for tile options without a tile source, or one cache file for several services
-    tile_options = tile_source_options(sources, zooms, area, max_tiles, tile_cache, attribution, subdomains)
+    tile_options = tile_source_options(
+        sources, zooms, area, max_tiles, tile_cache, attribution, subdomains, retry_missing
+    )
     check_index_out(out)  # before any download
     opened: list[Any] = []
     try:
@@ -191,13 +196,16 @@ def plan_index(
     tile_cache: str | None = None,
     attribution: str | None = None,
     subdomains: Sequence[str] | None = None,
+    retry_missing: bool = False,
 ) -> list[dict[str, Any]]:
     """What ``index`` would fetch, per tile source, without downloading or encoding anything: mosaics,
     tiles needed / cached / to download, estimated download bytes (the plugin shows it before starting).
 
     Raises what ``index`` would raise for the same tile options (bad template, over the cap ...)."""
     sources = [s if is_url(s) else os.path.abspath(s) for s in sources]
-    options = tile_source_options(sources, zooms, area, max_tiles, tile_cache, attribution, subdomains)
+    options = tile_source_options(
+        sources, zooms, area, max_tiles, tile_cache, attribution, subdomains, retry_missing
+    )
     plans = []
     for s in sources:
         if not is_tile_source(s):
@@ -205,6 +213,56 @@ def plan_index(
         with TileMosaicSource(s, span=span, overlap=overlap, **options) as src:
             plans.append(src.plan())
     return plans
+
+
+def on_tile_extent(
+    source: str,
+    run: Callable[[str, ProgressFn], Any],
+    *,
+    zoom: int | str | Sequence[int] | None = None,
+    area: SearchArea | None = None,
+    max_tiles: int = DEFAULT_MAX_TILES,
+    tile_cache: str | None = None,
+    subdomains: Sequence[str] | None = None,
+    retry_missing: bool = False,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> Any:
+    """``run(raster, progress)`` (``embed_at``, ``heatmap`` ...) on ``source``: a raster as it is; a tile
+    source (URL template, MBTiles, GeoPackage) rendered first at one ``zoom`` over ``area`` into a temporary
+    GeoTIFF (``render_tiles``: the first 30% of the progress), removed afterwards. A result that names its
+    raster (``.raster``) names ``source``, never the temporary file. Tile options with a raster: InputError.
+    """
+    if not is_tile_source(source):
+        if zoom not in (None, "", []) or area is not None or tile_cache or subdomains or retry_missing:
+            raise InputError(
+                f"{source}: zoom/--zooms, the area (--bbox/--near), --tile-cache, --subdomains and "
+                "--retry-missing apply to tile sources (URL, MBTiles, GeoPackage), not to a raster"
+            )
+        return run(source, progress)
+    if zoom in (None, "", []):
+        raise InputError(f"{redact(source)}: give the ONE zoom level to read the tiles at (--zooms 15)")
+    share = 0.3
+    with tempfile.TemporaryDirectory(prefix="skyloc-tiles-") as tmp:
+        extent = os.path.join(tmp, "extent.tif")
+        render_tiles(
+            source,
+            extent,
+            zoom=zoom,
+            area=area,
+            max_tiles=max_tiles,
+            tile_cache=tile_cache,
+            subdomains=subdomains,
+            retry_missing=retry_missing,
+            progress=lambda f, m: progress(share * f, m),
+            cancel=cancel,
+        )
+        if cancel is not None:
+            cancel.check()
+        result = run(extent, lambda f, m: progress(share + (1 - share) * f, m))
+    if isinstance(getattr(result, "raster", None), str):
+        result.raster = source
+    return result
 
 
 # -------------------------------------------------------------------------------------------- localize
@@ -453,6 +511,13 @@ def footprint(
     max_tiles: int = DEFAULT_MAX_TILES,
     tile_cache: str | None = None,
     subdomains: Sequence[str] | None = None,
+    retry_missing: bool = False,
+    bands: Sequence[int] | None = None,
+    weights: str | None = None,
+    sha256: str | None = None,
+    fetch_finer: bool = True,
+    max_fetch_zoom: int | None = None,
+    fetch_budget: int = DEFAULT_FETCH_BUDGET,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> list[Footprint]:
@@ -460,7 +525,11 @@ def footprint(
 
     ``against`` may also be a tile service URL template (with ``zooms`` and ``area``: its tiles are fetched
     once through the MBTiles cache ``tile_cache``), an MBTiles file or a GeoPackage tile table; the ground
-    is then read from the tiles at the zoom each view needs.
+    is then read from the tiles at the zoom each view needs. ``bands``: the raster's 1-based bands read as
+    red, green, blue (default: from its band names or colour interpretation, else a warned guess).
+    ``fetch_finer``: a view finer than ``zooms`` has the service's finer tiles fetched (through the cache)
+    up to ``max_fetch_zoom`` (default: the finest of ``zooms`` + 3, never past the service's finest), at most
+    ``fetch_budget`` tiles in all; beyond, the stored zooms are read (said once in the log).
 
     Candidates: the whole extent, then the ``top_k - 1`` windows most similar to the photo. Writes the
     footprint layer ``out`` (one feature per photo), and for localized photos the georeferenced GeoTIFF and
@@ -473,21 +542,36 @@ def footprint(
     paths = expand_photos(photos)
     tile_options = None
     if is_tile_source(against):
-        tile_options = tile_source_options([against], zooms, area, max_tiles, tile_cache, None, subdomains)
-        tile_options.pop("attribution")
-    elif zooms or area is not None or tile_cache:
-        raise InputError(
-            "--zooms/--bbox/--near/--tile-cache apply to tile sources (URL, MBTiles, GeoPackage)"
+        tile_options = tile_source_options(
+            [against], zooms, area, max_tiles, tile_cache, None, subdomains, retry_missing
         )
-    encoder = get_encoder(model, None, backend, None, None)
-    places = RasterPlaces(against, encoder, tile_options=tile_options, progress=progress, cancel=cancel)
+        tile_options.pop("attribution")
+    elif zooms or area is not None or tile_cache or subdomains or retry_missing:
+        raise InputError(
+            "--zooms/--bbox/--near/--tile-cache/--subdomains/--retry-missing apply to tile sources "
+            "(URL, MBTiles, GeoPackage)"
+        )
+    encoder = get_encoder(model, weights, backend, None, sha256)
+    places = RasterPlaces(
+        against,
+        encoder,
+        tile_options=tile_options,
+        progress=progress,
+        cancel=cancel,
+        bands=bands,
+        fetch_finer=fetch_finer,
+        max_fetch_zoom=max_fetch_zoom,
+        fetch_budget=fetch_budget,
+    )
     try:
 
         def locate(path: Path, progress: ProgressFn = no_progress) -> tuple[Footprint, np.ndarray]:
             rgb = read_image(path, max_pixels=max_pixels)
+            # the first photo encodes the raster's windows (seconds to a minute): a share of the bar
+            share = 0.4 if places.pending and top_k > 1 else 0.02
             progress(0.0, "finding candidate windows")
-            cands = places.candidates(rgb, top_k)
-            return estimate(str(path), rgb, cands, params, cancel, progress=progress), rgb
+            cands = places.candidates(rgb, top_k, within(progress, 0.0, share))
+            return estimate(str(path), rgb, cands, params, cancel, progress=within(progress, share, 1.0)), rgb
 
         settings = dict(
             against=against if is_url(against) else Path(against).resolve(),
@@ -496,6 +580,10 @@ def footprint(
             params=asdict(params),
             outputs=[georef_dir, geotiff, points],
             max_pixels=max_pixels,
+            # absent when not given: runs of earlier versions still resume
+            **({"bands": [int(b) for b in bands]} if bands else {}),
+            **({"model_id": encoder.model_id} if weights else {}),
+            **_fetch_settings(fetch_finer, max_fetch_zoom, fetch_budget),
         )
         return run_batch(
             paths,
@@ -505,7 +593,7 @@ def footprint(
             georef_dir=georef_dir,
             geotiff=geotiff,
             points=points,
-            inputs=[against],
+            inputs=[against, *([weights] if weights else [])],
             overwrite=overwrite,
             resume=resume,
             progress=progress,
@@ -531,6 +619,9 @@ def localize_footprints(
     resume: bool = True,
     overwrite: bool = False,
     params: CoregParams | None = None,
+    fetch_finer: bool = True,
+    max_fetch_zoom: int | None = None,
+    fetch_budget: int = DEFAULT_FETCH_BUDGET,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> list[Footprint]:
@@ -538,6 +629,10 @@ def localize_footprints(
 
     The winning candidate re-ranks the retrieval (``Footprint.checks`` lists every candidate, accepted
     first). ``candidates_out`` also writes the retrieved tiles, as ``localize --out`` does.
+    ``fetch_finer``: for tiles indexed from a service (URL template, WMTS), a view finer than the indexed
+    zooms has the finer tiles fetched into the index's tile cache, up to ``max_fetch_zoom`` (default: the
+    finest indexed zoom + 3) and ``fetch_budget`` tiles per cache; never for MBTiles/GeoPackage sources, nor
+    when the manifest hides a secret of the URL (the stored zooms are read, said once in the log).
     """
     params = params or CoregParams()
     check_matcher(params)  # weights checked before any output
@@ -565,7 +660,9 @@ def localize_footprints(
         keep_decoded=decoded,
     )
     by_photo = {p.photo: p for p in retrieved.photos}
-    places = IndexPlaces(idx)
+    places = IndexPlaces(
+        idx, fetch_finer=fetch_finer, max_fetch_zoom=max_fetch_zoom, fetch_budget=fetch_budget, cancel=cancel
+    )
     try:
 
         def locate(path: Path, progress: ProgressFn = no_progress) -> tuple[Footprint, np.ndarray]:
@@ -589,6 +686,7 @@ def localize_footprints(
             params=asdict(params),
             outputs=[georef_dir, geotiff, points],
             max_pixels=max_pixels,
+            **_fetch_settings(fetch_finer, max_fetch_zoom, fetch_budget),
         )
         return run_batch(
             [Path(p.photo) for p in retrieved.photos],
@@ -606,6 +704,19 @@ def localize_footprints(
         )
     finally:
         places.close()
+
+
+def _fetch_settings(fetch_finer: bool, max_fetch_zoom: int | None, fetch_budget: int) -> dict[str, Any]:
+    """What the finer-tile fetching adds to a footprint batch's resume settings: nothing at the defaults
+    (runs of earlier versions still resume)."""
+    out: dict[str, Any] = {}
+    if not fetch_finer:
+        out["fetch_finer"] = False
+    if max_fetch_zoom is not None:
+        out["max_fetch_zoom"] = int(max_fetch_zoom)
+    if fetch_budget != DEFAULT_FETCH_BUDGET:
+        out["fetch_budget"] = int(fetch_budget)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- train

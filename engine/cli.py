@@ -110,6 +110,12 @@ def tile_source_args(p: argparse.ArgumentParser, area: bool) -> None:
         "--attribution", metavar="TEXT", help="credit line of the imagery (stored in the manifest)"
     )
     g.add_argument("--subdomains", metavar="a,b,c", help="subdomains for {s} (default a,b,c)")
+    g.add_argument(
+        "--retry-missing",
+        action="store_true",
+        help="ask the service again for the tiles it had no tile for (404/204/empty); without it they are "
+        "asked again once recorded over 30 days ago",
+    )
 
 
 def _tile_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,6 +130,7 @@ def _tile_options(args: argparse.Namespace) -> dict[str, Any]:
         "subdomains": [s.strip() for s in args.subdomains.split(",") if s.strip()]
         if args.subdomains
         else None,
+        "retry_missing": bool(getattr(args, "retry_missing", False)),
     }
 
 
@@ -173,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
             "(default: OUT_georef/ beside --out)",
         )
         p.add_argument("--restart", action="store_true", help="ignore the records of an interrupted run")
+        p.add_argument(
+            "--no-fetch-finer",
+            dest="fetch_finer",
+            action="store_false",
+            help="tiles of a service: read only the zooms indexed (or given), never fetch finer ones",
+        )
         p.add_argument(
             "--matcher",
             choices=("sift", "aliked", "disk", "auto"),
@@ -280,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--backend", choices=("torch", "onnx"), default="onnx", help="retrieval encoder backend")
+    p.add_argument(
+        "--bands", help="--against a raster: 1-based bands read as R,G,B (default: band names, else guessed)"
+    )
+    p.add_argument("--model", default="default", help="retrieval encoder for the candidate windows")
+    p.add_argument("--weights", help="checkpoint file for models that need one (astroloc)")
+    p.add_argument("--sha256", type=_sha256, help="expected sha256 of --weights (64 hex digits)")
     footprint_args(p)
     tile_source_args(p, area=True)  # --against a tile service URL, an MBTiles or a GeoPackage of tiles
 
@@ -547,11 +566,23 @@ def _footprints(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
         "overwrite": args.overwrite,
         "progress": progress,
         "params": CoregParams(matcher=args.matcher) if args.matcher else None,
+        "fetch_finer": args.fetch_finer,
     }
     if args.command == "footprint":
         tiles = _tile_options(args)
         tiles.pop("attribution")
-        results = api.footprint(args.photos, args.against, area=_area(args), **tiles, **common)
+        bands = _ints(args.bands, "--bands") if args.bands else None
+        results = api.footprint(
+            args.photos,
+            args.against,
+            area=_area(args),
+            bands=bands,
+            model=args.model,
+            weights=args.weights,
+            sha256=args.sha256,
+            **tiles,
+            **common,
+        )
     else:
         results = api.localize_footprints(
             args.photos, args.index, area=_area(args), candidates_out=args.candidates, **common
@@ -609,26 +640,22 @@ def _points_file(path: str, crs: str | None) -> tuple[list[tuple[float, float]],
 
 
 def _embeddings(api: Any, args: argparse.Namespace, progress: StderrProgress) -> int:
+    """embed/heatmap; RASTER may be tiles (a service, MBTiles, GeoPackage): their extent at one zoom is
+    rendered to a temporary GeoTIFF first (api.on_tile_extent)."""
     from .imagery.tile_source import is_tile_source
 
-    if is_tile_source(args.raster):  # a tile service, MBTiles or GeoPackage: one zoom over an extent
-        import tempfile
-
-        opts = _tile_options(args)
-        with tempfile.TemporaryDirectory(prefix="skyloc-tiles-") as tmp:
-            extent = str(Path(tmp) / "extent.tif")
-            api.render_tiles(
-                args.raster,
-                extent,
-                zoom=args.zooms,
-                area=_area(args),
-                max_tiles=opts["max_tiles"],
-                tile_cache=opts["tile_cache"],
-                subdomains=opts["subdomains"],
-                progress=progress,
-            )
-            args.raster = extent
-            return _embeddings(api, args, progress)
+    opts = _tile_options(args)
+    source = args.raster
+    raster_input = None if is_tile_source(source) else source
+    tiles = {
+        "zoom": args.zooms,
+        "area": _area(args),
+        "max_tiles": opts["max_tiles"],
+        "tile_cache": opts["tile_cache"],
+        "subdomains": opts["subdomains"],
+        "retry_missing": opts["retry_missing"],
+        "progress": progress,
+    }
     bands = _ints(args.bands, "--bands") if args.bands else None
     common = {"model": args.model, "weights": args.weights, "sha256": args.sha256, "bands": bands}
     if args.command == "embed":
@@ -637,7 +664,7 @@ def _embeddings(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
         if args.out:
             check_output(
                 args.out,
-                inputs=[args.raster, args.points, args.weights],
+                inputs=[raster_input, args.points, args.weights],
                 overwrite=args.overwrite,
                 what="--out",
             )
@@ -645,7 +672,11 @@ def _embeddings(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
             points, crs = [_floats(args.at, 2, "--at")], args.crs
         else:
             points, crs = _points_file(args.points, args.crs)
-        result = api.embed_at(args.raster, points, crs=crs, progress=progress, **common)
+        result = api.on_tile_extent(
+            source,
+            lambda raster, prog: api.embed_at(raster, points, crs=crs, progress=prog, **common),
+            **tiles,
+        )
         if args.out and args.out.lower().endswith(".npy"):
             import numpy as np
 
@@ -676,17 +707,21 @@ def _embeddings(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
         query["photo"] = args.photo
     else:
         query["vector"] = args.vector
-    result = api.heatmap(
-        args.raster,
-        args.out,
-        crs=args.crs,
-        resolution=args.resolution,
-        max_pixels=args.max_pixels,
-        max_raster_pixels=args.max_raster_pixels,
-        overwrite=args.overwrite,
-        progress=progress,
-        **query,
-        **common,
+    result = api.on_tile_extent(
+        source,
+        lambda raster, prog: api.heatmap(
+            raster,
+            args.out,
+            crs=args.crs,
+            resolution=args.resolution,
+            max_pixels=args.max_pixels,
+            max_raster_pixels=args.max_raster_pixels,
+            overwrite=args.overwrite,
+            progress=prog,
+            **query,
+            **common,
+        ),
+        **tiles,
     )
     if args.json:
         print(json.dumps(result.to_json(), indent=1))

@@ -112,6 +112,11 @@ def _pair(value: Sequence[float] | None) -> list[float] | None:
     return None if value is None else [float(v) for v in value]
 
 
+def _tile_fields(**fields: Any) -> dict[str, Any]:
+    """Tile options of a request body: sequences as lists (``zooms``, ``subdomains``)."""
+    return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in fields.items()}
+
+
 class SkylocClient:
     """One service at ``url`` (``http://127.0.0.1:PORT``), authenticated by ``token`` or ``token_file``."""
 
@@ -238,6 +243,7 @@ class SkylocClient:
         tile_cache: str | None = None,
         attribution: str | None = None,
         subdomains: Sequence[str] | None = None,
+        retry_missing: bool | None = None,
     ) -> Job:
         """Build a tile database (a job); ``recursive``: XYZ mosaic folders with their subfolders; ``ray``:
         encode on a Ray cluster (True, "local", "auto" or the head's HOST:PORT), ``ray_workers`` workers.
@@ -261,6 +267,7 @@ class SkylocClient:
         max_tiles: int | None = None,
         tile_cache: str | None = None,
         subdomains: Sequence[str] | None = None,
+        retry_missing: bool | None = None,
     ) -> list[dict[str, Any]]:
         """Per tile source: mosaics, tiles needed/cached/to download, estimated_download_bytes (no download)."""
         body = dict(locals())
@@ -323,8 +330,19 @@ class SkylocClient:
         resume: bool | None = None,
         overwrite: bool | None = None,
         matcher: str | None = None,
+        zooms: Sequence[int] | None = None,
+        max_tiles: int | None = None,
+        tile_cache: str | None = None,
+        subdomains: Sequence[str] | None = None,
+        retry_missing: bool | None = None,
+        bands: Sequence[int] | None = None,
+        weights: str | None = None,
+        sha256: str | None = None,
     ) -> Job:
-        """Footprints of photos on a raster (``against``) or on an index's candidates (a job)."""
+        """Footprints of photos on a raster (``against``) or on an index's candidates (a job). ``against``
+        may be tiles (an http(s) URL template with ``zooms`` and ``bbox`` or ``near``+``radius_km``, an
+        MBTiles or a GeoPackage of tiles). ``bands``: a raster ``against``'s bands read as R,G,B;
+        ``model``/``weights``/``sha256``: the retrieval over its windows."""
         return self._job(
             "/footprint",
             {
@@ -345,6 +363,13 @@ class SkylocClient:
                 "resume": resume,
                 "overwrite": overwrite,
                 "matcher": matcher,
+                **_tile_fields(
+                    zooms=zooms, max_tiles=max_tiles, tile_cache=tile_cache, subdomains=subdomains
+                ),
+                "retry_missing": retry_missing,
+                "bands": None if bands is None else [int(b) for b in bands],
+                "weights": weights,
+                "sha256": sha256,
             },
         )
 
@@ -358,9 +383,24 @@ class SkylocClient:
         weights: str | None = None,
         sha256: str | None = None,
         bands: Sequence[int] | None = None,
+        zoom: int | None = None,
+        near: Sequence[float] | None = None,
+        radius_km: float | None = None,
+        bbox: Sequence[float] | None = None,
+        max_tiles: int | None = None,
+        tile_cache: str | None = None,
+        subdomains: Sequence[str] | None = None,
+        retry_missing: bool | None = None,
     ) -> dict[str, Any]:
-        """Embeddings at points ([x, y] in ``crs``, default the raster's), answered at once."""
+        """Embeddings at points ([x, y] in ``crs``, default the raster's), answered at once. ``raster`` may
+        be tiles (URL template, MBTiles, GeoPackage) read at ``zoom`` over ``bbox`` or ``near``+``radius_km``."""
         body = {
+            "zoom": zoom,
+            "near": _pair(near),
+            "radius_km": radius_km,
+            "bbox": None if bbox is None else [float(v) for v in bbox],
+            **_tile_fields(max_tiles=max_tiles, tile_cache=tile_cache, subdomains=subdomains),
+            "retry_missing": retry_missing,
             "raster": raster,
             "points": [[float(x), float(y)] for x, y in points],
             "crs": crs,
@@ -387,9 +427,17 @@ class SkylocClient:
         sha256: str | None = None,
         bands: Sequence[int] | None = None,
         overwrite: bool | None = None,
+        zoom: int | None = None,
+        near: Sequence[float] | None = None,
+        radius_km: float | None = None,
+        bbox: Sequence[float] | None = None,
+        max_tiles: int | None = None,
+        tile_cache: str | None = None,
+        subdomains: Sequence[str] | None = None,
+        retry_missing: bool | None = None,
     ) -> Job:
         """Similarity heatmap (COG at ``out``) to a point ``at``, a ``photo``, a ``location`` [lat, lon]
-        or a ``vector`` layer (a job)."""
+        or a ``vector`` layer (a job); ``raster`` may be tiles, read at ``zoom`` over the area (as :meth:`embed`)."""
         return self._job(
             "/heatmap",
             {
@@ -406,6 +454,12 @@ class SkylocClient:
                 "sha256": sha256,
                 "bands": None if bands is None else list(bands),
                 "overwrite": overwrite,
+                "zoom": zoom,
+                "near": _pair(near),
+                "radius_km": radius_km,
+                "bbox": None if bbox is None else [float(v) for v in bbox],
+                **_tile_fields(max_tiles=max_tiles, tile_cache=tile_cache, subdomains=subdomains),
+                "retry_missing": retry_missing,
             },
         )
 

@@ -15,6 +15,17 @@ def no_progress(fraction: float, message: str) -> None:  # noqa: ARG001
     """Default progress sink: report nothing."""
 
 
+def within(progress: ProgressFn, lo: float, hi: float) -> ProgressFn:
+    """``progress`` for a part ``lo..hi`` of the work, never moving back (a retry restarts its passes)."""
+    reached = [lo]
+
+    def report(fraction: float, message: str) -> None:
+        reached[0] = max(reached[0], lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+        progress(reached[0], message)
+
+    return report
+
+
 class CancelToken:
     """Set from another thread (a service job, a QGIS task); long loops call :meth:`check`."""
 

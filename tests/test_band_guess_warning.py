@@ -49,3 +49,25 @@ def test_a_job_lists_the_warnings_logged_while_it_ran():
     assert quiet.snapshot()["warnings"] == []  # the next job on the same thread starts clean
     logging.getLogger("skyloc.imagery").warning("outside any job")  # no job: nowhere to go, no error
     assert done.snapshot()["warnings"] == snap["warnings"]
+
+
+def test_footprint_against_a_raster_warns_once_and_takes_bands(tmp_path, caplog):
+    """``footprint --against`` read the raster twice (windows and ground), warning twice; with bands given
+    (the dock passes the layer's renderer bands) nothing is guessed and both reads use them."""
+    from engine import api
+    from engine.footprint.places import RasterPlaces
+
+    encoder = api.get_encoder("default", None, "onnx", None, None)
+    with caplog.at_level(logging.WARNING, logger="skyloc.imagery"):
+        places = RasterPlaces(str(NAIP09), encoder)
+        places.close()
+    assert [r.getMessage() for r in caplog.records if "band order guessed" in r.getMessage()].__len__() == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="skyloc.imagery"):
+        places = RasterPlaces(str(NAIP09), encoder, bands=[3, 2, 1])
+        try:
+            assert places.source.rgb_bands == (3, 2, 1)
+            assert places.ground.source.rgb_bands == (3, 2, 1)
+        finally:
+            places.close()
+    assert not caplog.records

@@ -52,6 +52,12 @@ def test_footprint_job_progress_moves_within_one_photo(tmp_path):
     )
     within = [(f, m) for f, m in seen if m.startswith(f"photo 1 of 1: {PHOTO.name}: ")]
     assert any("finding candidate windows" in m for _, m in within), seen
+    # the first photo encodes the raster's windows: the bar moves through them (issue 13: it stood still)
+    encoding = [(f, m) for f, m in within if "finding candidate windows: encoded " in m]
+    assert len(encoding) >= 3 and encoding[-1][1].endswith(f" windows of {NAIP09.name}"), within
+    assert encoding[0][0] < encoding[-1][0] <= 0.4 + 1e-9, encoding
+    n = int(encoding[-1][1].split("windows: encoded ")[1].split()[0])
+    assert encoding[-1][1].endswith(f"encoded {n} of {n} windows of {NAIP09.name}") and n > 16, encoding
     assert any(": candidate 1 of 2 (sift): pass 1: " in m for _, m in within), seen
     fractions = [f for f, _ in within]
     assert fractions == sorted(fractions) and all(0.0 <= f <= 1.0 for f in fractions)

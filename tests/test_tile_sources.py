@@ -825,3 +825,116 @@ def test_iss_photos_localize_as_well_through_a_tile_service(shared_data, tmp_pat
     folder, service = rows["mosaic folder"], rows["tile service"]
     assert service[2] >= folder[2]  # R@10
     assert service[0] >= folder[0] - 1 / 23 - 1e-9  # R@1: at most one photo apart
+
+
+# ------------------------------------------------------------------------------- missing tiles re-asked
+
+
+def one_missing(tiles, z: int = 15):
+    """A tile holding data in the middle of the sample (the server will first answer 404 for it), the
+    tiles served without it, and a lon/lat bbox of the 3x3 tiles around it (``k=1``: of it alone)."""
+    import math
+
+    keys = sorted(k for k in tiles if k[0] == z)
+    key = keys[len(keys) // 2]
+    _, x, y = key
+
+    def lon(i: int) -> float:
+        return i / 2**z * 360.0 - 180.0
+
+    def lat(j: int) -> float:
+        return math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * j / 2**z))))
+
+    def box(k: int) -> tuple[float, float, float, float]:
+        eps = 1e-7  # inside the tile edges
+        return (lon(x - k) + eps, lat(y + 1 + k) + eps, lon(x + 1 + k) - eps, lat(y - k) - eps)
+
+    return key, {k: v for k, v in tiles.items() if k != key}, box
+
+
+def missing_rows(cache: Path) -> list[tuple]:
+    conn = sqlite3.connect(cache)
+    rows = conn.execute(
+        "SELECT zoom_level, tile_column, tile_row, reason, recorded FROM skyloc_missing"
+    ).fetchall()
+    conn.close()
+    return rows
+
+
+def test_missing_tile_is_asked_again_with_retry_missing(tmp_path: Path, tiles) -> None:
+    import time
+
+    key, served, box = one_missing(tiles)
+    z, x, y = key
+    area = SearchArea(bbox=box(1))
+    cache = tmp_path / "c.mbtiles"
+    common = dict(zooms=[z], span=1, tile_cache=str(cache))
+    with TileServer(served) as srv:
+        build([srv.url], tmp_path / "a", area, **common)
+        path = srv.path(*key)
+        assert srv.served(404)[path] == 1
+        rows = {r[:3]: r[3:] for r in missing_rows(cache)}
+        reason, recorded = rows[(z, x, 2**z - 1 - y)]  # TMS row
+        assert reason == "HTTP 404" and time.time() - 600 < recorded <= time.time()
+        n = len(srv.log)
+        build([srv.url], tmp_path / "b", area, **common)
+        assert len(srv.log) == n  # a recent record: not asked again
+        (plan,) = api.plan_index([srv.url], area=area, **common)
+        assert plan["tiles_known_missing"] == len(rows) and plan["tiles_to_download"] == 0
+        (plan,) = api.plan_index([srv.url], area=area, retry_missing=True, **common)
+        assert plan["tiles_known_missing"] == 0 and plan["tiles_to_download"] == len(rows)
+
+        srv.tiles = {**served, key: tiles[key]}  # the service now has the tile
+        w, s, e, n_ = box(1)
+        rc = cli_main(
+            ["index", srv.url, "--out", str(tmp_path / "c"), "--bbox", f"{w},{s},{e},{n_}", "--zooms", str(z)]
+            + [
+                "--span",
+                "1",
+                "--tile-cache",
+                str(cache),
+                "--input-size",
+                str(INPUT),
+                "--retry-missing",
+                "--quiet",
+            ]
+        )
+        assert rc == 0 and srv.served(200)[path] == 1
+        assert len(srv.log) == n + len(rows)  # every missing record asked again, once
+    assert (z, x, 2**z - 1 - y) not in {r[:3] for r in missing_rows(cache)}
+    bounds = mosaic_bounds_3857(z, y, x, 1)
+    before, after = open_index(tmp_path / "a").tiles, open_index(tmp_path / "c").tiles
+    assert len(after) == len(before) + 1
+    assert not any(np.allclose(b, bounds) for b in before.native_bounds)
+    assert any(np.allclose(b, bounds) for b in after.native_bounds)  # the index gains the mosaic
+
+
+def test_old_missing_records_are_asked_again(tmp_path: Path, tiles) -> None:
+    key, served, box = one_missing(tiles)
+    cache = tmp_path / "c.mbtiles"
+
+    def fetch():
+        src = TileMosaicSource(
+            srv.url, zooms=[key[0]], area=SearchArea(bbox=box(0)), span=1, tile_cache=cache
+        )
+        src.prepare()
+        src.close()
+        return src.report
+
+    def age(sql: str) -> None:
+        conn = sqlite3.connect(cache)
+        conn.execute(sql)
+        conn.commit()
+        conn.close()
+
+    with TileServer(served) as srv:
+        assert fetch().missing == 1 and len(srv.log) == 1
+        assert fetch().known_missing == 1 and len(srv.log) == 1
+        age("UPDATE skyloc_missing SET recorded = recorded - 31 * 86400")  # recorded 31 days ago
+        r = fetch()
+        assert r.missing == 1 and len(srv.log) == 2  # asked again (still missing: recorded anew)
+        assert fetch().known_missing == 1 and len(srv.log) == 2
+        age("ALTER TABLE skyloc_missing DROP COLUMN recorded")  # a cache of an older Skyloc
+        assert fetch().missing == 1 and len(srv.log) == 3  # its records have no time: old
+        ((*_, recorded),) = missing_rows(cache)
+        assert recorded is not None

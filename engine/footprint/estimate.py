@@ -33,7 +33,7 @@ from ..errors import InputError
 from ..geo.crs import to_lonlat, unwrap_lons
 from ..geo.homography import apply_h
 from ..imagery.views import Ground
-from ..progress import CancelToken, ProgressFn, no_progress
+from ..progress import CancelToken, ProgressFn, no_progress, within
 from . import learned
 from .coregister import DEFAULT_PARAMS, Attempt, CoregParams, PhotoFeatures, coregister, corners
 from .learned import MATCHERS, LearnedUnavailable
@@ -196,14 +196,14 @@ def estimate(
             replace(params, matcher="sift"),
             cancel,
             photo,
-            _within(progress, 0.0, 0.5),
+            within(progress, 0.0, 0.5),
         )
         top = sorted(candidates, key=lambda c: c.rank)[: params.auto_learned_top]
         if out.status != "localized" and top and len(photo.features) >= MIN_PHOTO_FEATURES:
             sift = out
             try:
                 aliked = replace(params, matcher="aliked")
-                out = _estimate(photo_path, rgb, top, aliked, cancel, photo, _within(progress, 0.5, 1.0))
+                out = _estimate(photo_path, rgb, top, aliked, cancel, photo, within(progress, 0.5, 1.0))
             except LearnedUnavailable as exc:  # the wheel is optional for auto: say so, keep SIFT's verdict
                 out.reason = f"{out.reason}; not tried with ALIKED: {exc.message}"
             else:
@@ -213,17 +213,6 @@ def estimate(
         out.seconds = round(time.perf_counter() - t0, 3)
         return out
     return _estimate(photo_path, rgb, candidates, params, cancel, prepared, progress)
-
-
-def _within(progress: ProgressFn, lo: float, hi: float) -> ProgressFn:
-    """``progress`` for a part ``lo..hi`` of the work, never moving back (a retry restarts its passes)."""
-    reached = [lo]
-
-    def report(fraction: float, message: str) -> None:
-        reached[0] = max(reached[0], lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
-        progress(reached[0], message)
-
-    return report
 
 
 def _estimate(
@@ -283,7 +272,7 @@ def _estimate(
                 )
             )
             continue
-        step = _within(progress, n / len(candidates), (n + 1) / len(candidates))
+        step = within(progress, n / len(candidates), (n + 1) / len(candidates))
         att = coregister(
             photo,
             cand.ground,

@@ -9,8 +9,9 @@ retries with exponential backoff on connection errors, 429 and 5xx (a ``Retry-Af
 capped), a User-Agent naming Skyloc and its version, connect/read timeouts. Every body is decoded before
 it is cached: an HTML error page, a truncated JPEG or anything else that is not an image is never stored.
 404, 410, 204, empty bodies and fully transparent tiles mean "no tile here" (ocean, outside coverage): they
-are recorded as missing (not asked again) and counted, not fatal. Tiles already cached or known missing are
-never requested again, so an interrupted build resumes where it stopped.
+are recorded as missing, with the time, and counted, not fatal. Tiles already cached or known missing are
+not requested again, so an interrupted build resumes where it stopped; a missing record older than
+MISSING_RETRY_AFTER_S (or any, with ``retry_missing``: ``--retry-missing``) is asked again.
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 #: Answers that mean "there is no tile here": skipped and counted, not an error.
 MISSING_STATUSES = (204, 404, 410)
 DEFAULT_SUBDOMAINS = ("a", "b", "c")
+#: A tile recorded missing is asked again once its record is this old (seconds): coverage grows.
+MISSING_RETRY_AFTER_S = 30 * 86400.0
+
+
+def missing_since(retry_missing: bool = False, max_age_s: float = MISSING_RETRY_AFTER_S) -> float:
+    """The time from which missing records still hold (``MBTiles.missing(z, since=...)``): records made
+    before it are asked again; ``retry_missing``: none holds (every missing tile is asked again)."""
+    return float("inf") if retry_missing else time.time() - max_age_s
+
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 #: Query parameters whose values are secrets: shown as *** in manifests and messages.
@@ -72,10 +82,14 @@ class TooManyTilesError(InputError):
 
 
 def is_url(text: str) -> bool:
-    """True for anything with a URL scheme (``http:``, ``file:``, ``ftp:`` ...), not a Windows drive letter."""
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", str(text)) is not None and not re.match(
-        r"^[A-Za-z]:[\\/]", str(text)
-    )
+    """True for anything with a URL scheme (``http:``, ``file:``, ``ftp:``, ``wmts:`` ...), not a Windows drive
+    letter; and for a QGIS WMTS layer source (``...&tileMatrixSet=...&url=...``, see wmts.py)."""
+    from .wmts import is_wmts
+
+    return (
+        re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", str(text)) is not None
+        and not re.match(r"^[A-Za-z]:[\\/]", str(text))
+    ) or is_wmts(text)
 
 
 def redact(url: str) -> str:
@@ -138,14 +152,21 @@ class UrlTemplate:
     @classmethod
     def parse(cls, text: str, subdomains: tuple[str, ...] | None = None) -> UrlTemplate:
         """From a template, a percent-encoded template (``%7Bz%7D``), or a QGIS XYZ layer source
-        (``type=xyz&url=https://...&zmax=19``)."""
+        (``type=xyz&url=https://...&zmax=19``); a WMTS source (wmts.py) reads the service's capabilities."""
         text = text.strip()
+        from .wmts import is_wmts, wmts_template
+
+        if is_wmts(text):
+            return wmts_template(text)
         if text.startswith("type=xyz") and "url=" in text:
             fields = dict(parse_qsl(text, keep_blank_values=True))
             text = fields.get("url", "")
         if "%7B" in text.upper():
             text = re.sub(r"%7[Bb]([^%]*)%7[Dd]", lambda m: "{" + unquote(m.group(1)) + "}", text)
         return cls(text, tuple(subdomains) if subdomains else DEFAULT_SUBDOMAINS)
+
+    def check_zooms(self, zooms: list[int]) -> None:
+        """InputError for a zoom the service does not offer (an XYZ template: any is asked)."""
 
     @property
     def host(self) -> str:
@@ -251,12 +272,14 @@ class TileFetcher:
         retries: int = DEFAULT_RETRIES,
         backoff: float = DEFAULT_BACKOFF,
         max_retry_after: float = MAX_RETRY_AFTER,
+        retry_missing: bool = False,
     ) -> None:
         if workers < 1:
             raise InputError(f"tile download workers must be >= 1, got {workers}")
         self.template = template
         self.cache = cache
         self.workers = workers
+        self.retry_missing = retry_missing  # ask again tiles recorded missing, however recent the record
         self.timeout = timeout
         capped = type("CappedRetry", (_CappedRetry,), {"max_retry_after": max_retry_after})
         retry = capped(
@@ -360,7 +383,8 @@ class TileFetcher:
         progress: ProgressFn = no_progress,
         cancel: CancelToken | None = None,
     ) -> FetchReport:
-        """Download every tile of ``tiles`` not cached yet (nor known missing). Never fetches one twice.
+        """Download every tile of ``tiles`` not cached yet (nor known missing: a record newer than
+        MISSING_RETRY_AFTER_S, none with ``retry_missing``). Never fetches one twice in a call.
 
         The first tile is fetched alone: a host that cannot be reached (or refuses access) is reported
         before anything else is asked. On cancel (or an exception from ``progress``) downloads in flight are
@@ -371,7 +395,7 @@ class TileFetcher:
         self.cache.refresh()  # another source (or process) may have filled the cache since it was read
         todo: list[Tile] = []
         for z in sorted({t[0] for t in tiles}):
-            have, gone = self.cache.present(z), self.cache.missing(z)
+            have, gone = self.cache.present(z), self.cache.missing(z, since=missing_since(self.retry_missing))
             for t in (t for t in tiles if t[0] == z):
                 if (t[1], t[2]) in have:
                     report.cached += 1

@@ -42,6 +42,7 @@ from .tile_service import (
     check_fetch_report,
     default_cache_path,
     is_url,
+    missing_since,
 )
 from .tile_store import MBTiles, Tile, TileStore, open_tile_store
 
@@ -209,6 +210,7 @@ class TileMosaicSource:
         subdomains: Sequence[str] | None = None,
         workers: int = DEFAULT_WORKERS,
         fetcher_options: dict[str, Any] | None = None,
+        retry_missing: bool = False,
     ) -> None:
         if span < 1 or span > 64:
             raise InputError(f"--span must be 1..64, got {span}")
@@ -223,6 +225,7 @@ class TileMosaicSource:
         self.min_coverage = min_coverage
         self.max_tiles = max_tiles
         self.area = area
+        self.retry_missing = retry_missing  # services: ask again the tiles recorded missing
         self.template: UrlTemplate | None = None
         self.fetcher: TileFetcher | None = None
         self.report: FetchReport | None = None
@@ -235,6 +238,7 @@ class TileMosaicSource:
                 raise InputError(
                     f"tile service {self.template.redacted}: give the zoom levels to index (--zooms 9-11)"
                 )
+            self.template.check_zooms(zoom_list)  # a WMTS layer: the zooms its matrix set offers
             if area is None:
                 raise InputError(
                     f"tile service {self.template.redacted}: give the area to index (--bbox MIN_LON,MIN_LAT,"
@@ -250,7 +254,13 @@ class TileMosaicSource:
             self.candidates = self._plan_mosaics()
             self._check_cap()  # before the cache file is even created
             self.store: TileStore = open_cache(self.template, cache)
-            self.fetcher = TileFetcher(self.template, self.store, workers=workers, **(fetcher_options or {}))
+            self.fetcher = TileFetcher(
+                self.template,
+                self.store,
+                workers=workers,
+                retry_missing=retry_missing,
+                **(fetcher_options or {}),
+            )
         else:
             self.store = open_tile_store(source)
             self.path = os.path.abspath(source)
@@ -299,7 +309,9 @@ class TileMosaicSource:
         sizes: list[int] = []
         for z in self.zooms:
             have = self.store.present(z)
-            gone = self.store.missing(z) if isinstance(self.store, MBTiles) and self.template else set()
+            gone = set()  # records that still hold: older ones (or all, retry_missing) are asked again
+            if isinstance(self.store, MBTiles) and self.template:
+                gone = self.store.missing(z, since=missing_since(self.retry_missing))
             for t in (t for t in self.tiles_needed if t[0] == z):
                 cached += (t[1], t[2]) in have
                 missing += (t[1], t[2]) in gone
@@ -334,6 +346,8 @@ class TileMosaicSource:
         if self.template is not None:
             d["url"] = self.template.redacted
             d["cache"] = os.path.abspath(self.store.path)
+            if "{s}" in self.template.template:  # footprints fetch finer tiles from the same hosts
+                d["subdomains"] = list(self.template.subdomains)
         else:
             d["file"] = os.path.abspath(self.store.path)
             if getattr(self.store, "table", None):
@@ -509,6 +523,7 @@ def tile_source_options(
     tile_cache: str | None,
     attribution: str | None,
     subdomains: Sequence[str] | None,
+    retry_missing: bool = False,
 ) -> dict[str, Any]:
     """The options every tile source of an index gets; refuses options that no source can use."""
     tiled = [s for s in sources if is_tile_source(s)]
@@ -530,6 +545,10 @@ def tile_source_options(
             "--tile-cache names the cache of ONE tile service; with several services leave it out "
             "(each gets its own file in the default cache folder)"
         )
+    if retry_missing and not services:
+        raise InputError(
+            "--retry-missing asks a tile service (URL) again for its missing tiles; no source is one"
+        )
     if max_tiles < 1:
         raise InputError(f"--max-tiles must be >= 1, got {max_tiles}")
     return {
@@ -539,6 +558,7 @@ def tile_source_options(
         "tile_cache": tile_cache,
         "attribution": attribution,
         "subdomains": tuple(subdomains) if subdomains else None,
+        "retry_missing": bool(retry_missing),
     }
 
 
@@ -579,25 +599,18 @@ def tile_build_params(sources: Sequence[Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------ an extent as one GeoTIFF
 
 
-def render_tiles(
+def plan_extent(
     source: str,
-    out: str | os.PathLike[str],
     *,
     zoom: int | str | Sequence[int],
     area: SearchArea | None = None,
     max_tiles: int = DEFAULT_MAX_TILES,
-    tile_cache: str | os.PathLike[str] | None = None,
     subdomains: Sequence[str] | None = None,
-    overwrite: bool = False,
-    progress: ProgressFn = no_progress,
-    cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
-    """Write the tiles of ``source`` (URL template, MBTiles, GeoPackage) over ``area`` at one ``zoom`` as an
-    RGB GeoTIFF in EPSG:3857 (exact XYZ transform, missing tiles masked): what ``embed``/``heatmap`` then
-    read like any raster. A service's tiles are fetched once, through its cache (``tile_cache``)."""
-    from ..atomic import atomic_path
-    from ..output_guard import check_output
-    from .tile_views import render_geotiff, tile_range
+    """What :func:`render_tiles` would render, checked without fetching or writing anything: the zoom
+    (exactly one), an area for a service, the tile count against ``max_tiles``, a file's stored zoom.
+    Returns ``{"zoom", "tiles": [x0, y0, x1, y1], "count"}``; raises what render_tiles would."""
+    from .tile_views import tile_range
 
     zooms = parse_zooms(zoom if not isinstance(zoom, int) else [zoom])
     if len(zooms) != 1:
@@ -608,41 +621,83 @@ def render_tiles(
     template = (
         UrlTemplate.parse(source, tuple(subdomains) if subdomains else None) if is_url(source) else None
     )
+    if template is not None:
+        template.check_zooms([z])
     if template is not None and area is None:
         raise InputError(f"{template.redacted}: give the extent (--bbox, or --near and --radius-km)")
     if max_tiles < 1:
         raise InputError(f"--max-tiles must be >= 1, got {max_tiles}")
-    store: TileStore
-    if template is None:
-        store = open_tile_store(source)
-        if z not in store.zooms():
-            store.close()
-            raise InputError(f"{source} has no tiles at zoom {z} (stored: {store.zooms()})")
     if area is not None:
         w, s, e, n = area_bbox(area)
         if w > e:
             raise InputError("an extent crossing the antimeridian cannot be rendered as one GeoTIFF")
+    if template is None:
+        store = open_tile_store(source)
+        try:
+            if z not in store.zooms():
+                raise InputError(f"{source} has no tiles at zoom {z} (stored: {store.zooms()})")
+            if area is None:
+                xs, ys = zip(*store.present(z), strict=True)
+                box = (min(xs), min(ys), max(xs), max(ys))
+        finally:
+            store.close()
+    if area is not None:
         box = tile_range((w, s, e, n), z)
-    else:
-        xs, ys = zip(*store.present(z), strict=True)
-        box = (min(xs), min(ys), max(xs), max(ys))
     count = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
     if count > max_tiles:
         raise TooManyTilesError(
             f"{template.redacted if template else source}: the extent needs {count:,} tiles at zoom {z}, over "
             f"the cap of {max_tiles:,}: shrink it, use a coarser zoom, or raise --max-tiles"
         )
+    return {"zoom": z, "tiles": list(box), "count": count}
+
+
+def render_tiles(
+    source: str,
+    out: str | os.PathLike[str],
+    *,
+    zoom: int | str | Sequence[int],
+    area: SearchArea | None = None,
+    max_tiles: int = DEFAULT_MAX_TILES,
+    tile_cache: str | os.PathLike[str] | None = None,
+    subdomains: Sequence[str] | None = None,
+    retry_missing: bool = False,
+    overwrite: bool = False,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> dict[str, Any]:
+    """Write the tiles of ``source`` (URL template, MBTiles, GeoPackage) over ``area`` at one ``zoom`` as an
+    RGB GeoTIFF in EPSG:3857 (exact XYZ transform, missing tiles masked): what ``embed``/``heatmap`` then
+    read like any raster. A service's tiles are fetched once, through its cache (``tile_cache``; tiles
+    recorded missing are asked again when the record is old, or always with ``retry_missing``)."""
+    from ..atomic import atomic_path
+    from ..output_guard import check_output
+    from .tile_views import render_geotiff
+
+    plan = plan_extent(source, zoom=zoom, area=area, max_tiles=max_tiles, subdomains=subdomains)
+    z, box, count = plan["zoom"], tuple(plan["tiles"]), plan["count"]
+    template = (
+        UrlTemplate.parse(source, tuple(subdomains) if subdomains else None) if is_url(source) else None
+    )
+    if retry_missing and template is None:
+        raise InputError("--retry-missing asks a tile service (URL) again for its missing tiles")
+    store: TileStore
     check_output(out, inputs=[source if template is None else None], overwrite=overwrite, what="GeoTIFF")
     if template is not None:
         cache = Path(tile_cache) if tile_cache else default_cache_path(template)
         store = open_cache(template, cache)
-        fetcher = TileFetcher(template, store)
+        fetcher = TileFetcher(template, store, retry_missing=retry_missing)
         try:
             tiles = [(z, x, y) for y in range(box[1], box[3] + 1) for x in range(box[0], box[2] + 1)]
             report = fetcher.fetch(tiles, progress=lambda f, m: progress(0.9 * f, m), cancel=cancel)
             check_fetch_report(report, template, cache)
+        except BaseException:
+            store.close()
+            raise
         finally:
             fetcher.close()
+    else:
+        store = open_tile_store(source)
     try:
         progress(0.9, f"writing {count} tiles at zoom {z} as one GeoTIFF")
         with atomic_path(out, suffix=".tif") as tmp:

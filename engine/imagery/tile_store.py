@@ -8,7 +8,9 @@ GoogleMapsCompatible tiling (EPSG:3857, the whole world in ``2^z x 2^z`` tiles a
 anything else is refused with a clear error, never silently misplaced.
 
 The download cache (:class:`MBTiles` opened with ``writable=True``) also keeps a ``skyloc_missing`` table:
-tiles the service answered 404/204/empty for, so that a re-run does not ask for them again.
+tiles the service answered 404/204/empty for, and when (``recorded``, Unix seconds), so that a re-run does
+not ask for them again until the record is old (``missing(z, since=...)``; records of caches written before
+the column existed have none and count as old).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -200,7 +203,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS metadata_name ON metadata (name);
 CREATE TABLE IF NOT EXISTS tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB);
 CREATE UNIQUE INDEX IF NOT EXISTS tile_index ON tiles (zoom_level, tile_column, tile_row);
 CREATE TABLE IF NOT EXISTS skyloc_missing (
-    zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, reason TEXT,
+    zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, reason TEXT, recorded REAL,
     PRIMARY KEY (zoom_level, tile_column, tile_row)
 );
 """
@@ -255,6 +258,9 @@ class MBTiles(TileStore):
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.executescript(MBTILES_SCHEMA)
+            columns = {r[1] for r in self.conn.execute("PRAGMA table_info(skyloc_missing)")}
+            if "recorded" not in columns:  # a cache of an older Skyloc: its records have no time (old)
+                self.conn.execute("ALTER TABLE skyloc_missing ADD COLUMN recorded REAL")
             self.conn.commit()
         else:
             if "tiles" not in tables:
@@ -306,12 +312,19 @@ class MBTiles(TileStore):
 
     # --------------------------------------------------------------------------------- cache writing
 
-    def missing(self, z: int) -> set[tuple[int, int]]:
-        """(x, y) the service answered "no tile" for (404, 204, empty or fully transparent)."""
+    def missing(self, z: int, since: float | None = None) -> set[tuple[int, int]]:
+        """(x, y) the service answered "no tile" for (404, 204, empty or fully transparent); ``since``
+        (Unix seconds): only the records made since then (a record without a time is older than any)."""
         with self._lock:
-            rows = self.conn.execute(
-                "SELECT tile_column, tile_row FROM skyloc_missing WHERE zoom_level = ?", (z,)
-            ).fetchall()
+            if since is None:
+                query, args = "SELECT tile_column, tile_row FROM skyloc_missing WHERE zoom_level = ?", (z,)
+            else:
+                query = (
+                    "SELECT tile_column, tile_row FROM skyloc_missing WHERE zoom_level = ? "
+                    "AND recorded IS NOT NULL AND recorded >= ?"
+                )
+                args = (z, since)
+            rows = self.conn.execute(query, args).fetchall()
         return {(int(x), self._row(z, int(r))) for x, r in rows}
 
     def put(self, z: int, x: int, y: int, data: bytes) -> None:
@@ -320,6 +333,10 @@ class MBTiles(TileStore):
             self.conn.execute(
                 "INSERT OR REPLACE INTO tiles (zoom_level, tile_column, tile_row, tile_data) VALUES (?, ?, ?, ?)",
                 (z, x, self._row(z, y), sqlite3.Binary(data)),
+            )
+            self.conn.execute(  # a tile once missing that the service now has
+                "DELETE FROM skyloc_missing WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
+                (z, x, self._row(z, y)),
             )
             if self.tile_format is None:
                 self.tile_format = image_format(data)
@@ -333,9 +350,9 @@ class MBTiles(TileStore):
     def put_missing(self, z: int, x: int, y: int, reason: str) -> None:
         with self._lock:
             self.conn.execute(
-                "INSERT OR REPLACE INTO skyloc_missing (zoom_level, tile_column, tile_row, reason) "
-                "VALUES (?, ?, ?, ?)",
-                (z, x, self._row(z, y), reason[:200]),
+                "INSERT OR REPLACE INTO skyloc_missing (zoom_level, tile_column, tile_row, reason, recorded) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (z, x, self._row(z, y), reason[:200], time.time()),
             )
             self.conn.commit()
 

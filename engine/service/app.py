@@ -50,6 +50,8 @@ from ..errors import (
 from ..footprint.coregister import CoregParams
 from ..imagery.photos import DEFAULT_MAX_PIXELS, DEFAULT_MAX_RASTER_PIXELS
 from ..imagery.tile_service import default_cache_dir as default_tile_cache_dir
+from ..imagery.tile_service import is_url, redact
+from ..imagery.tile_source import plan_extent
 from ..output_guard import check_output
 from ..retrieval.index_store import check_index_out
 from .auth import TokenMiddleware
@@ -75,6 +77,7 @@ from .schemas import (
     IndexRequest,
     JobOut,
     LocalizeRequest,
+    TileFields,
     TilePlanRequest,
     UploadOut,
 )
@@ -315,6 +318,53 @@ class Service:
         if real.is_file() and is_tile_source(str(real)):
             return str(real)
         return str(self.raster_input(given, what="source"))
+
+    def tile_source(self, given: str) -> str | None:
+        """``given`` checked as ``index_source`` checks it, when it is a tile source (an http(s) URL
+        template, an MBTiles/GeoPackage of tiles inside the roots); None when it is not one."""
+        from ..imagery.tile_source import is_tile_source
+
+        checked = self.index_source(given)
+        return checked if is_tile_source(checked) else None
+
+    def tile_options(self, req: TileFields, tiled: bool, what: str, zooms: str) -> dict[str, Any]:
+        """The tile options of a request whose ``what`` is a tile source (``tiled``): the area from its
+        bbox/near/radius_km, the cache checked as an output. For a raster, any of them given: 422."""
+        if not tiled:
+            fields = (
+                zooms,
+                "near",
+                "radius_km",
+                "bbox",
+                "max_tiles",
+                "tile_cache",
+                "subdomains",
+                "retry_missing",
+            )
+            given = [f for f in fields if f in req.model_fields_set and getattr(req, f) not in (None, False)]
+            if given:
+                raise InputError(
+                    f"{', '.join(given)}: these apply when {what} is a tile source (an http(s) URL template, "
+                    "an MBTiles or a GeoPackage of tiles), not a raster"
+                )
+            return {}
+        assert isinstance(req, AreaFields)
+        return dict(
+            area=self.area(req),
+            max_tiles=req.max_tiles,
+            tile_cache=self.tile_cache(req.tile_cache),
+            subdomains=req.subdomains,
+            retry_missing=req.retry_missing,
+        )
+
+    def check_extent(self, source: str, zoom: int | None, options: dict[str, Any]) -> None:
+        """A raster of tiles (``/embed``, ``/heatmap``): its one zoom, area and tile count, checked before
+        anything is fetched (``plan_extent``: 422, 413 ``too_many_tiles``)."""
+        if zoom is None:
+            raise InputError(
+                f"raster {redact(source)[:200]!r} is a tile source: give zoom, the one zoom level to read it at"
+            )
+        plan_extent(source, zoom=zoom, **{k: options[k] for k in ("area", "max_tiles", "subdomains")})
 
     def tile_cache(self, path: str | None) -> str | None:
         """A tile cache named by a request: an .mbtiles the service may write (inside the roots)."""
@@ -598,18 +648,30 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
         @app.post("/embed", tags=["engine"])
         def embed(req: EmbedRequest) -> dict[str, Any]:
-            """Embeddings of the raster at points (synchronous)."""
-            raster = svc.raster_file(req.raster, what="raster")
+            """Embeddings of the raster at points (synchronous); a raster of tiles (URL template, MBTiles,
+            GeoPackage) is read at ``zoom`` over the area, rendered as a temporary GeoTIFF first."""
+            tiles = svc.tile_source(req.raster)
+            raster = tiles if tiles is not None else str(svc.raster_file(req.raster, what="raster"))
+            options = svc.tile_options(req, tiles is not None, "raster", "zoom")
+            if tiles is not None:  # zoom, area, cap: refused now (422/413), before any download
+                svc.check_extent(tiles, req.zoom, options)
             weights = svc.optional_input(req.weights, "weights")
+            points = [tuple(p) for p in req.points]
             with svc.sync_slot():
-                result = api.embed_at(
-                    str(raster),
-                    [tuple(p) for p in req.points],
-                    crs=req.crs,
-                    model=req.model,
-                    weights=weights,
-                    sha256=req.sha256,
-                    bands=req.bands,
+                result = api.on_tile_extent(
+                    raster,
+                    lambda r, progress: api.embed_at(
+                        r,
+                        points,
+                        crs=req.crs,
+                        model=req.model,
+                        weights=weights,
+                        sha256=req.sha256,
+                        bands=req.bands,
+                        progress=progress,
+                    ),
+                    zoom=req.zoom if tiles is not None else None,
+                    **options,
                 )
             return plain(result.to_json())
 
@@ -628,6 +690,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             tile_cache=tile_cache,
             attribution=req.attribution,
             subdomains=req.subdomains,
+            retry_missing=req.retry_missing,
         )
         out = svc.policy.resolve(req.out, write=True, what="out")
         if any(out == Path(r) or Path(r).is_relative_to(out) for r in svc.policy.roots):
@@ -683,6 +746,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                     max_tiles=req.max_tiles,
                     tile_cache=svc.tile_cache(req.tile_cache),
                     subdomains=req.subdomains,
+                    retry_missing=req.retry_missing,
                 )
             )
 
@@ -726,6 +790,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def post_footprint(req: FootprintRequest):
         """Footprints of photos, on a raster (``against``) or on an index's candidates (``index``): a job."""
         from ..footprint.batch import georef_names, parts_dir
+        from ..imagery.tile_source import is_tile_source
 
         if (req.against is None) == (req.index is None):
             raise InputError("give either against (a raster or XYZ folder) or index, not both")
@@ -755,14 +820,25 @@ def create_app(config: ServiceConfig) -> FastAPI:
             resume=req.resume,
             overwrite=req.overwrite,
             params=CoregParams(matcher=req.matcher),
+            # finer zooms than the index/against holds are fetched only where this engine may reach URLs
+            fetch_finer=config.allow_tile_urls,
         )
         check_output(out, inputs=photos, overwrite=req.overwrite, layer="footprints", what="footprint layer")
         candidates_out = None
         if req.against is not None:
-            if req.near or req.bbox or req.radius_km or req.candidates_out:
-                raise InputError("near/radius_km/bbox/candidates_out go with index, not against")
-            against = str(svc.raster_input(req.against, what="against"))
+            if req.candidates_out:
+                raise InputError("candidates_out goes with index, not against")
+            # a raster, an XYZ folder, or tiles (URL template, MBTiles, GeoPackage) as POST /index takes them
+            against = svc.index_source(req.against)
+            tiled = is_tile_source(against)
+            tile_options = svc.tile_options(req, tiled, "against", "zooms")
+            if tiled:  # template, zooms, area, cap: refused now (422/413), not as a failed job
+                tile_options["zooms"] = req.zooms
+                api.plan_index([against], **tile_options)
             svc.check_model_name(req.model)
+            weights = svc.optional_input(req.weights, "weights")
+            if req.bands is not None and (tiled or Path(against).is_dir()):
+                raise InputError("bands apply to a raster file against, not to tiles or mosaic folders")
 
             def call(progress, cancel):
                 return api.footprint(
@@ -770,13 +846,19 @@ def create_app(config: ServiceConfig) -> FastAPI:
                     against,
                     top_k=req.top_k or 5,
                     model=req.model,
+                    weights=weights,
+                    sha256=req.sha256,
+                    bands=req.bands,
                     progress=progress,
                     cancel=cancel,
+                    **tile_options,
                     **common,
                 )
 
             params = {**req.model_dump(), "against": against}
         else:
+            if req.bands is not None or req.weights is not None or req.sha256 is not None:
+                raise InputError("bands/weights/sha256 go with against; an index reads with its own model")
             idx = svc.index(req.index)
             svc.index_sources(idx)  # footprints read the tiles' imagery: it must lie inside the roots
             area = svc.area(req)
@@ -817,7 +899,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             for p in photos:
                 svc.gdal.image(p, "photo")
             if req.against is not None:
-                svc.raster_input(str(params["against"]), what="against")
+                svc.index_source(str(params["against"]))
             else:
                 svc.index_sources(svc.index(str(params["index"])))
 
@@ -827,16 +909,22 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
         @app.post("/heatmap", status_code=202, response_model=JobOut, tags=["jobs"])
         def post_heatmap(req: HeatmapRequest):
-            """Similarity heatmap over a raster, written as a Cloud-Optimized GeoTIFF (a job)."""
-            raster = str(svc.raster_file(req.raster, what="raster"))
+            """Similarity heatmap over a raster, written as a Cloud-Optimized GeoTIFF (a job); a raster of
+            tiles (URL template, MBTiles, GeoPackage) is read at ``zoom`` over the area, rendered in the job
+            as a temporary GeoTIFF first."""
+            tiles = svc.tile_source(req.raster)
+            raster = tiles if tiles is not None else str(svc.raster_file(req.raster, what="raster"))
+            options = svc.tile_options(req, tiles is not None, "raster", "zoom")
+            if tiles is not None:  # zoom, area, cap: refused now (422/413), before any download
+                svc.check_extent(tiles, req.zoom, options)
             out = svc.output(req.out, "out", (".tif", ".tiff"))
             photo = None if req.photo is None else str(svc.photo_file(req.photo))
             vector = svc.vector_input(req.vector, "vector")
             weights = svc.optional_input(req.weights, "weights")
 
-            def run(progress, cancel) -> JobOutcome:
-                result = api.heatmap(
-                    raster,
+            def heatmap(r: str, progress, cancel):
+                return api.heatmap(
+                    r,
                     str(out),
                     at=None if req.at is None else tuple(req.at),
                     crs=req.crs,
@@ -854,14 +942,28 @@ def create_app(config: ServiceConfig) -> FastAPI:
                     progress=progress,
                     cancel=cancel,
                 )
+
+            def run(progress, cancel) -> JobOutcome:
+                result = api.on_tile_extent(
+                    raster,
+                    lambda r, progress: heatmap(r, progress, cancel),
+                    zoom=req.zoom if tiles is not None else None,
+                    **options,
+                    progress=progress,
+                    cancel=cancel,
+                )
                 return JobOutcome([result.out, result.style], plain(result.to_json()))
 
+            source = None if is_url(raster) else raster
             for target in (out, out.with_suffix(".qml")):  # refused at once (409) rather than as a failed job
-                check_output(target, inputs=[raster, photo, vector, weights], overwrite=req.overwrite)
+                check_output(target, inputs=[source, photo, vector, weights], overwrite=req.overwrite)
             params = {**req.model_dump(), "raster": raster, "out": out}
 
             def recheck() -> None:
-                svc.gdal.raster(Path(raster), "raster")
+                if tiles is not None:
+                    svc.index_source(raster)
+                else:
+                    svc.gdal.raster(Path(raster), "raster")
                 if photo is not None:
                     svc.gdal.image(Path(photo), "photo")
                 if vector is not None:

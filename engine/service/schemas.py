@@ -62,6 +62,23 @@ class AreaFields(Strict):
 
 
 Zooms = Annotated[list[Annotated[int, Field(ge=0, le=30)]], Field(min_length=1, max_length=31)]
+MaxTiles = Annotated[int, Field(ge=1, le=10_000_000)]
+Subdomains = Annotated[list[Annotated[str, Field(min_length=1, max_length=40)]], Field(max_length=26)]
+RETRY_MISSING = (
+    "URL source: ask the service again for the tiles it had none for (404/204/empty); without it they are "
+    "asked again once recorded over 30 days ago"
+)
+
+
+class TileFields(Strict):
+    """A tile source's options (URL template, MBTiles, GeoPackage), as ``POST /index`` takes them."""
+
+    max_tiles: MaxTiles = Field(20_000, description="refuse a URL source that needs more tiles than this")
+    tile_cache: Path_ | None = Field(
+        None, description="URL source: its MBTiles download cache, inside the roots (default: the engine's)"
+    )
+    subdomains: Subdomains | None = None
+    retry_missing: bool = Field(False, description=RETRY_MISSING)
 
 
 class TilePlanRequest(Strict):
@@ -76,9 +93,8 @@ class TilePlanRequest(Strict):
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
     max_tiles: Annotated[int, Field(ge=1, le=10_000_000)] = 20_000
     tile_cache: Path_ | None = None
-    subdomains: (
-        Annotated[list[Annotated[str, Field(min_length=1, max_length=40)]], Field(max_length=26)] | None
-    ) = None
+    subdomains: Subdomains | None = None
+    retry_missing: bool = Field(False, description=RETRY_MISSING)
 
 
 class IndexRequest(Strict):
@@ -121,9 +137,8 @@ class IndexRequest(Strict):
     attribution: Annotated[str, Field(max_length=2000)] | None = Field(
         None, description="credit line of the imagery (default: the MBTiles/GeoPackage metadata)"
     )
-    subdomains: (
-        Annotated[list[Annotated[str, Field(min_length=1, max_length=40)]], Field(max_length=26)] | None
-    ) = None
+    subdomains: Subdomains | None = None
+    retry_missing: bool = Field(False, description=RETRY_MISSING)
     ray: bool | Annotated[str, Field(min_length=1, max_length=300)] | None = Field(
         None,
         description="encode on a Ray cluster: true (Ray's default), 'local', 'auto', or HOST:PORT of the head",
@@ -150,9 +165,17 @@ class LocalizeRequest(AreaFields):
     )
 
 
-class FootprintRequest(AreaFields):
+class FootprintRequest(AreaFields, TileFields):
+    """``against`` a tile source (URL template, MBTiles, GeoPackage): ``zooms`` and the area (bbox, or near
+    and radius_km) say which tiles; with ``index`` the area restricts the retrieval."""
+
     photos: Annotated[list[Path_], Field(min_length=1, max_length=10000)]
-    against: Path_ | None = Field(None, description="a raster (or XYZ folder) to match on; or give index")
+    against: Path_ | None = Field(
+        None,
+        description="a raster (or XYZ folder), an http(s) tile URL template, an MBTiles or a GeoPackage of "
+        "tiles to match on; or give index",
+    )
+    zooms: Zooms | None = Field(None, description="against tiles: zoom levels (required for a URL)")
     index: Path_ | None = Field(None, description="an index: retrieval first, then footprints")
     out: Path_ = Field(description="footprint layer (.gpkg or .shp)")
     top_k: Annotated[int, Field(ge=1, le=100)] | None = Field(
@@ -163,6 +186,14 @@ class FootprintRequest(AreaFields):
     points: Path_ | None = Field(None, description="one photo: its Georeferencer .points here")
     candidates_out: Path_ | None = Field(None, description="with index: also write the retrieved tiles")
     model: Annotated[str, Field(max_length=100)] = "default"
+    weights: Path_ | None = Field(None, description="against: weights file of the model (astroloc ...)")
+    sha256: Sha256 | None = Field(None, description="against: expected sha256 of weights")
+    bands: Annotated[list[Annotated[int, Field(ge=1, le=1000)]], Field(min_length=3, max_length=3)] | None = (
+        Field(
+            None,
+            description="against a raster: its 1-based bands read as R,G,B (default: names, else guessed)",
+        )
+    )
     backend: Backend = "onnx"
     resume: bool = True
     matcher: Literal["sift", "aliked", "disk", "auto"] = Field(
@@ -176,8 +207,16 @@ class FootprintRequest(AreaFields):
     )
 
 
-class EmbedRequest(Strict):
-    raster: Path_ = Field(description="a georeferenced raster")
+class EmbedRequest(AreaFields, TileFields):
+    """A ``raster`` that is a tile source (URL template, MBTiles, GeoPackage) is read at one ``zoom`` over
+    the area (bbox, or near and radius_km; a file: default all its tiles), rendered as a GeoTIFF first."""
+
+    raster: Path_ = Field(
+        description="a georeferenced raster, or an http(s) tile URL template, an MBTiles or a GeoPackage of tiles"
+    )
+    zoom: Annotated[int, Field(ge=0, le=30)] | None = Field(
+        None, description="raster of tiles: the zoom level to read (required for tiles)"
+    )
     points: Annotated[
         list[Annotated[list[Finite], Field(min_length=2, max_length=2)]],
         Field(min_length=1, max_length=10000),
@@ -189,8 +228,15 @@ class EmbedRequest(Strict):
     bands: Bands | None = Field(None, description="1-based raster bands to use as R,G,B")
 
 
-class HeatmapRequest(Strict):
-    raster: Path_
+class HeatmapRequest(AreaFields, TileFields):
+    """A ``raster`` that is a tile source: as for ``POST /embed`` (``zoom`` and the area)."""
+
+    raster: Path_ = Field(
+        description="a georeferenced raster, or an http(s) tile URL template, an MBTiles or a GeoPackage of tiles"
+    )
+    zoom: Annotated[int, Field(ge=0, le=30)] | None = Field(
+        None, description="raster of tiles: the zoom level to read (required for tiles)"
+    )
     out: Path_ = Field(description="the similarity heatmap (Cloud-Optimized GeoTIFF) to write")
     overwrite: bool = Field(
         False,
