@@ -938,3 +938,19 @@ def test_old_missing_records_are_asked_again(tmp_path: Path, tiles) -> None:
         assert fetch().missing == 1 and len(srv.log) == 3  # its records have no time: old
         ((*_, recorded),) = missing_rows(cache)
         assert recorded is not None
+
+
+def test_an_area_across_the_antimeridian_plans_both_sides():
+    """Fiji (lon 177E to 178W) at zoom 8: the mosaics at both ends of the grid, none wrapping round (the
+    grid's last mosaic ends at 180 exactly), and the same mosaics as two areas, one each side, together."""
+    z, n = 8, 2**8
+    across = mosaics_in_area(SearchArea(bbox=(177.0, -19.0, -178.0, -16.0)), z, 4, 2)
+    east = mosaics_in_area(SearchArea(bbox=(177.0, -19.0, 180.0, -16.0)), z, 4, 2)
+    west = mosaics_in_area(SearchArea(bbox=(-180.0, -19.0, -178.0, -16.0)), z, 4, 2)
+    assert across and sorted(across) == sorted(set(east) | set(west))
+    cols = {c for _, _, c in across}
+    assert max(cols) == n - 4 and min(cols) == 0  # both ends of the grid
+    assert all(c + 4 <= n for c in cols)
+    # a circle around a point near 180 crosses it as well
+    near = mosaics_in_area(SearchArea(near=(-17.7, 179.9), radius_km=60), z, 4, 2)
+    assert {c for _, _, c in near} >= {0, n - 4}

@@ -110,16 +110,15 @@ def _origins(lo: int, hi: int, span: int, stride: int, n: int) -> list[int]:
 def mosaics_in_area(area: SearchArea, z: int, span: int, stride: int) -> list[tuple[int, int, int]]:
     """(z, row, col) of the grid mosaics at zoom ``z`` that intersect ``area``, in (row, col) order."""
     w, s, e, n = area_bbox(area)
-    if w > e:
-        raise InputError(
-            "an area crossing the antimeridian cannot be fetched as one tile range: give two sources, "
-            "one each side of 180 degrees"
-        )
     size = 2**z
     if size < span:
         return []
     rows = _origins(row_of_lat(n, z), row_of_lat(s, z), span, stride, size)
-    cols = _origins(col_of_lon(w, z), col_of_lon(e, z), span, stride, size)
+    if w <= e:
+        cols = _origins(col_of_lon(w, z), col_of_lon(e, z), span, stride, size)
+    else:  # across the antimeridian: both ends of the grid (its last mosaic ends at 180 exactly)
+        cols = _origins(col_of_lon(w, z), size - 1, span, stride, size)
+        cols += [c for c in _origins(0, col_of_lon(e, z), span, stride, size) if c not in cols]
     cands = [(z, r, c) for r in rows for c in cols]
     if not cands:
         return []
