@@ -338,6 +338,7 @@ class SkylocClient:
         bands: Sequence[int] | None = None,
         weights: str | None = None,
         sha256: str | None = None,
+        max_fetch_zoom: int | None = None,
     ) -> Job:
         """Footprints of photos on a raster (``against``) or on an index's candidates (a job). ``against``
         may be tiles (an http(s) URL template with ``zooms`` and ``bbox`` or ``near``+``radius_km``, an
@@ -370,6 +371,7 @@ class SkylocClient:
                 "bands": None if bands is None else [int(b) for b in bands],
                 "weights": weights,
                 "sha256": sha256,
+                "max_fetch_zoom": max_fetch_zoom,
             },
         )
 

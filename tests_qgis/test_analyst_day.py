@@ -127,6 +127,17 @@ def test_dock_progress_moves_within_a_photo(plugin, clean_project, engine_settin
     panel.index.setFilePath("")
     panel.against.setLayer(raster)
     panel.matcher.setCurrentIndex(panel.matcher.findText("sift"))
+    # shown as 3,2,1: the engine reads red=3, green=2, blue=1 as the analyst sees it, and guesses nothing
+    from qgis.core import QgsMultiBandColorRenderer, QgsSingleBandGrayRenderer
+
+    raster.setRenderer(QgsMultiBandColorRenderer(raster.dataProvider(), 3, 2, 1))
+    panel.top_k.setValue(1)
+    shown = wait_for(panel.run(), timeout=300)
+    assert shown.ok, shown.error_text
+    assert shown.job.params["bands"] == [3, 2, 1]
+    assert not [w for w in shown.warnings if "band order guessed" in w], shown.warnings
+    # shown as one gray band: no colour choice to pass, the engine guesses and says so (below)
+    raster.setRenderer(QgsSingleBandGrayRenderer(raster.dataProvider(), 1))
     panel.top_k.setValue(2)
     try:
         task = panel.run()
@@ -145,8 +156,8 @@ def test_dock_progress_moves_within_a_photo(plugin, clean_project, engine_settin
     assert {v for v in values if 0 < v < 100}, (sorted(values), task.messages)  # it moved during the photo
     assert any(m.endswith(": first match") for m in task.messages), task.messages
     assert task.outcome.startswith("1 of 1 photo placed")
-    # the against run matched the raster as the engine reads it: NAIP has no band names, so the engine
-    # guessed 1,2,3 and said so; the dock lists that warning above the photo's row
+    # NAIP has no band names and the layer shows no colour choice, so the engine guessed 1,2,3 and said
+    # so; the dock lists that warning above the photo's row
     assert any("band order guessed" in w for w in task.warnings), task.warnings
     assert panel.results.item(0).text().startswith("photo_2009_oblique.jpg placed")  # the photo first
     last = panel.results.item(panel.results.count() - 1)
@@ -180,7 +191,7 @@ def test_dock_builds_an_index_from_a_folder_tree_of_mosaics(plugin, clean_projec
     panel.span.setValue(2)
     fields = panel.model_fields
     plugin.dock.engine.refresh()  # the engine's model list, for the weights hint
-    assert "efficientnet-lite0" in fields.hint.text() and "sha256 579344248a93" in fields.hint.text()
+    assert "efficientnet-lite1" in fields.hint.text() and "sha256 77cc7160d37b" in fields.hint.text()
     fields.sha256.setText("abc")
     assert panel.build_index() is None  # a bad sha256 is refused in words before any job
     fields.sha256.setText("")

@@ -97,6 +97,35 @@ def test_error_messages_single_prefix_not_clipped_replaced_by_next_outcome(plugi
     clear_bar(qgis_iface)
 
 
+def test_bar_line_fits_a_narrow_window(plugin, qgis_iface):
+    """QGIS wraps a long bar line and its fixed bar height clips the second line (seen in a narrow
+    desktop window): the line is cut to the bar's width, the whole text behind Details and the tooltip."""
+    from skyloc.messages import BAR_RESERVED_PX, bar_chars, push
+
+    clear_bar(qgis_iface)
+    window, bar = qgis_iface.mainWindow(), qgis_iface.messageBar()
+    old, old_bar = window.size(), bar.size()
+    text = "1 of 2 photos placed; " + "photo_x.jpg rejected: 3 verified matches, needs 12; " * 3
+    try:
+        window.resize(700, old.height())
+        bar.resize(700, old_bar.height())  # the desktop lays the bar out over the map's width
+        item = push(text, Qgis.MessageLevel.Info, qgis_iface)
+        metrics = qgis_iface.messageBar().fontMetrics()
+        assert bar_chars(qgis_iface) < 100
+        assert (
+            metrics.horizontalAdvance(item.text()) <= 700 - BAR_RESERVED_PX + 8 * metrics.averageCharWidth()
+        )
+        assert item.text().startswith("1 of 2 photos placed") and item.toolTip() == text.strip()
+        assert item.widget() is not None  # Details
+        window.resize(2400, old.height())
+        bar.resize(2400, old_bar.height())
+        assert bar_chars(qgis_iface) == 150  # a wide window: the bar's own limit
+    finally:
+        window.resize(old)
+        bar.resize(old_bar)
+        clear_bar(qgis_iface)
+
+
 def test_progress_shows_the_engines_messages(plugin, qgis_iface, engine_settings, work_dir):
     from skyloc.tasks import IndexTask, start_task
 

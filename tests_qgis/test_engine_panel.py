@@ -29,7 +29,7 @@ def test_start_status_diagnostics_stop(plugin, skyloc_pkg, work_dir, engine_sett
         status = panel.refresh()
         assert status["ok"] and status["local"]
         assert "local engine started by the plugin" in panel.status.text()
-        assert "effnet-lite0-gem" in panel.models.toPlainText()
+        assert "effnet-lite1-gem" in panel.models.toPlainText()
         text = panel.copy_diagnostics()
         for needed in ("QGIS: 3.", "Python: 3.", f"engine: {url}", "engine version: ", "models: "):
             assert needed in text, needed

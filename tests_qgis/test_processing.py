@@ -14,6 +14,7 @@ from qgis.core import (
     QgsGeometry,
     QgsPointXY,
     QgsProcessingException,
+    QgsProcessingFeedback,
     QgsRasterLayer,
     QgsVectorLayer,
 )
@@ -25,11 +26,29 @@ def read_layer(path: str) -> QgsVectorLayer:
     return layer
 
 
+class Log(QgsProcessingFeedback):
+    """The messages an algorithm writes to its log (what the Processing dialog shows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.infos: list[str] = []
+        self.warnings: list[str] = []
+
+    def pushInfo(self, info: str) -> None:  # noqa: N802 (QGIS API)
+        self.infos.append(info)
+        super().pushInfo(info)
+
+    def pushWarning(self, warning: str) -> None:  # noqa: N802 (QGIS API)
+        self.warnings.append(warning)
+        super().pushWarning(warning)
+
+
 def test_localize_photos_on_index(plugin, built_index, photo_folder, work_dir, engine_settings):
     import processing
 
     out = work_dir / "results" / "footprints_alg.gpkg"
     cands = work_dir / "results" / "candidates_alg.gpkg"
+    log = Log()
     result = processing.run(
         "skyloc:localizephotos",
         {
@@ -39,7 +58,14 @@ def test_localize_photos_on_index(plugin, built_index, photo_folder, work_dir, e
             "OUTPUT": str(out),
             "CANDIDATES": str(cands),
         },
+        feedback=log,
     )
+    # the model the index was built with, and the weights file and sha256 behind it
+    manifest = json.loads((Path(built_index) / "manifest.json").read_text())
+    line = next(i for i in log.infos if i.startswith("model "))
+    assert line.startswith(f"model {manifest['model']['model_id']}: weights "), line
+    sha = line.rsplit("sha256 ", 1)[1]
+    assert len(sha) == 64 and manifest["model"]["model_id"].split("sha256:")[1] == sha[:8], line
     assert result["OUTPUT"] == str(out) and result["LOCALIZED"] == 1 and result["ERRORS"] == 0
     layer = read_layer(result["OUTPUT"])
     assert layer.crs().authid() == "EPSG:4326"
@@ -60,11 +86,16 @@ def test_localize_photos_outside_roots_against_raster_to_shapefile(plugin, tmp_p
     photos.mkdir()
     shutil.copy(PHOTO, photos / PHOTO.name)
     out = tmp_path / "out" / "footprints.shp"
+    log = Log()
     result = processing.run(
         "skyloc:localizephotos",
         {"PHOTOS": str(photos), "AGAINST": str(SAMPLE / "naip_2009.tif"), "TOP_K": 2, "OUTPUT": str(out)},
+        feedback=log,
     )
     assert result["OUTPUT"] == str(out)
+    # the raster is read with the bands its layer shows (no guessed band order), the model is logged
+    assert not [w for w in log.warnings if "band order guessed" in w], log.warnings
+    assert any(i.startswith("model default: weights ") and "sha256 " in i for i in log.infos), log.infos
     for ext in (".shp", ".shx", ".dbf", ".prj"):
         assert out.with_suffix(ext).is_file()
     layer = read_layer(str(out))

@@ -132,6 +132,11 @@ def test_dock_localize_outcome_matcher_and_groups(
     assert beside.read_text() == Path(by_name[PHOTO_NAME]["points"]).read_text()
     infos = bar_messages(qgis_iface, Qgis.MessageLevel.Info)
     assert any("Georeferencer" in m and "Projective" in m and PHOTO_NAME in m for m in infos), infos
+    # the Georeferencer's Open Raster dialog starts on the photo (QGIS reads this setting; it then loads
+    # the .points beside it by itself)
+    from qgis.core import QgsSettings
+
+    assert QgsSettings().value("/Plugin-GeoReferencer/rasterdirectory") == str(photo_folder / PHOTO_NAME)
 
 
 def test_dock_builds_index_from_project_rasters(plugin, clean_project, engine_settings, work_dir):

@@ -822,6 +822,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             params=CoregParams(matcher=req.matcher),
             # finer zooms than the index/against holds are fetched only where this engine may reach URLs
             fetch_finer=config.allow_tile_urls,
+            max_fetch_zoom=req.max_fetch_zoom,
         )
         check_output(out, inputs=photos, overwrite=req.overwrite, layer="footprints", what="footprint layer")
         candidates_out = None

@@ -176,6 +176,11 @@ class FootprintRequest(AreaFields, TileFields):
         "tiles to match on; or give index",
     )
     zooms: Zooms | None = Field(None, description="against tiles: zoom levels (required for a URL)")
+    max_fetch_zoom: Annotated[int, Field(ge=0, le=30)] | None = Field(
+        None,
+        description="finest zoom a footprint may fetch from a tile service beyond the indexed/given zooms "
+        "(default: those + 3, within the service's own; e.g. a QGIS layer's zmax)",
+    )
     index: Path_ | None = Field(None, description="an index: retrieval first, then footprints")
     out: Path_ = Field(description="footprint layer (.gpkg or .shp)")
     top_k: Annotated[int, Field(ge=1, le=100)] | None = Field(

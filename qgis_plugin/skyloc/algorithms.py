@@ -42,6 +42,7 @@ from qgis.core import (
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
     QgsProcessingUtils,
+    QgsRectangle,
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
@@ -59,6 +60,7 @@ from .layers import (
 )
 from .paths import StagedOutput, engine_photos, engine_roots, require_inside
 from .tasks import follow_job, stamp
+from .tile_layers import MERCATOR, ZOOM0_RES, engine_source, extent_lonlat
 
 WGS84 = "EPSG:4326"
 #: Points per /embed request.
@@ -146,9 +148,12 @@ class SkylocAlgorithm(QgsProcessingAlgorithm):
             feedback.pushWarning(f"engine warning: {warning}")
         return job
 
-    def add_model_parameters(self) -> None:
+    def add_model_parameters(self, label: str = "Model", advanced: bool = False) -> None:
         """MODEL, WEIGHTS (file) and SHA256: the model and, where it needs them, its weights."""
-        self.addParameter(QgsProcessingParameterString("MODEL", tr("Model"), "default"))
+        model = QgsProcessingParameterString("MODEL", tr(label), "default")
+        if advanced:
+            model.setFlags(model.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
+        self.addParameter(model)
         weights = QgsProcessingParameterFile(
             "WEIGHTS",
             tr("Weights file (empty: the weights the engine knows for the model)"),
@@ -159,6 +164,26 @@ class SkylocAlgorithm(QgsProcessingAlgorithm):
         sha = QgsProcessingParameterString("SHA256", tr("Weights sha256 (64 hex digits)"), optional=True)
         sha.setFlags(sha.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
         self.addParameter(sha)
+
+    def bands(self, parameters, context, layers) -> list[int] | None:
+        """BANDS typed in, else the layers' renderer choice when they agree (None: the engine's rule)."""
+        text = (self.parameterAsString(parameters, "BANDS", context) or "").replace(" ", "")
+        if text:
+            try:
+                bands = [int(b) for b in text.split(",") if b]
+            except ValueError:
+                bands = []
+            if len(bands) != 3 or min(bands) < 1:
+                raise QgsProcessingException(
+                    tr("Bands: three band numbers (1-based) as red,green,blue, e.g. 3,2,1")
+                )
+            return bands
+        chosen = {tuple(b) for b in (renderer_bands(lyr) for lyr in layers) if b is not None}
+        if len(chosen) > 1:
+            raise QgsProcessingException(
+                tr("The rasters show different bands: give the bands to read as red,green,blue.")
+            )
+        return list(chosen.pop()) if chosen else None
 
     def model_options(self, parameters, context, roots) -> dict[str, Any]:
         """``model``, ``weights`` (inside the engine's folders) and ``sha256`` for the client."""
@@ -192,10 +217,124 @@ class SkylocAlgorithm(QgsProcessingAlgorithm):
         return self.parameterAsString(parameters, "MODEL", context) or EngineSettings.load().model
 
     def raster(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext, roots):
+        """The layer and what the engine reads: a raster file's path, an MBTiles/GeoPackage file's (both
+        inside the engine's folders), or a tile service's URL template / ``wmts:`` source; and its
+        :class:`~skyloc.tile_layers.LayerSource` (``kind``: "file", "tiles", "xyz", "wmts")."""
         layer = self.parameterAsRasterLayer(parameters, name, context)
         if layer is None:
             raise ServiceError(None, "raster_unusable", f"no raster given for {name}")
-        return layer, require_inside(raster_file(layer), roots, "raster")
+        src = engine_source(layer)
+        if src.kind == "file":
+            return layer, require_inside(raster_file(layer), roots, "raster"), src
+        if src.kind == "tiles":
+            return layer, require_inside(src.source, roots, "tiles file"), src
+        return layer, src.source, src
+
+    def add_tile_parameters(self, extent: bool = True) -> None:
+        """ZOOM (advanced) and, with ``extent``, EXTENT: how a tile layer (XYZ, WMTS, MBTiles, GeoPackage)
+        is read. Raster files ignore them."""
+        zoom = QgsProcessingParameterNumber(
+            "ZOOM",
+            tr("Tile layers: zoom level to read (required for XYZ/WMTS services)"),
+            QgsProcessingParameterNumber.Type.Integer,
+            optional=True,
+            minValue=0,
+            maxValue=22,
+        )
+        zoom.setFlags(zoom.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
+        self.addParameter(zoom)
+        if extent:
+            self.addParameter(
+                QgsProcessingParameterExtent(
+                    "EXTENT",
+                    tr(
+                        "Tile layers: area to read (empty: the layer's extent; required for XYZ/WMTS services)"
+                    ),
+                    optional=True,
+                )
+            )
+
+    def tile_zoom(self, parameters, context, layer, src) -> int | None:
+        """ZOOM, checked against the layer's zooms; required for a tile service (and for tiles at all when
+        ``required``)."""
+        if parameters.get("ZOOM") in (None, ""):
+            if src.is_service:
+                raise QgsProcessingException(
+                    tr(
+                        f"Layer {layer.name()!r} is a tile service: give the zoom level to read its tiles at "
+                        "(ZOOM, an advanced parameter; e.g. 15)."
+                    )
+                )
+            return None
+        zoom = self.parameterAsInt(parameters, "ZOOM", context)
+        if src.zmin is not None and zoom < src.zmin or src.zmax is not None and zoom > src.zmax:
+            raise QgsProcessingException(
+                tr(f"Layer {layer.name()!r} serves zooms {src.zmin}-{src.zmax}, not ZOOM {zoom}.")
+            )
+        return zoom
+
+    def tile_bbox(self, parameters, context, layer, src, name: str = "EXTENT") -> list[float] | None:
+        """The area to read a tile layer over, [min lon, min lat, max lon, max lat]: ``name`` (EXTENT), else
+        the layer's extent for a tiles file; required for a service (its extent is the world)."""
+        if parameters.get(name) not in (None, ""):
+            crs = self.parameterAsExtentCrs(parameters, name, context)
+            box = self.parameterAsExtent(parameters, name, context, crs)
+            if not box.isEmpty():
+                return list(extent_lonlat(box, crs))
+        if src.is_service:
+            raise QgsProcessingException(
+                tr(
+                    f"Layer {layer.name()!r} is a tile service: give the area to read its tiles over "
+                    f"({name}), not the whole world."
+                )
+            )
+        return list(extent_lonlat(layer.extent(), layer.crs()))
+
+    def tile_options(
+        self, client, parameters, context, layer, src, feedback, around: QgsRectangle | None = None
+    ) -> dict[str, Any]:
+        """``zoom``, ``bbox`` and ``crs`` (the layer's: points are given in it) for reading a tile layer at
+        one zoom (heatmap, embeddings); {} for a raster file. The zoom: ZOOM, else an MBTiles/GeoPackage
+        file's finest; the area: EXTENT, else ``around`` (in the layer's CRS: the points) grown by two
+        tiles, else a tiles file's extent."""
+        if src.kind == "file":
+            return {}
+        zoom = self.tile_zoom(parameters, context, layer, src)
+        if zoom is None:
+            zoom = src.zmax
+        if zoom is None:
+            raise QgsProcessingException(
+                tr(f"Give the zoom level to read layer {layer.name()!r} at (ZOOM, an advanced parameter).")
+            )
+        if around is not None and parameters.get("EXTENT") in (None, ""):
+            box = QgsCoordinateTransform(
+                layer.crs(), MERCATOR, context.transformContext()
+            ).transformBoundingBox(around)
+            bbox = list(extent_lonlat(box.buffered(2 * 256 * ZOOM0_RES / 2**zoom), MERCATOR))
+        else:
+            bbox = self.tile_bbox(parameters, context, layer, src)
+        self.tile_plan_info(client, src, zoom, {"bbox": bbox}, feedback)
+        crs = layer.crs().authid()
+        return {"zoom": zoom, "bbox": bbox, **({"crs": crs} if crs else {})}
+
+    def tile_plan_info(
+        self, client, src, zoom: int, area: dict[str, Any], feedback, extent_only=True
+    ) -> None:
+        """Say in the log what reading a service at ``zoom`` over ``area`` (``bbox``, or ``near`` and
+        ``radius_km``) downloads, from the engine's plan (``extent_only``: the area's tiles alone, as a
+        heatmap reads them; else a match's overlapping mosaics); nothing is asked in Processing: the
+        engine's tile cap refuses a huge area."""
+        if not src.is_service:
+            return
+        exact = {"span": 1, "overlap": 0.0} if extent_only else {}
+        plan = client.index_plan([src.source], zooms=[zoom], **area, **exact)
+        p = plan[0] if plan else {}
+        mb = (p.get("estimated_download_bytes") or 0) / 1e6
+        feedback.pushInfo(
+            f"{src.layer_name}: zoom {zoom}, {p.get('tiles_needed', '?')} tiles ({p.get('tiles_cached', 0)} "
+            f"already cached, {p.get('tiles_to_download', '?')} to download, about {mb:.0f} MB)"
+            + (f"; imagery: {src.attribution}" if src.attribution else "")
+        )
 
 
 class BuildIndex(SkylocAlgorithm):
@@ -261,26 +400,6 @@ class BuildIndex(SkylocAlgorithm):
         self.add_model_parameters()
         self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT", tr("Index folder")))
 
-    def bands(self, parameters, context, layers) -> list[int] | None:
-        """BANDS typed in, else the layers' renderer choice when they agree (None: the engine's rule)."""
-        text = (self.parameterAsString(parameters, "BANDS", context) or "").replace(" ", "")
-        if text:
-            try:
-                bands = [int(b) for b in text.split(",") if b]
-            except ValueError:
-                bands = []
-            if len(bands) != 3 or min(bands) < 1:
-                raise QgsProcessingException(
-                    tr("Bands: three band numbers (1-based) as red,green,blue, e.g. 3,2,1")
-                )
-            return bands
-        chosen = {tuple(b) for b in (renderer_bands(lyr) for lyr in layers) if b is not None}
-        if len(chosen) > 1:
-            raise QgsProcessingException(
-                tr("The rasters show different bands: give the bands to read as red,green,blue.")
-            )
-        return list(chosen.pop()) if chosen else None
-
     def process(self, client, parameters, context, feedback):
         roots = engine_roots(client)
         sources = []
@@ -340,7 +459,9 @@ class LocalizePhotos(SkylocAlgorithm):
         "matches the photo on them and writes its footprint (status, confidence, reason) as a GeoPackage "
         "or Shapefile layer in EPSG:4326, with a georeferenced GeoTIFF and a Georeferencer .points file "
         "per localized photo (in a _georef folder beside the layer). Optional search area: a box, or a "
-        "point with a radius. Photos outside the engine's folders are uploaded to it."
+        "point with a radius. Photos outside the engine's folders are uploaded to it. The raster to match "
+        "on may be a tile layer: an XYZ or WMTS service (give ZOOM, an advanced parameter, and the search "
+        "area its tiles are fetched over, through the engine's cache) or an MBTiles/GeoPackage file."
     )
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API)
@@ -376,6 +497,17 @@ class LocalizePhotos(SkylocAlgorithm):
         matcher = QgsProcessingParameterEnum("MATCHER", tr("Matcher"), options=list(MATCHERS), defaultValue=0)
         matcher.setHelp(tr(MATCHER_HELP))
         self.addParameter(matcher)
+        bands = QgsProcessingParameterString(
+            "BANDS",
+            tr("Raster to match on: bands read as red,green,blue (e.g. 3,2,1; empty: the layer's own)"),
+            optional=True,
+        )
+        bands.setFlags(bands.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
+        self.addParameter(bands)
+        # an index is searched with the model it was built with (logged); these choose the model of the
+        # windows of a raster to match on
+        self.add_model_parameters("Raster to match on: retrieval model of its windows", advanced=True)
+        self.add_tile_parameters(extent=False)  # ZOOM; the search area is the area of a tile layer
         self.addParameter(QgsProcessingParameterExtent("EXTENT", tr("Search area: box"), optional=True))
         self.addParameter(QgsProcessingParameterPoint("NEAR", tr("Search area: near point"), optional=True))
         self.addParameter(
@@ -426,9 +558,9 @@ class LocalizePhotos(SkylocAlgorithm):
         work = os.path.join(EngineLink.instance().output_dir(client), "processing")
         photos_given = [self.parameterAsFile(parameters, "PHOTOS", context)]
         index = self.parameterAsFile(parameters, "INDEX", context)
-        against = None
+        against = against_layer = src = None
         if parameters.get("AGAINST") not in (None, ""):
-            against = self.raster(parameters, "AGAINST", context, roots)[1]
+            against_layer, against, src = self.raster(parameters, "AGAINST", context, roots)
         if bool(index) == bool(against):
             raise QgsProcessingException(tr("Give either an index folder or a raster to match on."))
         out_dest = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
@@ -446,8 +578,26 @@ class LocalizePhotos(SkylocAlgorithm):
             options.update(index=require_inside(index, roots, "index"), **self.area(parameters, context))
             if cands is not None:
                 options["candidates_out"] = cands.engine_path
+            feedback.pushInfo(model_line(client, index_model_id(index)))
         else:
-            options["against"] = against
+            model = self.model_options(parameters, context, roots)
+            tiles: dict[str, Any] = {}
+            if src.kind != "file":  # tiles: ZOOM and the search area say which (a service needs both)
+                zoom = self.tile_zoom(parameters, context, against_layer, src)
+                area = self.area(parameters, context)
+                if src.is_service and not area:
+                    raise QgsProcessingException(
+                        tr(
+                            f"Layer {against_layer.name()!r} is a tile service: give the search area (a box, "
+                            "or a point and a radius) to read its tiles over, not the whole world."
+                        )
+                    )
+                tiles = {"zooms": None if zoom is None else [zoom], **area}
+                if zoom is not None:
+                    self.tile_plan_info(client, src, zoom, area, feedback, extent_only=False)
+            bands = self.bands(parameters, context, [against_layer]) if src.kind == "file" else None
+            options.update(against=against, bands=bands, **model, **tiles)
+            feedback.pushInfo(model_line(client, model["model"], model["weights"], model["sha256"]))
         try:
             with engine_photos(client, photos_given, roots) as photos:
                 job = self.follow(client, client.footprint(photos, out.engine_path, **options), feedback)
@@ -491,7 +641,9 @@ class HeatmapAtPoint(SkylocAlgorithm):
     help_text = (
         "Similarity of every part of a raster to the embedding at one point (in any CRS: it is transformed "
         "to the raster's). Writes a float32 Cloud-Optimized GeoTIFF of cosine similarity on the raster's "
-        "grid, with a pseudocolour .qml style beside it."
+        "grid, with a pseudocolour .qml style beside it. A tile layer (XYZ, WMTS, MBTiles, GeoPackage) is "
+        "read at ZOOM (advanced; a tiles file: its finest) over the area (EXTENT; a tiles file: its "
+        "extent); a service needs both, and its download is said in the log."
     )
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API)
@@ -507,12 +659,14 @@ class HeatmapAtPoint(SkylocAlgorithm):
             )
         )
         self.add_model_parameters()
+        self.add_tile_parameters()
         self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", tr("Heatmap")))
 
     def process(self, client, parameters, context, feedback):
         roots = engine_roots(client)
-        layer, raster = self.raster(parameters, "RASTER", context, roots)
+        layer, raster, src = self.raster(parameters, "RASTER", context, roots)
         point = self.parameterAsPoint(parameters, "POINT", context, layer.crs())
+        tiles = self.tile_options(client, parameters, context, layer, src, feedback)
         resolution = None
         if parameters.get("RESOLUTION") not in (None, ""):
             resolution = self.parameterAsDouble(parameters, "RESOLUTION", context) or None
@@ -527,8 +681,9 @@ class HeatmapAtPoint(SkylocAlgorithm):
             out.engine_path,
             at=[point.x(), point.y()],
             resolution=resolution,
-            bands=rgb_bands(layer, model["model"]),
+            bands=rgb_bands(layer, model["model"]) if src.kind == "file" else None,
             **model,
+            **tiles,
         )
         try:
             job = self.follow(client, job, feedback)
@@ -557,7 +712,8 @@ class EmbeddingsAtPoints(SkylocAlgorithm):
         "copy of the layer with emb_dim, emb_col, emb_row (raster pixel position) and, if asked, the vector "
         "itself as JSON text in 'embedding' (GeoPackage: Shapefile text fields hold only 254 characters). "
         "Optional sidecar: .json (vectors by feature id) or .npy (N x D matrix in feature order; NaN rows "
-        "for points outside the raster)."
+        "for points outside the raster). A tile layer (XYZ, WMTS, MBTiles, GeoPackage) is read at ZOOM "
+        "(advanced; a tiles file: its finest) over EXTENT, else around the points."
     )
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802 (QGIS API)
@@ -568,6 +724,7 @@ class EmbeddingsAtPoints(SkylocAlgorithm):
             )
         )
         self.add_model_parameters()
+        self.add_tile_parameters()
         self.addParameter(
             QgsProcessingParameterBoolean("ATTRIBUTE", tr("Store the embedding as an attribute (JSON)"), True)
         )
@@ -584,7 +741,7 @@ class EmbeddingsAtPoints(SkylocAlgorithm):
 
     def process(self, client, parameters, context, feedback):
         roots = engine_roots(client)
-        layer, raster = self.raster(parameters, "RASTER", context, roots)
+        layer, raster, src = self.raster(parameters, "RASTER", context, roots)
         source = self.parameterAsSource(parameters, "INPUT", context)
         if source is None:
             raise QgsProcessingException(tr("No point layer given."))
@@ -605,6 +762,17 @@ class EmbeddingsAtPoints(SkylocAlgorithm):
             )
         transform = QgsCoordinateTransform(source.sourceCrs(), layer.crs(), context.transformContext())
         extent = layer.extent()
+        tiles: dict[str, Any] = {}
+        if src.kind != "file":  # the points' neighbourhood unless EXTENT says where
+            near = (
+                transform.transformBoundingBox(source.sourceExtent()) if source.featureCount() > 0 else None
+            )
+            tiles = self.tile_options(client, parameters, context, layer, src, feedback, around=near)
+            lonlat = QgsCoordinateTransform(
+                QgsCoordinateReferenceSystem(WGS84), layer.crs(), context.transformContext()
+            )
+            w, s, e, n = tiles["bbox"]
+            extent = lonlat.transformBoundingBox(QgsRectangle(w, s, e, n)).intersect(extent)
         features = list(source.getFeatures())
         points: list[tuple[int, list[float]]] = []
         for n, f in enumerate(features):
@@ -621,7 +789,7 @@ class EmbeddingsAtPoints(SkylocAlgorithm):
         answer: dict[str, Any] = {}
         nodata = 0
         model = self.model_options(parameters, context, roots)
-        bands = rgb_bands(layer, model["model"])
+        bands = rgb_bands(layer, model["model"]) if src.kind == "file" else None
         if points:  # the engine's first /embed of a model loads it (this client waits for that)
             feedback.setProgressText(
                 "loading the embedding model (its first use by the engine may take a minute)…"
@@ -630,7 +798,7 @@ class EmbeddingsAtPoints(SkylocAlgorithm):
             if feedback.isCanceled():
                 raise QgsProcessingException(tr("Cancelled."))
             chunk = points[start : start + EMBED_CHUNK]
-            answer = client.embed(raster, [xy for _, xy in chunk], bands=bands, **model)
+            answer = client.embed(raster, [xy for _, xy in chunk], bands=bands, **model, **tiles)
             feedback.setProgressText(f"embedded {start + len(chunk)} of {len(points)} points")
             if len(answer["points"]) != len(chunk):
                 raise QgsProcessingException(tr("The engine answered a different number of points."))
@@ -705,3 +873,34 @@ MATCHER_TIPS = {
 }
 
 ALGORITHMS = (BuildIndex, LocalizePhotos, HeatmapAtPoint, EmbeddingsAtPoints)
+
+
+def index_model_id(index: str) -> str:
+    """The model id an index was built with (its manifest), e.g. ``effnet-lite0-gem+gray-clahe/sha256:57934424``."""
+    try:
+        with open(os.path.join(index, "manifest.json"), encoding="utf-8") as f:
+            return str(json.load(f)["model"]["model_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"  # the engine says what is wrong with the index
+
+
+def model_line(
+    client: SkylocClient, model: str, weights: str | None = None, sha256: str | None = None
+) -> str:
+    """``model ...: weights FILE, sha256 ...`` for the log: the model a run uses and the weights behind it,
+    as the engine's /models knows them (or as given)."""
+    base = model.split("/")[0].split("@")[0].split("+")[0]
+    if weights:
+        return f"model {model}: weights {weights}" + (f", sha256 {sha256}" if sha256 else "")
+    try:
+        known = client.models()
+    except ServiceError:
+        known = []
+    for m in known:
+        if base == m.get("name") or base in (m.get("aliases") or []):
+            if m.get("weights_file") or m.get("sha256"):
+                return (
+                    f"model {model}: weights {m.get('weights_file') or '?'}, sha256 {m.get('sha256') or '?'}"
+                )
+            return f"model {model}: weights {m.get('weights') or 'unknown'}"
+    return f"model {model}"

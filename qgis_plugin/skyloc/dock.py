@@ -41,7 +41,6 @@ from qgis.PyQt.QtWidgets import (
     QLineEdit,
     QListWidget,
     QListWidgetItem,
-    QMessageBox,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
@@ -72,7 +71,17 @@ from .layers import (
 from .map_tool import PickPointTool, SearchAreaBand
 from .messages import OUTCOME, clean, push, report_error
 from .tasks import EngineTask, HeatmapTask, IndexTask, LocalizeTask, row_text, start_task
-from .tile_layers import extent_lonlat, layer_source, parse_zooms
+from .tile_layers import (
+    ask_download,
+    canvas_zoom,
+    download_text,  # noqa: F401 (the dock's words for a plan, as tests and other callers know them)
+    engine_source,
+    extent_lonlat,
+    layer_source,
+    parse_zooms,
+    plan_download,
+    tile_extent_options,
+)
 
 WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
 PHOTO_FILTER = "Images (*.jpg *.jpeg *.png *.tif *.tiff *.webp *.bmp)"
@@ -409,7 +418,9 @@ class LocalizePanel(QWidget):
         self.against.setLayer(None)
         self.against.setToolTip(
             "Match the photos on this raster layer instead of an index (no retrieval: the whole raster, "
-            "then its windows most like the photo); footprints only, no search area"
+            "then its windows most like the photo); footprints only, no search area. A tile layer (XYZ, "
+            "WMTS) is read at the Zooms of 'Build an index' (empty: the zoom of the map's scale) over its "
+            "Area (empty: the map extent), the download shown first; MBTiles/GeoPackage: as stored"
         )
         form.addRow(_wrapped(QLabel("or match on a raster layer (no index)")))
         form.addRow(self.against)
@@ -532,9 +543,20 @@ class LocalizePanel(QWidget):
         self.zooms.setToolTip(
             "XYZ tile layers: the zoom levels to fetch and index over the current map extent (e.g. 12-14 "
             "or 12,14). The tile count and download size are shown before anything is fetched; tiles are "
-            "cached, so a second build fetches nothing twice"
+            "cached, so a second build fetches nothing twice. Also the zooms a tile layer is matched at "
+            "(empty there: the zoom of the map's scale)"
         )
         form.addRow("Zooms", self.zooms)
+        self.tile_area = QgsExtentWidget(None, QgsExtentWidget.WidgetStyle.CondensedStyle)
+        self.tile_area.setNullValueAllowed(True, "current map extent")
+        self.tile_area.clear()
+        if self.iface is not None:
+            self.tile_area.setMapCanvas(self.iface.mapCanvas())
+        self.tile_area.setToolTip(
+            "XYZ/WMTS layers: the area to fetch and index (or match on). Empty: the current map extent; the "
+            "button's menu draws a box on the map, or takes a layer's extent"
+        )
+        form.addRow("Area", self.tile_area)
         self.bands = QLineEdit()
         self.bands.setPlaceholderText("layer style")
         self.bands.setToolTip(
@@ -650,7 +672,7 @@ class LocalizePanel(QWidget):
         except Exception as exc:
             report_error(exc, self.iface, "Georeferencer")
             return None
-        opened = open_georeferencer(self.iface)
+        opened = open_georeferencer(self.iface, photo)
         how = GEOREF_HOW.format(photo=photo, points=os.path.basename(points))
         push(
             (f"the Georeferencer is open: {how}" if opened else how[0].upper() + how[1:]),
@@ -721,7 +743,7 @@ class LocalizePanel(QWidget):
             sizes = self._tile_sizes()
             bands = self.index_bands([layers[i] for i, s in enumerate(found) if s.kind == "file"])
             model = self.model_fields.options()
-            tiles = self._service_options(services) if services else {}
+            tiles = self._service_options(services, parse_zooms(self.zooms.text())) if services else {}
         except Exception as exc:
             report_error(exc, self.iface, "Build index")
             return None
@@ -750,34 +772,56 @@ class LocalizePanel(QWidget):
         self.last_task = start_task(task)
         return task
 
-    def _service_options(self, services: list) -> dict[str, Any] | None:
-        """Zooms and box for the XYZ layers, after the engine's plan (tiles, download size) was accepted;
-        None when the user declined. Errors (no zooms, zooms the service does not serve, a plan over the
-        engine's tile cap) are raised as sentences."""
-        zooms = parse_zooms(self.zooms.text())
-        for s in services:
-            if s.zmax is not None and zooms[-1] > s.zmax or s.zmin is not None and zooms[0] < s.zmin:
-                raise ValueError(
-                    f"layer {s.layer_name!r} serves zooms {s.zmin}-{s.zmax}, not {self.zooms.text()}"
-                )
-        canvas = self.iface.mapCanvas()
-        bbox = list(extent_lonlat(canvas.extent(), canvas.mapSettings().destinationCrs()))
-        with EngineLink.instance().client() as client:
-            plan = client.index_plan([s.source for s in services], zooms=zooms, bbox=bbox)
-        if not self.confirm_download(download_text(services, plan, zooms)):
+    def _service_options(
+        self, services: list, zooms: list[int], action: str = "Index", ask_over: int | None = None
+    ) -> dict[str, Any] | None:
+        """Zooms and box (the Area field, else the map extent) for the tile services, after the engine's
+        plan (tiles, download size) was accepted (``ask_over``: asked only beyond that many tiles to
+        download; None: always); None when the user declined. Errors (zooms a service does not serve, a
+        plan over the engine's tile cap) are raised as sentences. Used by Build index and by matching on
+        a tile layer."""
+        where, bbox = self.tile_bbox()
+        if not plan_download(services, zooms, bbox, self.confirm_download, where, action, ask_over):
             return None
         credits = sorted({s.attribution for s in services if s.attribution})
         return {"zooms": zooms, "bbox": bbox, "attribution": "; ".join(credits) or None}
 
+    def tile_bbox(self) -> tuple[str, list[float]]:
+        """The area to read tile layers over, in words and as [min lon, min lat, max lon, max lat]: the
+        Area field when drawn or typed, else the current map extent."""
+        if self.tile_area.isValid() and not self.tile_area.outputExtent().isEmpty():  # drawn or typed
+            box, crs = self.tile_area.outputExtent(), self.tile_area.outputCrs()
+            return "the chosen area", list(extent_lonlat(box, crs))
+        canvas = self.iface.mapCanvas()
+        return "the current map extent", list(
+            extent_lonlat(canvas.extent(), canvas.mapSettings().destinationCrs())
+        )
+
+    def match_tiles(self, src) -> dict[str, Any] | None:
+        """``zooms`` and ``bbox`` for matching on a tile layer: the Zooms field when filled, else the one
+        zoom of the map's scale (within the layer's zooms); the Area field, else the map extent. A service's
+        plan is shown when it downloads anything (None: declined); an MBTiles/GeoPackage file is read as it
+        is (all its tiles unless zooms or an area are given)."""
+        typed = self.zooms.text().strip()
+        if src.is_service:
+            zooms = parse_zooms(typed) if typed else [self._map_zoom(src)]
+            options = self._service_options([src], zooms, "Match the photos on", ask_over=0)
+            if options is not None:
+                options.pop("attribution")
+                if src.zmax is not None:  # the engine fetches finer zooms for the match: not past the layer's
+                    options["max_fetch_zoom"] = max(src.zmax, max(zooms))
+            return options
+        options: dict[str, Any] = {"zooms": parse_zooms(typed) if typed else None}
+        if self.tile_area.isValid() and not self.tile_area.outputExtent().isEmpty():
+            options["bbox"] = self.tile_bbox()[1]
+        return options
+
+    def _map_zoom(self, src) -> int:
+        return canvas_zoom(self.iface.mapCanvas().mapSettings(), src.zmin, src.zmax)
+
     def confirm_download(self, text: str) -> bool:
         """Ask before fetching tiles from a service (tests replace this with their own answer)."""
-        answer = QMessageBox.question(
-            self,
-            "Skyloc: download tiles",
-            text,
-            QMessageBox.StandardButton.Ok | QMessageBox.StandardButton.Cancel,
-        )
-        return answer == QMessageBox.StandardButton.Ok
+        return ask_download(self, text)
 
     def run(self) -> LocalizeTask | None:
         """Localize the photos (a task): candidates, footprints and georeferenced photos become layers."""
@@ -791,13 +835,20 @@ class LocalizePanel(QWidget):
             return None
         if layer is not None:  # footprints on a raster: no index, no search area
             try:
-                against = raster_file(layer)
+                src = engine_source(layer)
+                against = raster_file(layer) if src.kind == "file" else src.source
+                tiles = self.match_tiles(src) if src.kind != "file" else {}
             except Exception as exc:
                 report_error(exc, self.iface, "Localize photos")
+                return None
+            if tiles is None:  # the user declined the download
                 return None
             task = LocalizeTask(
                 photos,
                 against=against,
+                # a file: the colours the analyst sees, not a guessed band order (tiles are RGB)
+                bands=renderer_bands(layer) if src.kind == "file" else None,
+                tiles=tiles,
                 top_k=self.top_k.value(),
                 matcher=self.matcher.currentData(),
                 iface=self.iface,
@@ -957,15 +1008,24 @@ class EmbeddingsPanel(QWidget):
         try:
             if layer is None:
                 raise ValueError("choose a raster layer")
-            path = raster_file(layer)
+            src = engine_source(layer)
+            path = raster_file(layer) if src.kind == "file" else src.source
             model = self.model_options()
+            tiles = (
+                tile_extent_options(src, layer, self.iface.mapCanvas().mapSettings(), self.confirm_download)
+                if src.kind != "file"
+                else {}
+            )
         except Exception as exc:
             report_error(exc, self.iface, "Heatmap")
+            return None
+        if tiles is None:  # the user declined the download
             return None
         task = HeatmapTask(
             path,
             layer=layer,
-            bands=rgb_bands(layer, model["model"]),
+            tiles=tiles,
+            bands=rgb_bands(layer, model["model"]) if src.kind == "file" else None,
             iface=self.iface,
             on_done=self.progress.ended,
             slot=self.heatmaps,
@@ -976,6 +1036,10 @@ class EmbeddingsPanel(QWidget):
         self.progress.follow(task)
         self.last_task = start_task(task)
         return task
+
+    def confirm_download(self, text: str) -> bool:
+        """Ask before fetching many tiles for a heatmap (tests replace this with their own answer)."""
+        return ask_download(self, text)
 
     def heatmap_from_photo(self) -> HeatmapTask | None:
         photo = self.photo.filePath().strip()
@@ -1277,17 +1341,3 @@ class SkylocDock(QgsDockWidget):
         lay.addWidget(self.line)
         lay.addWidget(self.tabs)
         self.setWidget(body)
-
-
-def download_text(services: list, plan: list[dict], zooms: list[int]) -> str:
-    """What indexing the XYZ layers over the map extent will fetch, in words (from the engine's plan)."""
-    lines = []
-    for i, s in enumerate(services):  # the plan lists the services in the order asked
-        p = plan[i] if i < len(plan) else {}
-        mb = (p.get("estimated_download_bytes") or 0) / 1e6
-        lines.append(
-            f"{s.layer_name}: {p.get('mosaics', '?')} mosaics at zooms {zooms[0]}-{zooms[-1]}, "
-            f"{p.get('tiles_needed', '?')} tiles ({p.get('tiles_cached', 0)} already cached, "
-            f"{p.get('tiles_to_download', '?')} to download, about {mb:.0f} MB)"
-        )
-    return "\n".join(lines) + "\n\nIndex the current map extent? Tiles are kept in the engine's cache."

@@ -390,7 +390,8 @@ def zoom_to_feature(canvas, layer: QgsVectorLayer, fid: int) -> bool:
 
 #: What to do in QGIS's Georeferencer with the files :func:`georeferencer_files` prepares.
 GEOREF_HOW = (
-    "open {photo} in Raster > Georeferencer (it loads {points} with it; else File > Load GCP Points), "
+    "open {photo} in the Georeferencer (its Open Raster dialog starts on it; the Georeferencer loads "
+    "{points} with it; else File > Load GCP Points), "
     "then choose Settings > Transformation Settings > Transformation type: Projective (the footprint is "
     "a homography: a linear/affine or polynomial fit is visibly off on oblique photos)"
 )
@@ -428,16 +429,36 @@ def georeferencer_files(photo: str, points: str) -> tuple[str, str]:
     return copy, points
 
 
-def open_georeferencer(iface) -> bool:
-    """Trigger QGIS's own Georeferencer action when the main window has one (True if found)."""
+#: QGIS's Georeferencer (3.x) starts its "Open Raster" dialog here; a file path preselects that file.
+GEOREF_DIR_KEY = "/Plugin-GeoReferencer/rasterdirectory"
+
+
+def open_georeferencer(iface, photo: str | None = None) -> bool:
+    """Open QGIS's own Georeferencer (True if the main window has it). With ``photo``: its "Open Raster"
+    dialog comes up on that photo (QGIS has no Python call to load a raster into the Georeferencer; it
+    loads ``<photo>.points`` by itself once the photo is opened)."""
+    if photo:
+        from qgis.core import QgsSettings
+
+        QgsSettings().setValue(GEOREF_DIR_KEY, photo)
     if iface is None:
         return False
-    from qgis.PyQt.QtWidgets import QAction
+    from qgis.PyQt.QtCore import QTimer
+    from qgis.PyQt.QtWidgets import QAction, QApplication
 
     for action in iface.mainWindow().findChildren(QAction):
         name = action.objectName()
         if name == "mActionShowGeoreferencer" or "georeferencer" in action.text().replace("&", "").lower():
             action.trigger()
+            if photo:  # after this click returns: the dialog is modal
+                opens = [
+                    a
+                    for w in QApplication.topLevelWidgets()
+                    for a in w.findChildren(QAction, "mActionOpenRaster")
+                    if a.isEnabled()
+                ]
+                if opens:
+                    QTimer.singleShot(0, opens[0].trigger)
             return True
     return False
 

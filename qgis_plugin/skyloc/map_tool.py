@@ -25,6 +25,7 @@ from .client import ServiceError
 from .layers import HeatmapSlot, is_heatmap, raster_file, rgb_bands
 from .messages import report_error
 from .tasks import HeatmapTask, start_task
+from .tile_layers import ask_download, engine_source, tile_extent_options
 
 
 class HeatmapMapTool(QgsMapTool):
@@ -34,7 +35,13 @@ class HeatmapMapTool(QgsMapTool):
     ``on_embedding(dict)`` receives the engine's embedding answer; ``last_task`` is the latest task.
     ``model()`` names the model, or gives ``{"model", "weights", "sha256"}`` (the dock's fields). The bands
     read as red, green, blue are the layer's own (its renderer's), as in the dock.
+
+    A tile layer (XYZ, WMTS, MBTiles, GeoPackage) is read at the zoom of the map's scale over the map
+    extent; a click that would download more than ``ASK_OVER`` tiles asks first (:meth:`confirm_download`).
     """
+
+    #: tiles a click downloads without asking
+    ASK_OVER = 64
 
     def __init__(
         self,
@@ -85,19 +92,29 @@ class HeatmapMapTool(QgsMapTool):
                 raise ServiceError(
                     None, "raster_unusable", "there is no raster layer under the clicked point: click on one"
                 )
-            path = raster_file(layer)
-            dest = self.canvas().mapSettings().destinationCrs()
+            src = engine_source(layer)
+            path = raster_file(layer) if src.kind == "file" else src.source
+            settings = self.canvas().mapSettings()
+            dest = settings.destinationCrs()
             xy = QgsCoordinateTransform(dest, layer.crs(), QgsProject.instance()).transform(point)
             chosen = self.model()
+            tiles = (
+                tile_extent_options(src, layer, settings, self.confirm_download, ask_over=self.ASK_OVER)
+                if src.kind != "file"
+                else {}
+            )
         except Exception as exc:
             report_error(exc, self.iface)
+            return None
+        if tiles is None:  # the user declined the download
             return None
         options = chosen if isinstance(chosen, dict) else {"model": chosen}
         task = HeatmapTask(
             path,
             layer=layer,
             at=[xy.x(), xy.y()],
-            bands=rgb_bands(layer, options.get("model")),
+            tiles=tiles,
+            bands=rgb_bands(layer, options.get("model")) if src.kind == "file" else None,
             iface=self.iface,
             on_embedding=self.on_embedding,
             slot=self.slot,
@@ -107,6 +124,10 @@ class HeatmapMapTool(QgsMapTool):
         self.last_task = task
         start_task(task)
         return task
+
+    def confirm_download(self, text: str) -> bool:
+        """Ask before a click fetches many tiles (tests replace this with their own answer)."""
+        return ask_download(self.canvas(), text)
 
 
 WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")

@@ -61,6 +61,22 @@ def headline(text: str, limit: int = BAR_CHARS) -> str:
     return cut[: cut.rfind(" ")].rstrip(",;:") + " …"
 
 
+#: pixels of the bar that are not the message: icon, title, buttons, close button, margins
+BAR_RESERVED_PX = 330
+
+
+def bar_chars(iface=None) -> int:
+    """Characters of a message that fit on ONE line of the bar at its present width (QGIS wraps a longer
+    line and its fixed bar height clips the second line in a narrow window); at most BAR_CHARS."""
+    owner = _iface(iface)
+    if owner is None:
+        return BAR_CHARS
+    bar = owner.messageBar()
+    width = bar.width() if bar.isVisible() else owner.mainWindow().width()
+    char = max(1, bar.fontMetrics().averageCharWidth())
+    return max(40, min(BAR_CHARS, (width - BAR_RESERVED_PX) // char))
+
+
 def drop(key: str, iface=None) -> None:
     """Remove the bar message pushed under ``key`` (if it is still there)."""
     item = _ITEMS.pop(key, None)
@@ -95,7 +111,7 @@ def push(
         return None
     if key is not None:
         drop(key, owner)
-    short = clean(short) if short else headline(text)
+    short = clean(short) if short else headline(text, bar_chars(owner))
     item = QgsMessageBarItem(TITLE, short, level, DURATIONS.get(level, 8) if duration is None else duration)
     wanted = (
         [("Details", "The whole message", lambda: _show_details(text, level))] if short != text else []

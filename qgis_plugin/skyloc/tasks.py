@@ -257,7 +257,7 @@ class IndexTask(EngineTask):
         }
 
     def inputs(self) -> list[str]:
-        files = [s for s in self.sources if not s.lower().startswith(("http://", "https://"))]  # not URLs
+        files = [s for s in self.sources if not is_service_source(s)]
         return [*files, *([self.options["weights"]] if self.options["weights"] else [])]
 
     def work(self, client: SkylocClient) -> Job:
@@ -274,6 +274,11 @@ class IndexTask(EngineTask):
             self.iface,
             key=OUTCOME,
         )
+
+
+def is_service_source(source: str | None) -> bool:
+    """A tile service (URL template, ``wmts:``), not a file the engine reads in place."""
+    return bool(source) and str(source).lower().startswith(("http://", "https://", "wmts:"))
 
 
 def source_notes(manifest: dict) -> str:
@@ -331,10 +336,19 @@ class LocalizeTask(EngineTask):
         radius_km: float | None = None,
         bbox: Sequence[float] | None = None,
         model: str | None = None,
+        bands: Sequence[int] | None = None,
+        model_options: dict[str, Any] | None = None,
+        tiles: dict[str, Any] | None = None,
         iface=None,
         on_done=None,
     ) -> None:
         super().__init__("Skyloc: localize photos", iface, on_done)
+        #: with ``against`` a tile layer: ``zooms`` and ``bbox`` of its tiles to read (fetch)
+        self.tiles = {k: v for k, v in (tiles or {}).items() if v is not None}
+        #: with ``against``: the raster's bands read as R,G,B (its renderer's), and model/weights/sha256
+        #: of the retrieval over its windows (None: the engine's defaults)
+        self.bands = list(bands) if bands else None
+        self.model_options = {k: v for k, v in (model_options or {}).items() if v}
         self.photos = list(photos)
         self.index, self.against, self.footprint = index, against, footprint or against is not None
         self.area = {"near": near, "radius_km": radius_km, "bbox": bbox}
@@ -353,7 +367,7 @@ class LocalizeTask(EngineTask):
         )
 
     def inputs(self) -> list[str]:
-        return [p for p in (self.index, self.against) if p]
+        return [p for p in (self.index, self.against) if p and not is_service_source(p)]
 
     def work(self, client: SkylocClient) -> Job:
         with engine_photos(client, self.photos, engine_roots(client), self.origins) as photos:
@@ -375,6 +389,9 @@ class LocalizeTask(EngineTask):
                     against=self.against,
                     top_k=self.top_k,
                     matcher=self.matcher,
+                    bands=self.bands,
+                    **self.model_options,
+                    **self.tiles,
                 )
             else:
                 job = client.footprint(
@@ -541,8 +558,12 @@ class HeatmapTask(EngineTask):
         on_done=None,
         on_embedding: Callable[[dict[str, Any]], None] | None = None,
         slot: HeatmapSlot | None = None,
+        tiles: dict[str, Any] | None = None,
     ) -> None:
         super().__init__("Skyloc: similarity heatmap", iface, on_done)
+        #: ``raster`` a tile layer (URL template, wmts:, MBTiles, GeoPackage): the ``zoom`` and ``bbox``
+        #: the engine reads it at (rendered to a temporary GeoTIFF); points are then in the layer's CRS
+        self.tiles = {k: v for k, v in (tiles or {}).items() if v is not None}
         self.weights, self.sha256 = weights or None, sha256 or None
         self.bands = None if bands is None else list(bands)
         self.raster = raster
@@ -568,10 +589,14 @@ class HeatmapTask(EngineTask):
         self.heatmap_layer: QgsMapLayer | None = None
 
     def inputs(self) -> list[str]:
-        return [self.raster, *([self.weights] if self.weights else [])]
+        raster = [] if is_service_source(self.raster) else [self.raster]
+        return [*raster, *([self.weights] if self.weights else [])]
 
     def work(self, client: SkylocClient) -> Job:
         model = {"model": self.model, "weights": self.weights, "sha256": self.sha256, "bands": self.bands}
+        if self.tiles:  # the points are in the layer's CRS, the engine's rendering in Web Mercator
+            crs = self.raster_crs.authid() if self.raster_crs is not None else ""
+            model.update(self.tiles, **({"crs": crs} if crs and self.at is not None else {}))
         if self.at is not None:
             link = EngineLink.instance()
             warm = (client.url, f"{self.model or 'default'} {self.weights or ''}")
@@ -584,6 +609,8 @@ class HeatmapTask(EngineTask):
             self.setProgress(10.0)
         if self.out is None:
             stem = os.path.splitext(os.path.basename(self.raster))[0]
+            if self.tiles:  # a URL template's last part ("{y}.png") says nothing: the layer's name
+                stem = re.sub(r"[^\w.-]+", "_", self.raster_name).strip("_") or "tiles"
             folder = os.path.join(EngineLink.instance().output_dir(client), "heatmaps")
             os.makedirs(folder, exist_ok=True)
             self.out = os.path.join(folder, f"{stem}_{stamp()}.tif")
