@@ -548,7 +548,7 @@ class LocalizePanel(QWidget):
         )
         form.addRow("Zooms", self.zooms)
         self.tile_area = QgsExtentWidget(None, QgsExtentWidget.WidgetStyle.CondensedStyle)
-        self.tile_area.setNullValueAllowed(True, "current map extent")
+        self.tile_area.setNullValueAllowed(True, "map extent")
         self.tile_area.clear()
         if self.iface is not None:
             self.tile_area.setMapCanvas(self.iface.mapCanvas())
