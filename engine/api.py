@@ -342,11 +342,16 @@ def localize(
     backend: str = DEFAULT_BACKEND,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
+    nprobe: int | None = None,
+    rerank: int | None = None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
     keep_decoded: dict[str, np.ndarray] | None = None,
 ) -> LocalizeResult:
     """Retrieve the ``top_k`` most similar tiles for each photo; optionally write their footprints.
+
+    ``nprobe`` / ``rerank``: per-run search settings of an IVF / compressed index (more = slower, closer to
+    exact; None: the index's own).
 
     A photo that cannot be read is reported with ``status="error"`` and the others go on; if none succeeds
     nothing is written and the first error is raised. ``keep_decoded`` receives the decoded photos (by
@@ -377,7 +382,9 @@ def localize(
             cancel.check()
         progress(i / len(paths), f"photo {i + 1} of {len(paths)}: {path.name}")
         try:
-            results.append(_localize_one(path, idx, encoder, top_k, tiles, max_pixels, keep_decoded))
+            results.append(
+                _localize_one(path, idx, encoder, top_k, tiles, max_pixels, keep_decoded, (nprobe, rerank))
+            )
         except SkylocError as exc:
             first_error = first_error or exc
             results.append(
@@ -410,6 +417,7 @@ def _localize_one(
     tiles: np.ndarray | None,
     max_pixels: int,
     keep: dict[str, np.ndarray] | None = None,
+    search: tuple[int | None, int | None] = (None, None),
 ) -> PhotoResult:
     image = read_image(path, max_pixels=max_pixels)
     if keep is not None and sum(a.nbytes for a in keep.values()) + image.nbytes <= KEEP_DECODED_BYTES:
@@ -417,7 +425,7 @@ def _localize_one(
     t0 = time.perf_counter()
     desc = encoder.encode(image[None])
     t1 = time.perf_counter()
-    hits = tile_search.search(idx, desc, top_k, tiles)[0]
+    hits = tile_search.search(idx, desc, top_k, tiles, nprobe=search[0], rerank=search[1])[0]
     t2 = time.perf_counter()
     table = idx.tiles
     cands = [
@@ -622,6 +630,8 @@ def localize_footprints(
     fetch_finer: bool = True,
     max_fetch_zoom: int | None = None,
     fetch_budget: int = DEFAULT_FETCH_BUDGET,
+    nprobe: int | None = None,
+    rerank: int | None = None,
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
 ) -> list[Footprint]:
@@ -658,6 +668,8 @@ def localize_footprints(
         progress=lambda f, m: progress(0.1 * f, m),
         cancel=cancel,
         keep_decoded=decoded,
+        nprobe=nprobe,
+        rerank=rerank,
     )
     by_photo = {p.photo: p for p in retrieved.photos}
     places = IndexPlaces(
@@ -687,6 +699,8 @@ def localize_footprints(
             outputs=[georef_dir, geotiff, points],
             max_pixels=max_pixels,
             **_fetch_settings(fetch_finer, max_fetch_zoom, fetch_budget),
+            # absent when not given: runs of earlier versions still resume
+            **{k: v for k, v in (("nprobe", nprobe), ("rerank", rerank)) if v is not None},
         )
         return run_batch(
             [Path(p.photo) for p in retrieved.photos],

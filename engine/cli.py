@@ -268,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="estimate each photo's footprint on its candidates: --out is then the footprint layer",
     )
     p.add_argument("--candidates", metavar="CANDS.gpkg", help="with --footprint: also write the candidates")
+    p.add_argument(
+        "--nprobe",
+        type=int,
+        help="IVF/compressed indexes: lists probed (default: the index's; more = closer to exact)",
+    )
+    p.add_argument(
+        "--rerank",
+        type=int,
+        help="compressed indexes: candidates re-scored exactly (default 2000; more = closer)",
+    )
     footprint_args(p)
     p.add_argument(
         "--max-pixels",
@@ -515,6 +525,8 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         max_pixels=args.max_pixels,
         overwrite=args.overwrite,
+        nprobe=args.nprobe,
+        rerank=args.rerank,
         progress=progress,
     )
     if args.json:
@@ -585,7 +597,13 @@ def _footprints(api: Any, args: argparse.Namespace, progress: StderrProgress) ->
         )
     else:
         results = api.localize_footprints(
-            args.photos, args.index, area=_area(args), candidates_out=args.candidates, **common
+            args.photos,
+            args.index,
+            area=_area(args),
+            candidates_out=args.candidates,
+            nprobe=args.nprobe,
+            rerank=args.rerank,
+            **common,
         )
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in results], indent=1, default=str))

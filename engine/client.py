@@ -290,6 +290,8 @@ class SkylocClient:
         sha256: str | None = None,
         backend: str | None = None,
         overwrite: bool | None = None,
+        nprobe: int | None = None,
+        rerank: int | None = None,
     ) -> Job:
         """The ``top_k`` most similar tiles of ``index`` for each photo (a job). ``near`` is [lat, lon]."""
         return self._job(
@@ -307,6 +309,8 @@ class SkylocClient:
                 "sha256": sha256,
                 "backend": backend,
                 "overwrite": overwrite,
+                "nprobe": nprobe,
+                "rerank": rerank,
             },
         )
 
@@ -339,6 +343,8 @@ class SkylocClient:
         weights: str | None = None,
         sha256: str | None = None,
         max_fetch_zoom: int | None = None,
+        nprobe: int | None = None,
+        rerank: int | None = None,
     ) -> Job:
         """Footprints of photos on a raster (``against``) or on an index's candidates (a job). ``against``
         may be tiles (an http(s) URL template with ``zooms`` and ``bbox`` or ``near``+``radius_km``, an
@@ -372,6 +378,8 @@ class SkylocClient:
                 "weights": weights,
                 "sha256": sha256,
                 "max_fetch_zoom": max_fetch_zoom,
+                "nprobe": nprobe,
+                "rerank": rerank,
             },
         )
 

@@ -17,6 +17,7 @@ from PIL import Image
 from engine import api
 from engine.errors import IndexNotFoundError, InputError
 from engine.geo.search_area import SearchArea
+from engine.imagery.photos import read_image
 from engine.retrieval import faiss_index as fi
 from engine.retrieval import search as tile_search
 from engine.retrieval.index_store import FAISS_FILE, VECTORS_FILE, is_index_folder, open_index
@@ -244,3 +245,27 @@ def test_auto_picks_the_preset_above_the_flat_limit():
     assert fi.suggest_factory(4_000_000, 2048) == "IVF2048,PQ512x4fsr+rerank"  # 256 B a vector: 32x < Flat
     assert fi.check_buildable(1_000_000, 2048, "auto") == "IVF1024,PQ512x4fsr+rerank"
     assert fi.check_buildable(1_000_000, 2048, "compressed") == "IVF1024,PQ512x4fsr+rerank"
+
+
+def test_search_settings_per_run(sample_compressed, sample_index, tmp_path):
+    """--nprobe / --rerank per localize run (issue 15: they were fixed at build time): probing every list
+    and re-ranking every vector gives the exact ranking; rerank on a Flat index is refused clearly."""
+    from engine.cli import main as cli_main
+
+    out, _ = sample_compressed
+    idx = open_index(out)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(read_window(SAMPLE / "naip_2018.tif", 500, 300, 384)).save(photo)
+    nlist = faiss.extract_index_ivf(idx.faiss.base).nlist
+    res = api.localize([str(photo)], idx, top_k=5, nprobe=nlist, rerank=idx.faiss.ntotal)
+    vectors = np.load(out / VECTORS_FILE).astype(np.float32)
+    desc = api.get_encoder("default", None, "onnx", 224, None).encode(read_image(photo)[None])
+    exact = fi.search(fi.build(vectors, "Flat"), desc, 40)[1][0]
+    assert [c.tile_id for c in res.photos[0].candidates] == list(dict.fromkeys(exact // 4))[:5]
+    assert (
+        cli_main(["localize", str(photo), "--index", str(out), "--nprobe", "1", "--rerank", "8", "--quiet"])
+        == 0
+    )
+    assert cli_main(["localize", str(photo), "--index", str(sample_index), "--rerank", "8", "--quiet"]) == 3
+    with pytest.raises(InputError, match="positive integer"):
+        api.localize([str(photo)], idx, top_k=5, nprobe=0)

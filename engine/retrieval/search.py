@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import OutsideAreaError
+from ..errors import InputError, OutsideAreaError
 from ..geo.search_area import SearchArea
 from . import faiss_index
 from .index_store import TileIndex
@@ -42,13 +42,25 @@ def _extent(index: TileIndex) -> tuple[float, float, float, float]:
 
 
 def search(
-    index: TileIndex, descriptors: np.ndarray, k: int, tiles: np.ndarray | None = None
+    index: TileIndex,
+    descriptors: np.ndarray,
+    k: int,
+    tiles: np.ndarray | None = None,
+    nprobe: int | None = None,
+    rerank: int | None = None,
 ) -> list[list[Hit]]:
     """Top-``k`` distinct tiles for each query descriptor (rows of ``descriptors``), best first.
 
     Each tile has R vectors (one per rotation), so the top k*R vectors always hold at least k distinct
     tiles (or all of them): searching k*R and keeping each tile's best rotation gives an exact top-k.
+    ``nprobe`` (IVF lists probed) and ``rerank`` (candidates re-scored exactly, compressed indexes) trade
+    speed for recall per call; None: the values stored in the index.
     """
+    if rerank is not None and not isinstance(index.faiss, faiss_index.RerankIndex):
+        raise InputError(
+            "--rerank applies to a compressed index (factory 'compressed' or '...+rerank'); "
+            f"this one is {index.manifest.get('factory')!r}"
+        )
     n_rot = index.n_rotations
     allowed = None
     if tiles is not None:
@@ -56,7 +68,12 @@ def search(
     n_vectors = index.faiss.ntotal if allowed is None else allowed.size
     raw_k = min(k * n_rot, n_vectors)
     scores, ids = faiss_index.search(
-        index.faiss, np.atleast_2d(descriptors).astype(np.float32), raw_k, allowed_ids=allowed
+        index.faiss,
+        np.atleast_2d(descriptors).astype(np.float32),
+        raw_k,
+        allowed_ids=allowed,
+        nprobe=nprobe,
+        rerank=rerank,
     )
     results = []
     for row_scores, row_ids in zip(scores, ids, strict=True):

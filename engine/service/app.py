@@ -773,6 +773,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 backend=req.backend,
                 max_pixels=config.max_pixels,
                 overwrite=req.overwrite,
+                nprobe=req.nprobe,
+                rerank=req.rerank,
                 progress=progress,
                 cancel=cancel,
             )
@@ -827,8 +829,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         check_output(out, inputs=photos, overwrite=req.overwrite, layer="footprints", what="footprint layer")
         candidates_out = None
         if req.against is not None:
-            if req.candidates_out:
-                raise InputError("candidates_out goes with index, not against")
+            if req.candidates_out or req.nprobe is not None or req.rerank is not None:
+                raise InputError("candidates_out/nprobe/rerank go with index, not against")
             # a raster, an XYZ folder, or tiles (URL template, MBTiles, GeoPackage) as POST /index takes them
             against = svc.index_source(req.against)
             tiled = is_tile_source(against)
@@ -870,6 +872,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 return api.localize_footprints(
                     [str(p) for p in photos],
                     idx,
+                    nprobe=req.nprobe,
+                    rerank=req.rerank,
                     top_k=req.top_k or 10,
                     area=area,
                     candidates_out=None if candidates_out is None else str(candidates_out),

@@ -159,6 +159,12 @@ class LocalizeRequest(AreaFields):
     weights: Path_ | None = None
     sha256: Sha256 | None = None
     backend: Backend = "onnx"
+    nprobe: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        None, description="IVF/compressed index: lists probed (default: the index's; more = closer to exact)"
+    )
+    rerank: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        None, description="compressed index: candidates re-scored exactly (default 2000)"
+    )
     overwrite: bool = Field(
         False,
         description="replace existing outputs that Skyloc did not write (never an input of the request)",
@@ -190,6 +196,12 @@ class FootprintRequest(AreaFields, TileFields):
     geotiff: Path_ | None = Field(None, description="one photo: its georeferenced GeoTIFF here")
     points: Path_ | None = Field(None, description="one photo: its Georeferencer .points here")
     candidates_out: Path_ | None = Field(None, description="with index: also write the retrieved tiles")
+    nprobe: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        None, description="IVF/compressed index: lists probed (default: the index's; more = closer to exact)"
+    )
+    rerank: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        None, description="compressed index: candidates re-scored exactly (default 2000)"
+    )
     model: Annotated[str, Field(max_length=100)] = "default"
     weights: Path_ | None = Field(None, description="against: weights file of the model (astroloc ...)")
     sha256: Sha256 | None = Field(None, description="against: expected sha256 of weights")
