@@ -41,6 +41,15 @@ def _extent(index: TileIndex) -> tuple[float, float, float, float]:
     return float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())
 
 
+def check_search_settings(index: TileIndex, rerank: int | None) -> None:
+    """``rerank`` only for a compressed index (InputError otherwise: the service refuses it before a job)."""
+    if rerank is not None and not isinstance(index.faiss, faiss_index.RerankIndex):
+        raise InputError(
+            "--rerank applies to a compressed index (factory 'compressed' or '...+rerank'); "
+            f"this one is {index.manifest.get('factory')!r}"
+        )
+
+
 def search(
     index: TileIndex,
     descriptors: np.ndarray,
@@ -56,11 +65,7 @@ def search(
     ``nprobe`` (IVF lists probed) and ``rerank`` (candidates re-scored exactly, compressed indexes) trade
     speed for recall per call; None: the values stored in the index.
     """
-    if rerank is not None and not isinstance(index.faiss, faiss_index.RerankIndex):
-        raise InputError(
-            "--rerank applies to a compressed index (factory 'compressed' or '...+rerank'); "
-            f"this one is {index.manifest.get('factory')!r}"
-        )
+    check_search_settings(index, rerank)
     n_rot = index.n_rotations
     allowed = None
     if tiles is not None:

@@ -54,6 +54,7 @@ from ..imagery.tile_service import is_url, redact
 from ..imagery.tile_source import plan_extent
 from ..output_guard import check_output
 from ..retrieval.index_store import check_index_out
+from ..retrieval.search import check_search_settings
 from .auth import TokenMiddleware
 from .errors import BusyError, ForbiddenPathError, NotFoundError, UploadTooLargeError
 from .gdal_guard import GdalGuard, disable_gdal_network
@@ -755,6 +756,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """Retrieve the most similar tiles of an index for each photo (a job)."""
         photos = svc.photo_files(req.photos)
         idx = svc.index(req.index)
+        check_search_settings(idx, req.rerank)
         svc.check_model_name(req.model, idx.manifest)
         area = svc.area(req)
         out = svc.layer_output(req.out, "out")
@@ -863,6 +865,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             if req.bands is not None or req.weights is not None or req.sha256 is not None:
                 raise InputError("bands/weights/sha256 go with against; an index reads with its own model")
             idx = svc.index(req.index)
+            check_search_settings(idx, req.rerank)
             svc.index_sources(idx)  # footprints read the tiles' imagery: it must lie inside the roots
             area = svc.area(req)
             candidates_out = svc.layer_output(req.candidates_out, "candidates_out")
