@@ -416,7 +416,10 @@ def test_footprint_job_writes_the_georeferenced_photo(client, workspace, sample_
         lambda: client.footprint(["photo.jpg"], "fp_b.gpkg", index=str(sample_index), bands=[1, 2, 3])
     ) == (422, "bad_input")
     # rerank is a compressed index's setting: refused before a job for this Flat index
-    assert status_of(lambda: client.localize(["photo.jpg"], str(sample_index), rerank=8)) == (422, "bad_input")
+    assert status_of(lambda: client.localize(["photo.jpg"], str(sample_index), rerank=8)) == (
+        422,
+        "bad_input",
+    )
 
 
 def test_footprint_job_with_the_learned_matcher(client, workspace):
