@@ -148,22 +148,26 @@ class SkylocAlgorithm(QgsProcessingAlgorithm):
             feedback.pushWarning(f"engine warning: {warning}")
         return job
 
+    def add_advanced(self, param: QgsProcessingParameterDefinition) -> None:
+        """Add ``param`` among the dialog's "Advanced parameters" (folded by default)."""
+        param.setFlags(param.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
+        self.addParameter(param)
+
     def add_model_parameters(self, label: str = "Model", advanced: bool = False) -> None:
         """MODEL, WEIGHTS (file) and SHA256: the model and, where it needs them, its weights."""
         model = QgsProcessingParameterString("MODEL", tr(label), "default")
         if advanced:
-            model.setFlags(model.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
-        self.addParameter(model)
+            self.add_advanced(model)
+        else:
+            self.addParameter(model)
         weights = QgsProcessingParameterFile(
             "WEIGHTS",
             tr("Weights file (empty: the weights the engine knows for the model)"),
             optional=True,
         )
-        weights.setFlags(weights.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
-        self.addParameter(weights)
+        self.add_advanced(weights)
         sha = QgsProcessingParameterString("SHA256", tr("Weights sha256 (64 hex digits)"), optional=True)
-        sha.setFlags(sha.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
-        self.addParameter(sha)
+        self.add_advanced(sha)
 
     def bands(self, parameters, context, layers) -> list[int] | None:
         """BANDS typed in, else the layers' renderer choice when they agree (None: the engine's rule)."""
@@ -241,8 +245,7 @@ class SkylocAlgorithm(QgsProcessingAlgorithm):
             minValue=0,
             maxValue=22,
         )
-        zoom.setFlags(zoom.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
-        self.addParameter(zoom)
+        self.add_advanced(zoom)
         if extent:
             self.addParameter(
                 QgsProcessingParameterExtent(
@@ -502,8 +505,7 @@ class LocalizePhotos(SkylocAlgorithm):
             tr("Raster to match on: bands read as red,green,blue (e.g. 3,2,1; empty: the layer's own)"),
             optional=True,
         )
-        bands.setFlags(bands.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
-        self.addParameter(bands)
+        self.add_advanced(bands)
         # an index is searched with the model it was built with (logged); these choose the model of the
         # windows of a raster to match on
         self.add_model_parameters("Raster to match on: retrieval model of its windows", advanced=True)
