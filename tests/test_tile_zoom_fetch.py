@@ -93,7 +93,9 @@ def test_index_at_a_coarse_zoom_fetches_the_finer_zoom_once(
     assert set(cached_zooms(cache)) - {14}  # ... kept in the cache
     assert any("fetched" in r.getMessage() for r in caplog.records)
     err_coarse, err_fine = photo_error_m(coarse, META), photo_error_m(fine, META)
-    print(f"index z14: worst corner error {err_coarse:.2f} m stored zoom only, {err_fine:.2f} m fetching finer")
+    print(
+        f"index z14: worst corner error {err_coarse:.2f} m stored zoom only, {err_fine:.2f} m fetching finer"
+    )
     assert err_fine <= err_coarse + 0.5 and err_fine < 3.0, (err_coarse, err_fine)
 
     again, asked = run("again")

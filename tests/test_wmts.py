@@ -25,8 +25,9 @@ from engine import api
 from engine.cli import main as cli_main
 from engine.errors import InputError
 from engine.geo.search_area import SearchArea
-from engine.imagery.tile_service import USER_AGENT, TileServiceError, UrlTemplate, is_url
+from engine.imagery.tile_service import USER_AGENT, TileServiceError, is_url
 from engine.imagery.tile_source import TileMosaicSource, is_tile_source
+from engine.imagery.tile_template import parse_template
 from engine.imagery.wmts import SCALE0, WmtsTemplate, is_wmts
 from engine.retrieval.index_store import open_index
 
@@ -195,18 +196,18 @@ def test_capabilities_resolve_to_tile_urls(tiles) -> None:
         )
         assert is_wmts(qgis) and is_url(qgis) and is_tile_source(qgis) and is_wmts("wmts:" + caps)
         assert not is_wmts(srv.base + "/{z}/{x}/{y}.png") and not is_wmts("type=xyz&url=http://h/{z}/{x}/{y}")
-        rest = UrlTemplate.parse(qgis)
+        rest = parse_template(qgis)
         assert isinstance(rest, WmtsTemplate) and rest.zooms == list(range(19)) and rest.host == "127.0.0.1"
         assert rest.url(15, 3, 7) == f"{srv.base}/rest/naip/default/GoogleMapsCompatible/15/7/3.jpg"
         # the same layer, style, matrix set and format given the other way: the same cache key
-        same = UrlTemplate.parse(f"wmts:{caps}#layer=naip")
+        same = parse_template(f"wmts:{caps}#layer=naip")
         assert same.key == rest.key and same.template == rest.template
         assert rest.template.startswith("wmts:http") and "tileMatrixSet=GoogleMapsCompatible" in rest.template
-        assert UrlTemplate.parse(f"wmts:{caps}#style=infrared").key != rest.key
-        assert UrlTemplate.parse(f"wmts:{caps}#format=image/png").url(1, 0, 0).startswith(srv.base + "/kvp?")
+        assert parse_template(f"wmts:{caps}#style=infrared").key != rest.key
+        assert parse_template(f"wmts:{caps}#format=image/png").url(1, 0, 0).startswith(srv.base + "/kvp?")
 
         # KVP only, identifiers "EPSG:3857:z", zooms 2-18; the service address gets GetCapabilities appended
-        kvp = UrlTemplate.parse(f"wmts:{srv.base}/kvp")
+        kvp = parse_template(f"wmts:{srv.base}/kvp")
         url = kvp.url(15, 3, 7)
         q = dict(parse_qsl(urlsplit(url).query))
         assert q["TILEMATRIX"] == "EPSG:3857:15" and (q["TILEROW"], q["TILECOL"]) == ("7", "3")
@@ -215,15 +216,15 @@ def test_capabilities_resolve_to_tile_urls(tiles) -> None:
         with pytest.raises(InputError, match=r"has no zoom 1: it offers zooms 2-18"):
             kvp.check_zooms([1, 5])
         with pytest.raises(InputError, match="has no layer 'roads': it offers 'naip'"):
-            UrlTemplate.parse(f"wmts:{caps}#layer=roads")
+            parse_template(f"wmts:{caps}#layer=roads")
         with pytest.raises(InputError, match="no style 'night'"):
-            UrlTemplate.parse(f"wmts:{caps}#style=night")
+            parse_template(f"wmts:{caps}#style=night")
         with pytest.raises(InputError, match="cannot log in"):
-            UrlTemplate.parse(qgis + "&username=me&password=secret")
+            parse_template(qgis + "&username=me&password=secret")
         # 512-px tiles on the same quadtree (scales halved) are read too
         big = {"GoogleMapsCompatible": tile_matrix_set("GoogleMapsCompatible", size=512)}
         srv.docs["/512.xml"] = (200, capabilities(srv.base, sets=big, rest=True, kvp=False), "text/xml")
-        assert UrlTemplate.parse(f"wmts:{srv.base}/512.xml").tile_size == 512
+        assert parse_template(f"wmts:{srv.base}/512.xml").tile_size == 512
         # one fetch of each capabilities document for all of the above
         assert srv.log.count(CAPS_PATH) == 1 and srv.agents == {USER_AGENT}
 

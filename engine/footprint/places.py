@@ -112,10 +112,11 @@ class IndexPlaces:
             url, subdomains = str(rec["url"]), rec.get("subdomains")
 
             def open_service():  # on the first view that needs a finer zoom
-                from ..imagery.tile_service import TileFetcher, UrlTemplate
+                from ..imagery.tile_service import TileFetcher
                 from ..imagery.tile_source import open_cache
+                from ..imagery.tile_template import parse_template
 
-                template = UrlTemplate.parse(url, tuple(subdomains) if subdomains else None)
+                template = parse_template(url, subdomains)
                 finer.max_zoom = finer_limit(base, service_max_zoom(template), self.max_fetch_zoom)
                 store = open_cache(template, here)  # refuses a cache that holds another service's tiles
                 return store, TileFetcher(template, store)

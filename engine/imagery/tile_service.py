@@ -84,12 +84,21 @@ class TooManyTilesError(InputError):
 def is_url(text: str) -> bool:
     """True for anything with a URL scheme (``http:``, ``file:``, ``ftp:``, ``wmts:`` ...), not a Windows drive
     letter; and for a QGIS WMTS layer source (``...&tileMatrixSet=...&url=...``, see wmts.py)."""
-    from .wmts import is_wmts
-
     return (
         re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", str(text)) is not None
         and not re.match(r"^[A-Za-z]:[\\/]", str(text))
     ) or is_wmts(text)
+
+
+def is_wmts(text: str) -> bool:
+    """True for a ``wmts:`` source, and for a QGIS WMTS layer source (``...&tileMatrixSet=...&url=...``)."""
+    t = str(text).strip()
+    if t[:5].lower() == "wmts:":
+        return True
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", t) or "=" not in t:
+        return False  # a URL, a path
+    keys = {k.lower() for k, _ in parse_qsl(t, keep_blank_values=True)}
+    return "tilematrixset" in keys and "url" in keys
 
 
 def redact(url: str) -> str:
@@ -152,12 +161,10 @@ class UrlTemplate:
     @classmethod
     def parse(cls, text: str, subdomains: tuple[str, ...] | None = None) -> UrlTemplate:
         """From a template, a percent-encoded template (``%7Bz%7D``), or a QGIS XYZ layer source
-        (``type=xyz&url=https://...&zmax=19``); a WMTS source (wmts.py) reads the service's capabilities."""
+        (``type=xyz&url=https://...&zmax=19``). WMTS sources: ``tile_template.parse_template``."""
         text = text.strip()
-        from .wmts import is_wmts, wmts_template
-
-        if is_wmts(text):
-            return wmts_template(text)
+        if is_wmts(text):  # read through its capabilities: tile_template.parse_template
+            raise InputError("a WMTS source is read through its capabilities (tile_template.parse_template)")
         if text.startswith("type=xyz") and "url=" in text:
             fields = dict(parse_qsl(text, keep_blank_values=True))
             text = fields.get("url", "")

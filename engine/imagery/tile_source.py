@@ -45,6 +45,7 @@ from .tile_service import (
     missing_since,
 )
 from .tile_store import MBTiles, Tile, TileStore, open_tile_store
+from .tile_template import parse_template
 
 #: Most tiles one source may need before ``max_tiles`` must be raised (about 0.5-1 GB of JPEG tiles).
 DEFAULT_MAX_TILES = 20_000
@@ -232,7 +233,7 @@ class TileMosaicSource:
         self._specs: list[TileSpec] | None = None
         zoom_list = parse_zooms(zooms)
         if is_url(source):
-            self.template = UrlTemplate.parse(source, tuple(subdomains) if subdomains else None)
+            self.template = parse_template(source, subdomains)
             if not zoom_list:
                 raise InputError(
                     f"tile service {self.template.redacted}: give the zoom levels to index (--zooms 9-11)"
@@ -617,9 +618,7 @@ def plan_extent(
     z = zooms[0]
     if not is_tile_source(source):
         raise InputError(f"{source}: not a tile service URL, MBTiles or GeoPackage of tiles")
-    template = (
-        UrlTemplate.parse(source, tuple(subdomains) if subdomains else None) if is_url(source) else None
-    )
+    template = parse_template(source, subdomains) if is_url(source) else None
     if template is not None:
         template.check_zooms([z])
     if template is not None and area is None:
@@ -675,9 +674,7 @@ def render_tiles(
 
     plan = plan_extent(source, zoom=zoom, area=area, max_tiles=max_tiles, subdomains=subdomains)
     z, box, count = plan["zoom"], tuple(plan["tiles"]), plan["count"]
-    template = (
-        UrlTemplate.parse(source, tuple(subdomains) if subdomains else None) if is_url(source) else None
-    )
+    template = parse_template(source, subdomains) if is_url(source) else None
     if retry_missing and template is None:
         raise InputError("--retry-missing asks a tile service (URL) again for its missing tiles")
     store: TileStore

@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 import requests
 
 from ..errors import InputError
-from .tile_service import DEFAULT_TIMEOUT, USER_AGENT, TileServiceError, UrlTemplate, redact
+from .tile_service import DEFAULT_TIMEOUT, USER_AGENT, TileServiceError, UrlTemplate, is_wmts, redact
 
 NS = {
     "wmts": "http://www.opengis.net/wmts/1.0",
@@ -55,17 +55,6 @@ _CREDENTIAL_KEYS = ("username", "password", "authcfg")
 
 _cache: dict[str, tuple[float, bytes]] = {}
 _cache_lock = threading.Lock()
-
-
-def is_wmts(text: str) -> bool:
-    """True for a ``wmts:`` source, and for a QGIS WMTS layer source (``...&tileMatrixSet=...&url=...``)."""
-    t = str(text).strip()
-    if t[:5].lower() == "wmts:":
-        return True
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", t) or "=" not in t:
-        return False  # a URL, a path
-    keys = {k.lower() for k, _ in parse_qsl(t, keep_blank_values=True)}
-    return "tilematrixset" in keys and "url" in keys
 
 
 @dataclass(frozen=True)

@@ -307,13 +307,14 @@ class Service:
         """A source of ``POST /index``: an http(s) tile URL template (unless the engine runs with
         ``--no-tile-urls``), an MBTiles/GeoPackage tile file inside the roots (read with sqlite, never by
         GDAL), else a raster or XYZ folder (``raster_input``)."""
-        from ..imagery.tile_service import UrlTemplate, is_url
+        from ..imagery.tile_service import is_url
         from ..imagery.tile_source import is_tile_source
+        from ..imagery.tile_template import parse_template
 
         if is_url(given):
             if not self.config.allow_tile_urls:
                 raise InputError(f"source {given[:200]!r}: this engine was started with --no-tile-urls")
-            UrlTemplate.parse(given)  # 422 for a bad template or a scheme other than http(s)
+            parse_template(given)  # 422 for a bad template or a scheme other than http(s)
             return given
         real = self.policy.resolve_input(given, what="source")
         if real.is_file() and is_tile_source(str(real)):
