@@ -1,8 +1,8 @@
 """Retrieval through an XYZ tile service vs the mosaic-folder index, on real astronaut photos (issue 14).
 
 The ISS candidate mosaics (../shared/data/iss, the pool of bench/retrieval_iss.py: 512-px images of 4x4
-Sentinel-2 cloudless tiles) are cut back into their XYZ tiles, each 128-px block resized to a 256-px tile,
-and served by a real HTTP server on loopback (tests/tile_server.py). The area of each pooled mosaic is
+Sentinel-2 cloudless tiles) are cut back into their XYZ tiles, each 128-px block a PNG tile of its own
+(lossless, not resampled: the service's mosaics are the folder's pixels), and served by a real HTTP server on loopback (tests/tile_server.py). The area of each pooled mosaic is
 indexed through the URL (at its zoom, 4x4 mosaics on the global 50%-overlap grid, by default only mosaics
 whose 16 tiles all exist; each grid mosaic once); the sources share one MBTiles cache. The same photos
 are then localized against both indexes; a hit at N is a top-N tile that overlaps the true footprint.
@@ -38,12 +38,12 @@ from engine.imagery.tile_source import TileMosaicSource, prepare_tile_sources  #
 from engine.retrieval.index_store import build_index, open_index  # noqa: E402
 
 SPAN = 4
-TILE = 256
+TILE = 128  # the pool's blocks as they are: resampling them to 256 px changed the descriptors
 EPS = 1e-7  # keeps an area edge that lies on a tile edge from reaching into the next tile
 
 
 def cut_pool(pool: Path) -> dict[tuple[int, int, int], bytes]:
-    """The XYZ tiles of every pooled mosaic, as 256-px JPEG tiles (first mosaic wins where two overlap)."""
+    """The XYZ tiles of every pooled mosaic, as 128-px PNG tiles (first mosaic wins where two overlap)."""
     tiles: dict[tuple[int, int, int], bytes] = {}
     for f in sorted(pool.iterdir()):
         z, row, col = parse_xyz_name(f.name)  # type: ignore[misc]
@@ -56,9 +56,7 @@ def cut_pool(pool: Path) -> dict[tuple[int, int, int], bytes]:
                     continue
                 block = rgb[dy * step : (dy + 1) * step, dx * step : (dx + 1) * step]
                 buf = io.BytesIO()
-                Image.fromarray(block).resize((TILE, TILE), Image.Resampling.BICUBIC).save(
-                    buf, "JPEG", quality=92
-                )
+                Image.fromarray(block).resize((TILE, TILE), Image.Resampling.BICUBIC).save(buf, "PNG")
                 tiles[key] = buf.getvalue()
     return tiles
 
@@ -174,7 +172,7 @@ def main() -> None:
         lines.append(
             f"pooled mosaics off the even grid (not reproduced as such by the service): {odd} of {len(pooled)}; "
             f"{len(same)} mosaics in both indexes: descriptor cosine (rotation 0) median {np.median(same):.4f}, "
-            f"min {np.min(same):.4f} (the service's tiles are the pooled 128-px blocks resized to 256 px)"
+            f"min {np.min(same):.4f} (the service's tiles are the pooled 128-px blocks as lossless PNGs)"
         )
         rows = [
             ("mosaic folder", recall(folder_dir, photos), folder_s),

@@ -801,7 +801,7 @@ def test_sources_sharing_one_cache_fetch_each_tile_once(
 
 
 def test_iss_photos_localize_as_well_through_a_tile_service(shared_data, tmp_path: Path) -> None:
-    """Issue 14's end-to-end check on real imagery: the pooled ISS mosaics cut into 256-px XYZ tiles,
+    """Issue 14's end-to-end check on real imagery: the pooled ISS mosaics cut into their 128-px XYZ tiles,
     served on loopback, indexed through the service; the 23 photos with a true place in the pool are
     found as often as with the mosaic-folder index (bench/tile_service_iss.py, run as is)."""
     import re
@@ -823,8 +823,9 @@ def test_iss_photos_localize_as_well_through_a_tile_service(shared_data, tmp_pat
         if m:
             rows[m.group(1)] = [float(v) for v in m.groups()[3:6]]
     folder, service = rows["mosaic folder"], rows["tile service"]
-    assert service[2] >= folder[2]  # R@10
-    assert service[0] >= folder[0] - 1 / 23 - 1e-9  # R@1: at most one photo apart
+    # the same pixels (the pool's 128-px blocks served as lossless tiles): the same recall at 1, 5 and 10
+    # (with the blocks resized to 256-px JPEG tiles, Lite1 ranked 2 of the 23 photos lower at R@1)
+    assert service == folder, (service, folder)
 
 
 # ------------------------------------------------------------------------------- missing tiles re-asked
