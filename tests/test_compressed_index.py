@@ -269,3 +269,54 @@ def test_search_settings_per_run(sample_compressed, sample_index, tmp_path):
     assert cli_main(["localize", str(photo), "--index", str(sample_index), "--rerank", "8", "--quiet"]) == 3
     with pytest.raises(InputError, match="positive integer"):
         api.localize([str(photo)], idx, top_k=5, nprobe=0)
+
+
+def test_prefetch_ranges_cover_every_candidate_row():
+    """The MADV_WILLNEED ranges of a cold query: page-aligned, disjoint, every row's bytes inside one."""
+    import mmap
+
+    rng = np.random.default_rng(5)
+    for first, row_bytes in ((128, 4096), (128, 2560), (0, 256), (4096 + 80, 1000)):
+        rows = np.unique(rng.integers(0, 50_000, 700))
+        runs = fi._page_runs(first, row_bytes, rows)
+        starts = np.array([a for a, _ in runs])
+        stops = np.array([b for _, b in runs])
+        assert np.all(starts % mmap.PAGESIZE == 0) and np.all(starts[1:] > stops[:-1])
+        lo, hi = first + rows * row_bytes, first + (rows + 1) * row_bytes
+        which = np.searchsorted(starts, lo, side="right") - 1
+        assert np.all(lo >= starts[which]) and np.all(hi <= stops[which])
+        assert len(runs) < rows.size or row_bytes < mmap.PAGESIZE // 2  # neighbours merged
+    assert fi._page_runs(128, 4096, np.array([0, 1, 5])) == [(0, 8320), (20480, 24704)]
+
+
+def test_rerank_from_a_memory_mapped_file_equals_the_array(tmp_path):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3000, 96)).astype(np.float16)
+    np.save(tmp_path / "v.npy", x)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    q = rng.standard_normal(96).astype(np.float32)
+    rows = np.unique(rng.integers(0, 3000, 400))
+    want = x[rows].astype(np.float32) @ q
+    np.testing.assert_allclose(fi._exact_scores(mapped, rows, q), want, rtol=1e-5)
+    np.testing.assert_allclose(
+        fi._exact_scores(mapped[10:], rows - 10, q), x[rows].astype(np.float32) @ q, rtol=1e-5
+    )
+    np.testing.assert_allclose(fi._exact_scores(x, rows, q), want, rtol=1e-5)
+
+
+def test_a_single_query_splits_its_lists_over_the_threads():
+    """Fewer queries than threads: the fast-scan IVF works list by list on every thread (FAISS implem 15);
+    a batch keeps FAISS's per-query split. Both give the same candidates."""
+    x, q, _ = world(2_000, 64, 16, seed=3)
+    index = fi.build(x, "IVF32,PQ16x4fsr+rerank")
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index.base))
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        singles = [fi.search(index, q[i], 20, nprobe=32)[1][0] for i in range(len(q))]
+        assert ivf.implem == fi.FAST_SCAN_BY_LIST
+        _, batch = fi.search(index, q, 20, nprobe=32)
+        assert ivf.implem == fi.FAST_SCAN_BY_QUERY
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert np.mean([np.isin(a, b).mean() for a, b in zip(singles, batch, strict=True)]) >= 0.99

@@ -29,7 +29,9 @@ never by mutating the index, so concurrent searches on one index are safe (FAISS
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import os
 import re
 import weakref
@@ -41,6 +43,7 @@ import numpy as np
 from ..atomic import atomic_path
 from ..errors import IndexNotFoundError, InputError, from_os_error
 from ..progress import CancelToken, ProgressFn, no_progress
+from .chunked import ChunkedVectors
 
 __all__ = [
     "COMPRESSED",
@@ -293,7 +296,8 @@ def _set_default_search_knobs(index: faiss.Index) -> None:
 
 
 def _check_vectors(vectors: np.ndarray, what: str, dim: int | None = None) -> np.ndarray:
-    arr = np.asarray(vectors)
+    # descriptors read from a build's chunk files stay there (read by slices), never one array in RAM
+    arr = vectors if isinstance(vectors, ChunkedVectors) else np.asarray(vectors)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise InputError(f"{what} must be a non-empty 2-d array (n, dim), got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
@@ -357,7 +361,7 @@ def build(
             raise InputError(_too_small_message(factory, need, n_train, n, dim))
         report(0.0, f"training {factory} on {n_train:,} of {n:,} vectors")
         if n_train == n:
-            sample = np.ascontiguousarray(arr, dtype=np.float32)
+            sample = np.ascontiguousarray(arr[0:n], dtype=np.float32)
         else:
             rows = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
             sample = np.ascontiguousarray(arr[rows], dtype=np.float32)
@@ -633,6 +637,7 @@ def search(
         return _search_rerank(index, q, k, None, nprobe, ef_search, rerank)
 
     params = _params(target, sel, nprobe, ef_search, fraction)
+    _pick_fast_scan_strategy(target, nq)
     try:
         scores, ids = target.search(q, k, params=params)
     except RuntimeError as exc:
@@ -774,8 +779,46 @@ RERANK_PROBE_MARGIN = 4
 _RERANK_BLOCK = 1024
 
 
+def _prefetch(vectors: np.ndarray, rows: np.ndarray) -> None:
+    """Ask the kernel for the pages of ``vectors[rows]`` all at once (``MADV_WILLNEED``, asynchronous).
+
+    Reading the rows of a memory-mapped file that is not in the page cache faults one page at a time: one
+    disk round trip per candidate, in sequence (thousands per query). Announced together, the reads are
+    queued in parallel and the faults that follow mostly find their pages. A no-op for arrays in RAM, for
+    views of a memmap, and where the platform has no ``madvise``.
+    """
+    mm = getattr(vectors, "_mmap", None)
+    if (
+        mm is None
+        or vectors.base is not mm
+        or not hasattr(mm, "madvise")
+        or not hasattr(mmap, "MADV_WILLNEED")
+        or rows.size == 0
+    ):
+        return
+    first = vectors.offset % mmap.ALLOCATIONGRANULARITY  # where row 0 lies in the mapping
+    size = len(mm)
+    for a, b in _page_runs(first, vectors.shape[1] * vectors.itemsize, rows):
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap.MADV_WILLNEED, a, min(b, size) - a)
+
+
+def _page_runs(first: int, row_bytes: int, rows: np.ndarray) -> list[tuple[int, int]]:
+    """Byte ranges [start, stop) of a mapping that hold ``rows`` (sorted), starts aligned to pages, rows
+    whose ranges touch or overlap merged into one range."""
+    starts = first + rows.astype(np.int64) * row_bytes
+    lo = starts // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = starts + row_bytes
+    breaks = np.flatnonzero(lo[1:] > hi[:-1]) + 1
+    return [
+        (int(a), int(b))
+        for a, b in zip(lo[np.r_[0, breaks]], hi[np.r_[breaks - 1, rows.size - 1]], strict=True)
+    ]
+
+
 def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     """Inner products of ``query`` with ``vectors[rows]`` (rows sorted: sequential reads from a memmap)."""
+    _prefetch(vectors, rows)
     out = np.empty(rows.size, dtype=np.float32)
     for start in range(0, rows.size, _RERANK_BLOCK):
         part = rows[start : start + _RERANK_BLOCK]
@@ -792,6 +835,25 @@ def _top_exact(
     top = np.argpartition(-s, take - 1)[:take] if take < rows.size else np.arange(rows.size)
     top = top[np.lexsort((rows[top], -s[top]))]
     return s[top], rows[top]
+
+
+#: FAISS's fast-scan IVF strategies (``IndexIVFFastScan.implem``): 0 lets FAISS choose, which splits the
+#: work by query, so one query runs on one thread; 15 splits one query's lists over the threads. Measured
+#: (150k x 2048-d, IVF256,PQ512x4fsr, all lists probed, 4000 candidates, 2 cores): one query 7.1 -> 3.6 ms
+#: with 15, the same candidates (ties aside); a batch of 200 is faster with 0 (1.75 vs 2.6 ms a query).
+FAST_SCAN_BY_QUERY, FAST_SCAN_BY_LIST = 0, 15
+
+
+def _pick_fast_scan_strategy(index: faiss.Index, nq: int) -> None:
+    """Set the fast-scan IVF layers of ``index`` to split fewer queries than threads by list, else by query.
+
+    Set on every search (never restored): searches of one index from several threads at once may pick each
+    other's strategy, which changes their speed, never their result.
+    """
+    implem = FAST_SCAN_BY_LIST if nq < faiss.omp_get_max_threads() else FAST_SCAN_BY_QUERY
+    for layer in _layers(index):
+        if isinstance(layer, faiss.IndexIVFFastScan):
+            layer.implem = implem
 
 
 def _search_rerank(

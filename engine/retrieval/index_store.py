@@ -45,6 +45,7 @@ from ..nets.frontend import SEPARATOR
 from ..progress import CancelToken, ProgressFn, no_progress
 from ..vector_io import read_layer, write_polygons
 from . import faiss_index
+from .chunked import ChunkedVectors
 
 FORMAT_VERSION = 1
 ROTATIONS = (0, 90, 180, 270)  # counter-clockwise; np.rot90(img, k) for k = 0..3
@@ -205,10 +206,11 @@ def _is_staging(folder: Path) -> bool:
 _CHUNK = re.compile(r"^\d{9}-\d{9}\.npy$")
 
 #: ``encode_all(specs, encoder, chunk_dir, batch_tiles, chunk_tiles, progress, cancel)`` -> descriptors
-#: ``(n_tiles * 4, dim)`` tile-major, every finished chunk saved as :func:`chunk_file` (resume).
+#: ``(n_tiles * 4, dim)`` tile-major, every finished chunk saved as :func:`chunk_file` (resume) and read
+#: back from those files (:class:`ChunkedVectors`).
 EncodeFn = Callable[
     [list[tuple[TileSource, TileSpec]], ImageEncoder, Path, int, int, ProgressFn, "CancelToken | None"],
-    np.ndarray,
+    ChunkedVectors,
 ]
 
 
@@ -363,14 +365,15 @@ def _encode_all(
     progress: ProgressFn,
     cancel: CancelToken | None,
 ) -> np.ndarray:
-    """Descriptors (n_tiles * 4, dim), tile-major. Finished chunks are saved and skipped on resume."""
+    """Descriptors (n_tiles * 4, dim), tile-major, read from the chunk files (never all in RAM: see
+    engine/retrieval/chunked.py). Finished chunks are saved and skipped on resume."""
     n = len(specs)
     chunks = []
     for start in range(0, n, chunk_tiles):
         stop = min(start + chunk_tiles, n)
         chunk_path = chunk_file(chunk_dir, start, stop)
+        chunks.append(chunk_path)
         if chunk_path.exists():
-            chunks.append(np.load(chunk_path))
             progress(0.9 * stop / n, f"resumed tiles {start}-{stop} of {n}")
             continue
         vecs = []
@@ -383,8 +386,8 @@ def _encode_all(
         arr = np.concatenate(vecs).astype(np.float32)
         with atomic_path(chunk_path, suffix=".npy") as tmp:
             np.save(tmp, arr)
-        chunks.append(arr)
-    return np.concatenate(chunks)
+        del arr, vecs
+    return ChunkedVectors(chunks)
 
 
 def chunk_file(chunk_dir: Path, start: int, stop: int) -> Path:

@@ -55,6 +55,7 @@ from ..errors import CancelledError, InputError, SkylocError
 from ..imagery.base import TileSource, TileSpec
 from ..nets.base import ImageEncoder
 from ..progress import CancelToken, ProgressFn, no_progress
+from .chunked import ChunkedVectors
 from .index_store import ROTATIONS, chunk_file, encode_tiles
 
 log = logging.getLogger(__name__)
@@ -539,7 +540,7 @@ class RayCluster:
         chunk_tiles: int,
         progress: ProgressFn,
         cancel: CancelToken | None,
-    ) -> np.ndarray:
+    ) -> ChunkedVectors:
         """Descriptors ``(n_tiles * 4, dim)`` tile-major, as the local loop: chunks encoded by the workers,
         written here atomically, those already written (an interrupted build) read back."""
         if not self.actors:
@@ -547,17 +548,18 @@ class RayCluster:
         ray = self.ray
         self.cancel = cancel if cancel is not None else self.cancel
         n = len(specs)
-        chunks: dict[int, np.ndarray] = {}
+        paths: list[Path] = []
         todo: collections.deque[tuple[int, int]] = collections.deque()
+        done_tiles = 0
         for start in range(0, n, chunk_tiles):
             stop = min(start + chunk_tiles, n)
             path = chunk_file(chunk_dir, start, stop)
+            paths.append(path)
             if path.exists():
-                chunks[start] = np.load(path)
+                done_tiles += stop - start
                 progress(0.9 * stop / n, f"resumed tiles {start}-{stop} of {n}")
             else:
                 todo.append((start, stop))
-        done_tiles = sum(len(c) for c in chunks.values()) // len(ROTATIONS)
         attempts: collections.Counter[int] = collections.Counter()
         in_flight: dict[Any, tuple[Any, tuple[int, int]]] = {}
         load = {id(a): 0 for a in self.actors}
@@ -604,7 +606,7 @@ class RayCluster:
                         )
                     with atomic_path(chunk_file(chunk_dir, start, stop), suffix=".npy") as tmp:
                         np.save(tmp, arr)
-                    chunks[start] = arr
+                    del arr
                     done_tiles += stop - start
                     progress(
                         0.9 * done_tiles / n,
@@ -614,7 +616,7 @@ class RayCluster:
         except BaseException:
             self._kill_all()  # nothing keeps encoding for a build that stopped
             raise
-        return np.concatenate([chunks[s] for s in sorted(chunks)])
+        return ChunkedVectors(paths)  # read from the chunk files: the driver never holds them all
 
     def _replace(self, dead: Any, load: dict[int, int]) -> None:
         """Swap a dead worker for a new one (it loads the encoder again); its queued chunks come back."""
