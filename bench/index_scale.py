@@ -35,6 +35,7 @@ RAM). Every stage is kept under ``--work`` and skipped when already done: the ru
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
 import glob
 import json
@@ -335,6 +336,15 @@ def calibrate(real: dict, dim: int) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------------------ one size
 
 
+def _write_chunk(job: tuple) -> int:
+    path, gen, t0, t1 = job
+    out = np.load(path, mmap_mode="r+")
+    out[t0 * 4 : t1 * 4] = gen.vectors(t0, t1)
+    out.flush()
+    del out
+    return t1
+
+
 def generate(path: Path, gen: Synth, n: int) -> np.memmap:
     """The float16 database at ``path`` (resumable: a ``.done`` marker per finished run)."""
     done = path.with_suffix(".done")
@@ -342,14 +352,16 @@ def generate(path: Path, gen: Synth, n: int) -> np.memmap:
         return np.load(path, mmap_mode="r")
     d = gen.dim
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
-    tiles_per_chunk = CHUNK // 4
-    for t0 in range(0, n // 4, tiles_per_chunk):
-        t1 = min(n // 4, t0 + tiles_per_chunk)
-        out[t0 * 4 : t1 * 4] = gen.vectors(t0, t1)
-        if t0 // tiles_per_chunk % 8 == 0:
-            log(f"generated {t1 * 4:,} / {n:,}")
-    out.flush()
     del out
+    tiles_per_chunk = CHUNK // 4
+    spans = [(t0, min(n // 4, t0 + tiles_per_chunk)) for t0 in range(0, n // 4, tiles_per_chunk)]
+    # one process per core: the generator is single-threaded numpy (RNG, Walsh-Hadamard), and each chunk is
+    # seeded by its own tile ids, so the file is the same whatever the number of processes
+    workers = max(1, min(os.cpu_count() or 1, len(spans)))
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        for i, t1 in enumerate(pool.map(_write_chunk, [(path, gen, t0, t1) for t0, t1 in spans])):
+            if i % 8 == 0 or i == len(spans) - 1:
+                log(f"generated {t1 * 4:,} / {n:,} ({workers} processes)")
     done.write_text("ok")
     return np.load(path, mmap_mode="r")
 

@@ -377,3 +377,30 @@ def test_large_models_encode_in_small_batches():
     assert load_encoder("default").max_batch == 64
     vit = load_encoder("astroloc-random", input_size=126)
     assert vit.max_batch == 8 and vit.max_batch // len(ROTATIONS) == 2
+
+
+def test_preprocessing_on_several_threads_gives_the_same_batch():
+    """A GPU worker preprocesses on the CPUs it reserved (engine/retrieval/ray_build.py): the threads split
+    the batch, each image processed alone, so the result is the same array, whatever the thread count."""
+    from dataclasses import replace
+
+    from engine.nets.onnx_backend import Preprocess
+
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (7, 300, 260, 3), dtype=np.uint8)
+    one = Preprocess(224, frontend="gray-clahe")
+    want = one(images)
+    for threads in (2, 3, 8):
+        many = replace(one, threads=threads)
+        assert many == one  # the thread count is not part of what the preprocessing is
+        np.testing.assert_array_equal(many(images), want)
+    np.testing.assert_array_equal(replace(one, threads=4)(images[:1]), want[:1])
+
+
+def test_encoder_moved_to_a_device_preprocesses_on_its_threads(real):
+    base = load_encoder(backend="torch")
+    images = np.stack([real[:400, :400], real[100:500, 50:450], real[300:700, 200:600]])
+    want = base.encode(images)
+    enc = load_encoder(backend="torch").to("cpu", preprocess_threads=3)
+    assert enc.preprocess.threads == 3 and enc.device == "cpu" and enc.model_id == base.model_id
+    np.testing.assert_allclose(enc.encode(images), want, atol=1e-6)

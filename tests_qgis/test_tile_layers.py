@@ -320,6 +320,12 @@ def test_dock_indexes_an_xyz_layer_over_the_map_extent(
     assert 0 < part < whole, asked[-2:]
     dock.tile_area.clear()  # empty again: the map extent
     assert dock.build_index() is None and "Index the current map extent (lon " in asked[-1]
+    # said by a grey placeholder, not by a null text that QGIS draws selected (as if something were chosen)
+    from qgis.PyQt.QtWidgets import QLineEdit
+
+    shown = dock.tile_area.findChild(QLineEdit, "mCondensedLineEdit")
+    assert shown.displayText() == "" and shown.placeholderText() == "map extent"
+    assert not shown.hasSelectedText()
 
 
 def _wmts_capabilities(base: str, zooms=range(0, 19)) -> str:

@@ -14,7 +14,9 @@ every run.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +24,7 @@ import os
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,9 +62,19 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     frontend: str = "none"
+    #: Threads that share a batch (a GPU worker: its network is 10-30x faster than one CPU thread's resize
+    #: and front end). The same output whatever the number: each image is processed on its own.
+    threads: int = field(default=1, compare=False)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = check_images(images)
+        if self.threads > 1 and len(images) > 1:
+            parts = np.array_split(np.arange(len(images)), min(self.threads, len(images)))
+            pool = _pool(self.threads)
+            return np.concatenate(list(pool.map(lambda rows: self._one_thread(images[rows]), parts)))
+        return self._one_thread(images)
+
+    def _one_thread(self, images: np.ndarray) -> np.ndarray:
         resized = np.stack([self._resize(img) for img in images]) if len(images) else images
         x = apply_frontend(self.frontend, resized)
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
@@ -72,6 +84,12 @@ class Preprocess:
         if img.shape[0] == self.size and img.shape[1] == self.size:
             return img
         return np.asarray(Image.fromarray(img).resize((self.size, self.size), Image.BILINEAR))
+
+
+@functools.cache
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """One pool per thread count for the process (PIL's resize and OpenCV release the GIL)."""
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="skyloc-preprocess")
 
 
 def check_images(images: np.ndarray) -> np.ndarray:
@@ -121,11 +139,13 @@ class TorchEncoder:
         """The photometric front end (part of the model id; :mod:`engine.nets.frontend`)."""
         return self.preprocess.frontend
 
-    def to(self, device: str) -> TorchEncoder:
+    def to(self, device: str, preprocess_threads: int = 1) -> TorchEncoder:
         """Run the network on ``device`` ("cuda", "cuda:1"...; a Ray GPU worker). The preprocessing stays
-        on the CPU in numpy, the model id and the L2-normalised float32 output are the same."""
+        on the CPU in numpy, on ``preprocess_threads`` threads; the model id and the L2-normalised float32
+        output are the same."""
         self.net = self.net.to(device).eval()
         self.device = device
+        self.preprocess = replace(self.preprocess, threads=max(1, int(preprocess_threads)))
         return self
 
     def encode(self, images: np.ndarray) -> np.ndarray:

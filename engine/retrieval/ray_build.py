@@ -141,7 +141,7 @@ class EncoderRecipe:
         if device != "cpu":
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-            enc: Any = torch_enc.to(device)
+            enc: Any = torch_enc.to(device, preprocess_threads=threads)  # the CPUs the worker reserved
         elif self.backend == "onnx":
             enc = to_onnx(torch_enc, threads=max(1, threads))
         else:
@@ -360,6 +360,7 @@ class RayCluster:
         self._files: dict[str, int] = {}
         self._source_numbers: dict[int, int] = {}
         self._gpu = False
+        self._worker_cpus = cpus_per_worker
         self._actor_class: Any = None
 
     # -- connection ---------------------------------------------------------------------------------
@@ -431,6 +432,9 @@ class RayCluster:
         cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
         self._gpu = gpus > 0
         capacity = gpus if self._gpu else max(1, cpus // self.cpus_per_worker)
+        # a GPU worker preprocesses (resize, front end) on its CPUs: one thread takes ~7 ms an image where
+        # the network takes 0.3-2.4 ms (bench/results/encode_cost_h200.txt), so it reserves its share of them
+        self._worker_cpus = max(self.cpus_per_worker, cpus // gpus) if self._gpu else self.cpus_per_worker
         n = self.workers_wanted or capacity
         if n > capacity:
             self.progress(
@@ -445,10 +449,10 @@ class RayCluster:
             sources_ref = ray.put(list(sources))
         except Exception as exc:  # a source that cannot be pickled (an open connection ...)
             raise ClusterError(f"the tile sources cannot be sent to Ray workers: {exc}") from None
-        self._worker_args = (recipe, sources_ref, self.cpus_per_worker, self._gpu, encoder.model_id)
+        self._worker_args = (recipe, sources_ref, self._worker_cpus, self._gpu, encoder.model_id)
         self.progress(
             0.0,
-            f"starting {n} Ray worker(s) ({'1 GPU' if self._gpu else f'{self.cpus_per_worker} CPU'} each; "
+            f"starting {n} Ray worker(s) ({'1 GPU + ' if self._gpu else ''}{self._worker_cpus} CPU each; "
             f"cluster: {cpus} CPUs, {gpus} GPUs)",
         )
         self.actors = [self._new_actor() for _ in range(n)]
@@ -486,7 +490,7 @@ class RayCluster:
         if self._actor_class is None:
             self._actor_class = ray.remote(ShardWorker)
         cls = self._actor_class.options(
-            num_cpus=self.cpus_per_worker,
+            num_cpus=self._worker_cpus,
             num_gpus=1 if self._gpu else 0,
             max_restarts=0,
             name=f"{self.prefix}-{self._serial}",

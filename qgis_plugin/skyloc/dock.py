@@ -548,7 +548,12 @@ class LocalizePanel(QWidget):
         )
         form.addRow("Zooms", self.zooms)
         self.tile_area = QgsExtentWidget(None, QgsExtentWidget.WidgetStyle.CondensedStyle)
-        self.tile_area.setNullValueAllowed(True, "map extent")
+        # empty means the map extent: said by a placeholder (grey), not by a null text, which QGIS draws
+        # selected (white on blue) as if something were chosen
+        self.tile_area.setNullValueAllowed(True, "")
+        shown = self.tile_area.findChild(QLineEdit, "mCondensedLineEdit")
+        if shown is not None:
+            shown.setPlaceholderText("map extent")
         self.tile_area.clear()
         if self.iface is not None:
             self.tile_area.setMapCanvas(self.iface.mapCanvas())
