@@ -37,6 +37,7 @@ def test_click_gives_heatmap_layer(plugin, qgis_canvas, qgis_iface, clean_projec
     plugin.tool_action.trigger()  # the toolbar button activates the tool
     tool = plugin.map_tool
     assert qgis_canvas.mapTool() is tool
+    tool.last_task = None  # whatever an earlier test's clicks left there
     click(qgis_canvas, tool, QgsPointXY(0, 0), Qt.MouseButton.RightButton)  # ignored
     assert tool.last_task is None
     click(qgis_canvas, tool, to_canvas.transform(TARGET))
