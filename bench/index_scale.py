@@ -490,6 +490,8 @@ def measure_index(
 
 def run_size(n: int, args, params: dict, report: dict) -> None:
     key = f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n:,}"
+    if args.factory:  # another candidate index on the same data: its own report entry and files
+        key += f" {args.factory}"
     if report["sizes"].get(key, {}).get("complete"):
         log(f"{key}: already measured (in {args.work}/report.json)")
         return
@@ -524,10 +526,11 @@ def run_size(n: int, args, params: dict, report: dict) -> None:
         truth_area_s, truth_area = exact_topk(x16, q, 10, allowed=area)
         log(f"{key}: exact ground truth in {time.perf_counter() - t:.0f}s")
         np.savez(gt_path, truth=truth, truth_area=truth_area, truth_s=truth_s, truth_area_s=truth_area_s)
-    factory = fi.compressed_factory(n, d)
-    idx_path = work / "index.faiss"
+    factory = args.factory or fi.compressed_factory(n, d)
+    idx_path = work / ("index-other.faiss" if args.factory else "index.faiss")
+    vec_path = fi.rerank_file(idx_path)
     build_s = None
-    if (work / "index.f16.npy").exists() and idx_path.exists():
+    if vec_path.exists() and idx_path.exists():
         index = fi.read_index(idx_path)
     else:
         log(f"{key}: building {factory}")
@@ -544,8 +547,8 @@ def run_size(n: int, args, params: dict, report: dict) -> None:
         # write_index(built) would copy the float16 vectors (16 GB at 4M) into index.f16.npy: the database file
         # already is exactly that file (float16 .npy, same rows), so link it instead of copying it
         fi.write_index(built.base, idx_path)
-        (work / "index.f16.npy").unlink(missing_ok=True)
-        os.link(work / "db.npy", work / "index.f16.npy")
+        vec_path.unlink(missing_ok=True)
+        os.link(work / "db.npy", vec_path)
         del built
         index = fi.read_index(idx_path)
     ram = fi.index_nbytes(index, idx_path)
@@ -563,7 +566,7 @@ def run_size(n: int, args, params: dict, report: dict) -> None:
     log(f"{key}: measuring ({len(settings)} settings)")
     del x16  # its mapping (the same inode as index.f16.npy) would keep the file's pages in the cache
     gc.collect()
-    rows = measure_index(index, q, truth, truth_s, k, args.single, settings, work / "index.f16.npy", q_tiles)
+    rows = measure_index(index, q, truth, truth_s, k, args.single, settings, vec_path, q_tiles)
     exact_task = {f"own@{t}": own_tile_found(truth, q_tiles, t) for t in (1, 10)}
     t = time.perf_counter()
     sc_area, ids_area = fi.search(index, q, 10, allowed_ids=area)
@@ -579,7 +582,7 @@ def run_size(n: int, args, params: dict, report: dict) -> None:
         rerank=index.rerank,
         ram_bytes=ram,
         flat_bytes=flat,
-        disk_f16_bytes=os.path.getsize(work / "index.f16.npy"),
+        disk_f16_bytes=os.path.getsize(vec_path),
         gen_s=gen_s,
         build_s=build_s,
         queries=len(q),
@@ -590,7 +593,7 @@ def run_size(n: int, args, params: dict, report: dict) -> None:
     )
     save(report, args)
     if args.clean:
-        for f in ("db.npy", "db.done", "index.f16.npy", "index.faiss"):
+        for f in ("db.npy", "db.done", idx_path.name, vec_path.name):
             (work / f).unlink(missing_ok=True)
         log(f"{key}: deleted the big files in {work}")
 
@@ -652,9 +655,9 @@ def render(r: dict) -> str:
     st, syn = r["real_stats"], r["synth_stats"]
     lines = [
         f"index_scale: the 'compressed' preset; faiss {faiss.__version__}, {r['threads']} threads, "
-        f"{platform.machine()}, {os.cpu_count()} cores SHARED with other jobs (run under nice -n 10): "
-        "timings are upper bounds",
+        f"{platform.machine()}, {os.cpu_count()} cores (run under nice -n 10)",
         f"command: {r['command']}",
+        *r.get("notes", []),
         "",
         f"real descriptors ({r['model']}, {st['dim']}-d, {st['n']:,} vectors = ISS pool + sample/shared rasters):",
         f"  |mean|^2 {st['mean_sq']:.3f}  spectrum slope alpha {st['alpha']:.2f}  variance in top 8/32/128 PCs "
@@ -691,7 +694,7 @@ def render(r: dict) -> str:
             )
             cold = row["single_cold_ms"]
             lines.append(
-                f"{key:>4} {s['factory']:28} {setting:26} {s['ram_bytes'] / 1e6:8.1f} "
+                f"{key.split()[0]:>4} {s['factory']:28} {setting:26} {s['ram_bytes'] / 1e6:8.1f} "
                 f"{s['flat_bytes'] / s['ram_bytes']:7.1f} {s['disk_f16_bytes'] / 1e9:7.2f} {row['batch_ms']:8.2f} "
                 f"{row['single_ms']:9.2f} {cold if cold is not None else float('nan'):8.2f} "
                 f"{row['recall@1']:6.3f} {row['recall@10']:6.3f} {row['recall@100']:6.3f} {row['top1_equal']:6.3f} "
@@ -699,13 +702,13 @@ def render(r: dict) -> str:
             )
         ex = s.get("exact_own", {})
         lines.append(
-            f"{key:>4} {'exact search (Flat)':28} {'-':26} {s['flat_bytes'] / 1e6:8.1f} {1.0:7.1f} {'-':>7} {'-':>8} "
+            f"{key.split()[0]:>4} {'exact search (Flat)':28} {'-':26} {s['flat_bytes'] / 1e6:8.1f} {1.0:7.1f} {'-':>7} {'-':>8} "
             f"{'-':>9} {'-':>8} {1.0:6.3f} {1.0:6.3f} {1.0:6.3f} {1.0:6.3f} {ex.get('own@1', float('nan')):6.3f} "
             f"{ex.get('own@10', float('nan')):6.3f}"
         )
         a = s["area"]
         lines.append(
-            f"{key:>4} search area: {a['vectors']:,} allowed vectors (a contiguous 1 % of the tiles): recall@10 "
+            f"{key.split()[0]:>4} search area: {a['vectors']:,} allowed vectors (a contiguous 1 % of the tiles): recall@10 "
             f"{a['recall@10']:.3f}, top-1 equal {a['top1_equal']:.3f}, {a['ms_per_query']:.2f} ms/query (batch)"
         )
         lines.append(
@@ -761,6 +764,9 @@ def main(argv: list[str] | None = None) -> int:
         "--settings",
         default="",
         help="more search settings, each 'nprobe=N:rerank=M', separated by ';' (measured as a whole)",
+    )
+    ap.add_argument(
+        "--factory", default="", help="measure this '+rerank' factory string instead of the compressed preset"
     )
     ap.add_argument("--clean", action="store_true", help="delete each size's big files once measured")
     ap.add_argument("--render-only", action="store_true", help="rewrite --out from the saved report, no run")

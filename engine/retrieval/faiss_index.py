@@ -24,7 +24,9 @@ rotation + reduction, and how much either loses depends on the descriptors' spec
 real descriptors (``--real``) before choosing one. ``IVF{nlist},Flat`` is as big as Flat, only faster.
 
 Search parameters (nprobe, efSearch, id filter) are passed per call as ``faiss.SearchParameters`` objects,
-never by mutating the index, so concurrent searches on one index are safe (FAISS releases the GIL).
+never by mutating the index, so concurrent searches on one index are safe (FAISS releases the GIL). The one
+field a search sets is how a fast-scan IVF splits its work over threads (:func:`_pick_fast_scan_strategy`),
+which FAISS takes no per-call parameter for: it changes speed, never results.
 """
 
 from __future__ import annotations
@@ -668,10 +670,11 @@ COMPRESSED = "compressed"
 RERANK_SUFFIX = "+rerank"
 #: Candidates re-ranked exactly per query, unless a search asks for more (k larger) or sets ``rerank``.
 #: Measured (bench/results/index_scale.txt, 2048-d, photo-like queries: cos ~0.78 to their tile, as the
-#: default model's ISS photos), at nprobe = nlist/2: recall@100 vs exact 0.988 at 100k, 0.967 at 1M (0.986
-#: with 4000 candidates, 33 -> 53 ms a query on 2 shared cores); the exact top-1 first for 99.3-99.7 % of the
-#: queries. At nlist/4 the lists lose neighbours (1M: 0.953, top-1 0.963). Low dimensions need more candidates
-#: (tests/test_compressed_index.py, 128-d).
+#: default model's ISS photos), at nprobe = nlist/2: recall@100 vs exact 0.988 at 100k, 0.967 at 1M, 0.941
+#: at 4M (130 ms a single query on 2 cores); the exact top-1 first for 99.3-99.7 % of the queries. The
+#: 1-bit codes are the limit, not the lists: at 4M, 16000 candidates from every list give 0.996 and the
+#: exact top-1 always, at 440 ms (bench/results/index_candidates.txt: 2-bit codes need 1000). At nlist/4
+#: the lists lose neighbours too (1M: 0.953). Low dimensions need more candidates (tests, 128-d).
 DEFAULT_RERANK = 2000
 #: Share of the IVF lists a compressed index probes by default (higher than ``DEFAULT_NPROBE_FRACTION``:
 #: fast-scan codes are cheap to scan and the candidates must hold the exact top-k, not approximate it).
