@@ -364,7 +364,7 @@ def _encode_all(
     chunk_tiles: int,
     progress: ProgressFn,
     cancel: CancelToken | None,
-) -> np.ndarray:
+) -> ChunkedVectors:
     """Descriptors (n_tiles * 4, dim), tile-major, read from the chunk files (never all in RAM: see
     engine/retrieval/chunked.py). Finished chunks are saved and skipped on resume."""
     n = len(specs)
