@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -527,7 +528,10 @@ def run_size(n: int, args, params: dict, report: dict) -> None:
         log(f"{key}: exact ground truth in {time.perf_counter() - t:.0f}s")
         np.savez(gt_path, truth=truth, truth_area=truth_area, truth_s=truth_s, truth_area_s=truth_area_s)
     factory = args.factory or fi.compressed_factory(n, d)
-    idx_path = work / ("index-other.faiss" if args.factory else "index.faiss")
+    # another factory's index has its own files (named after it), never one built for a different factory
+    idx_path = work / (
+        f"index-{re.sub(r'[^A-Za-z0-9]+', '_', factory)}.faiss" if args.factory else "index.faiss"
+    )
     vec_path = fi.rerank_file(idx_path)
     build_s = None
     if vec_path.exists() and idx_path.exists():

@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rerank",
         type=int,
-        help="compressed indexes: candidates re-scored exactly (default 2000; more = closer)",
+        help="compressed indexes: candidates re-scored exactly (default 1000; more = closer)",
     )
     footprint_args(p)
     p.add_argument(

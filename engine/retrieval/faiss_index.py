@@ -186,7 +186,7 @@ def suggest_factory(n_vectors: int, dim: int) -> str:
     """The factory string for ``"auto"``: Flat below ``FLAT_MAX_VECTORS``, then the ``compressed`` preset.
 
     From ``FLAT_MAX_VECTORS`` up, :func:`compressed_factory` (IVF + 4-bit PQ codes in RAM, exact re-ranking of
-    the best candidates from float16 vectors on disk): dim/8 bytes a vector in RAM (32x less than Flat) and
+    the best candidates from float16 vectors on disk): ~dim/4 bytes a vector in RAM (16x less than Flat) and
     exact scores at the top (bench/index_scale.py), where the tiers below kept the whole code in RAM and
     returned approximate rankings. The tiers below are what ``auto`` chose before (it still does for dim < 8):
 
@@ -202,7 +202,7 @@ def suggest_factory(n_vectors: int, dim: int) -> str:
         raise InputError(f"need n_vectors >= 0 and dim > 0, got n_vectors={n_vectors}, dim={dim}")
     if n_vectors < FLAT_MAX_VECTORS:
         return "Flat"
-    if dim >= 2 * COMPRESSED_DIMS_PER_CODE:
+    if dim >= COMPRESSED_MIN_DIM:
         return compressed_factory(n_vectors, dim)
     nlist = 1 << max(8, round(math.log2(4 * math.sqrt(n_vectors))))
     while nlist > 256 and nlist * POINTS_PER_CENTROID > n_vectors:
@@ -288,6 +288,34 @@ def _skip_polysemous_training(index: faiss.Index) -> None:
             idx.do_polysemous_training = False
 
 
+def _train(index: faiss.Index, sample: np.ndarray) -> None:
+    """``index.train(sample)``, except that a PCA in front of an inner-product index keeps no mean.
+
+    FAISS's PCA subtracts the training mean from database vectors and queries alike, which scores
+    (q - m).(x - m) instead of q.x: vectors with a large component along the mean lose, and descriptors
+    share a large mean (|m|^2 ~0.58 for the default model's). Measured (100k x 2048-d photo-like synthetic
+    vectors, PCAR1920,IVF256,PQ960x4fsr, 1000 candidates re-ranked): recall@100 0.82 centred, 0.9925 without
+    the mean (0.9922 with no PCA at all). The principal axes are kept; the part of the mean in the dropped
+    axes is the same for every vector, so it shifts all scores of a query equally.
+    """
+    idx = _unwrap(index)
+    if not (isinstance(idx, faiss.IndexPreTransform) and idx.metric_type == faiss.METRIC_INNER_PRODUCT):
+        index.train(sample)
+        return
+    x = sample
+    for i in range(idx.chain.size()):
+        vt = faiss.downcast_VectorTransform(idx.chain.at(i))
+        if not vt.is_trained:
+            vt.train(x)
+            if isinstance(vt, faiss.PCAMatrix):
+                faiss.copy_array_to_vector(np.zeros(vt.d_in, dtype=np.float32), vt.mean)
+                faiss.copy_array_to_vector(np.zeros(vt.d_out, dtype=np.float32), vt.b)
+        x = vt.apply(x)
+    if not idx.index.is_trained:
+        idx.index.train(x)
+    idx.is_trained = True
+
+
 def _set_default_search_knobs(index: faiss.Index) -> None:
     """Give IVF/HNSW indexes a recall-worthy default nprobe/efSearch (stored in the file by FAISS)."""
     for idx in _layers(index):
@@ -369,7 +397,7 @@ def build(
             sample = np.ascontiguousarray(arr[rows], dtype=np.float32)
         _skip_polysemous_training(index)
         try:
-            index.train(sample)
+            _train(index, sample)
         except RuntimeError as exc:
             raise InputError(f"cannot train index {factory!r}: {_faiss_reason(exc)}") from None
         del sample
@@ -661,26 +689,37 @@ def search(
 
 #: The named preset for large databases (``--factory compressed``; ``auto`` picks it from
 #: ``FLAT_MAX_VECTORS`` vectors up). RAM holds only an IVF index of 4-bit fast-scan PQ codes of the residuals
-#: (dim/8 bytes a vector, 256 B at 2048-d: 32x less than Flat's 8 KiB) that finds the best ``DEFAULT_RERANK``
-#: candidates; those are re-ranked by their exact cosine from the full vectors, kept on disk beside the index
-#: as a float16 ``.npy`` (:func:`rerank_file`) that is memory-mapped, so the OS pages in only the rows a query touches.
-#: Resolved by :func:`compressed_factory` to a string such as ``IVF2048,PQ512x4fsr+rerank`` (the manifest
-#: records that), and any FAISS factory string ending in ``+rerank`` works the same way.
+#: (2 bits per dimension of a PCA that keeps 15/16 of the dimensions: 480 B a vector at 2048-d, 16x less
+#: than Flat's 8 KiB with ids and matrices) that finds the best ``DEFAULT_RERANK`` candidates; those are
+#: re-ranked by their exact cosine from the full vectors, kept on disk beside the index as a float16 ``.npy``
+#: (:func:`rerank_file`) that is memory-mapped, so the OS pages in only the rows a query touches.
+#: Resolved by :func:`compressed_factory` to a string such as ``PCAR1920,IVF2048,PQ960x4fsr+rerank`` (the
+#: manifest records that), and any FAISS factory string ending in ``+rerank`` works the same way.
 COMPRESSED = "compressed"
 RERANK_SUFFIX = "+rerank"
 #: Candidates re-ranked exactly per query, unless a search asks for more (k larger) or sets ``rerank``.
-#: Measured (bench/results/index_scale.txt, 2048-d, photo-like queries: cos ~0.78 to their tile, as the
-#: default model's ISS photos), at nprobe = nlist/2: recall@100 vs exact 0.988 at 100k, 0.967 at 1M, 0.941
-#: at 4M (130 ms a single query on 2 cores); the exact top-1 first for 99.3-99.7 % of the queries. The
-#: 1-bit codes are the limit, not the lists: at 4M, 16000 candidates from every list give 0.996 and the
-#: exact top-1 always, at 440 ms (bench/results/index_candidates.txt: 2-bit codes need 1000). At nlist/4
-#: the lists lose neighbours too (1M: 0.953). Low dimensions need more candidates (tests, 128-d).
-DEFAULT_RERANK = 2000
+#: Measured (bench/results/index_scale.txt, 4M x 2048-d, photo-like queries: cos ~0.78 to their tile, as
+#: the default model's ISS photos, 2 cores): the preset (PCAR1920,IVF2048,PQ960x4fsr) at its default nprobe,
+#: 1000 candidates hold recall@100 0.997 and the exact top-1 of every query (2000: 0.999). With 2-bit codes
+#: of all dims (IVF2048,PQ1024x4fsr, nprobe 1024) 500 held 0.989, 1000 0.997. The 1-bit codes of the
+#: earlier preset (PQ512x4fsr) needed 16000 for 0.996 (440 ms a query).
+DEFAULT_RERANK = 1000
 #: Share of the IVF lists a compressed index probes by default (higher than ``DEFAULT_NPROBE_FRACTION``:
 #: fast-scan codes are cheap to scan and the candidates must hold the exact top-k, not approximate it).
-COMPRESSED_NPROBE_FRACTION = 1 / 2
-#: Dimensions per 4-bit PQ sub-quantizer of the preset (dim/4 sub-quantizers x 4 bits = dim/8 bytes).
-COMPRESSED_DIMS_PER_CODE = 4
+#: Measured at 4M (the preset, 1000 candidates, 300 queries): nlist x 1/2 gives recall@100 0.995 and the
+#: exact top-1 for 298 queries (the 2 others' top-1 lies in a list they rank 1024-1280th); 5/8 0.997 and
+#: every top-1; 3/4 0.998; all lists 0.998.
+COMPRESSED_NPROBE_FRACTION = 5 / 8
+#: Dimensions per 4-bit PQ sub-quantizer of the preset: 2 bits a dimension. 1 bit a dimension (4 dims per
+#: sub-quantizer) halves RAM and scan time but ranks too coarsely for the exact top-100 (see DEFAULT_RERANK).
+COMPRESSED_DIMS_PER_CODE = 2
+#: Dimensions the preset's PCA drops (uncentred, see :func:`_train`): 1/16 of them (2048 -> 1920), the
+#: lowest-variance axes (~0.2 % of the variance under the power-law spectrum of real descriptors). Without
+#: it, 2-bit codes of all 2048 dimensions are exactly 1/16 of Flat and ids, list padding and centroids take
+#: the index over that (15.5x less than Flat at 4M).
+COMPRESSED_DROP_FRACTION = 1 / 16
+#: Below this dimension ``auto`` keeps its older tiers (IVF + SQ8/PQ) instead of the compressed preset.
+COMPRESSED_MIN_DIM = 8
 
 
 def rerank_file(index_path: str | os.PathLike) -> Path:
@@ -701,9 +740,11 @@ def split_rerank(factory: str) -> tuple[str, bool]:
 def compressed_factory(n_vectors: int, dim: int) -> str:
     """What the ``compressed`` preset means for ``n_vectors`` ``dim``-d vectors.
 
-    ``IVF{nlist},PQ{dim/4}x4fsr+rerank``: nlist ~ sqrt(n) as a power of two (1024 at 1M, 2048 at 4M), with
-    >= 39 vectors per list (down to IVF1 for a small database); dim/4 sub-quantizers of 4 bits encoding the
-    residual to the list's centroid (fast-scan SIMD codes: dim/8 bytes a vector). Fewer, longer lists than
+    ``PCAR{d'},IVF{nlist},PQ{d'/2}x4fsr+rerank``: a PCA (with a random rotation that spreads the variance over
+    the sub-quantizers; uncentred, see :func:`_train`) to d' = 15/16 of the dimensions (1920 at 2048-d; none
+    below 16-d or under 2 x dim vectors); nlist ~ sqrt(n) as a power of two (1024 at 1M, 2048 at 4M), with >= 39 vectors per list
+    (down to IVF1 for a small database); d'/2 sub-quantizers of 4 bits encoding the residual to the list's
+    centroid (fast-scan SIMD codes: d'/4 bytes a vector, 480 B at 2048-d). Fewer, longer lists than
     ``suggest_factory``'s plain IVF (4 sqrt(n)): fast-scan makes long lists cheap to scan, the coarse k-means
     and the assignment of every vector cost ~4x less, and a query's exact neighbours fall in fewer lists.
     Needs at least 39 vectors; below that, use Flat.
@@ -718,10 +759,16 @@ def compressed_factory(n_vectors: int, dim: int) -> str:
     while nlist > 1 and nlist * POINTS_PER_CENTROID > n_vectors:
         nlist //= 2
     nlist = min(nlist, 65536)
-    m = max(1, dim // COMPRESSED_DIMS_PER_CODE)
-    while dim % m:
+    # a PCA needs a sample that spans the space (and a small database gains nothing from dropping dims)
+    drop = int(dim * COMPRESSED_DROP_FRACTION) if n_vectors >= 2 * dim else 0
+    keep = dim - drop
+    if drop:
+        keep -= keep % COMPRESSED_DIMS_PER_CODE
+    m = max(1, keep // COMPRESSED_DIMS_PER_CODE)
+    while keep % m:
         m -= 1
-    return f"IVF{nlist},PQ{m}x4fsr{RERANK_SUFFIX}"
+    pca = f"PCAR{keep}," if keep < dim else ""
+    return f"{pca}IVF{nlist},PQ{m}x4fsr{RERANK_SUFFIX}"
 
 
 def resolve_factory(factory: str, n_vectors: int, dim: int) -> str:

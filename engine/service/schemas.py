@@ -163,7 +163,7 @@ class LocalizeRequest(AreaFields):
         None, description="IVF/compressed index: lists probed (default: the index's; more = closer to exact)"
     )
     rerank: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
-        None, description="compressed index: candidates re-scored exactly (default 2000)"
+        None, description="compressed index: candidates re-scored exactly (default 1000)"
     )
     overwrite: bool = Field(
         False,
@@ -200,7 +200,7 @@ class FootprintRequest(AreaFields, TileFields):
         None, description="IVF/compressed index: lists probed (default: the index's; more = closer to exact)"
     )
     rerank: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
-        None, description="compressed index: candidates re-scored exactly (default 2000)"
+        None, description="compressed index: candidates re-scored exactly (default 1000)"
     )
     model: Annotated[str, Field(max_length=100)] = "default"
     weights: Path_ | None = Field(None, description="against: weights file of the model (astroloc ...)")
