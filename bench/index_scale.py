@@ -40,6 +40,7 @@ import gc
 import glob
 import json
 import math
+import multiprocessing
 import os
 import platform
 import re
@@ -359,7 +360,10 @@ def generate(path: Path, gen: Synth, n: int) -> np.memmap:
     # one process per core: the generator is single-threaded numpy (RNG, Walsh-Hadamard), and each chunk is
     # seeded by its own tile ids, so the file is the same whatever the number of processes
     workers = max(1, min(os.cpu_count() or 1, len(spans)))
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # spawned, not forked: a child forked after this process ran FAISS/BLAS threads (an earlier size) can
+    # deadlock on the OpenMP runtime's locks (seen: a 1M generation after the 100k size hung, CPUs idle)
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) as pool:
         for i, t1 in enumerate(pool.map(_write_chunk, [(path, gen, t0, t1) for t0, t1 in spans])):
             if i % 8 == 0 or i == len(spans) - 1:
                 log(f"generated {t1 * 4:,} / {n:,} ({workers} processes)")
@@ -473,7 +477,10 @@ def measure_index(
         cold = None
         if vec_path is not None:  # every query's rows read from disk (nothing of the file cached or mapped)
             cold = time_cold(index, q[:single], k, vec_path, **kw)
-        warm = time_single(index, q[:single], k, **kw)  # the same queries again: rows in the page cache
+        # the same queries again, twice: the first pass reads their rows back into the page cache (each cold
+        # query evicted the whole file, so after time_cold only the last query's rows are cached)
+        time_single(index, q[:single], k, **kw)
+        warm = time_single(index, q[:single], k, **kw)
         task = {f"own@{t}": own_tile_found(ids, q_tiles, t) for t in (1, 10)} if q_tiles is not None else {}
         rows.append(
             dict(
