@@ -714,7 +714,8 @@ COMPRESSED_NPROBE_FRACTION = 5 / 8
 #: sub-quantizer) halves RAM and scan time but ranks too coarsely for the exact top-100 (see DEFAULT_RERANK).
 COMPRESSED_DIMS_PER_CODE = 2
 #: Dimensions the preset's PCA drops (uncentred, see :func:`_train`): 1/16 of them (2048 -> 1920), the
-#: lowest-variance axes (~0.2 % of the variance under the power-law spectrum of real descriptors). Without
+#: lowest-variance axes (0.2-0.7 % of the variance under power-law spectra i^-1.29 .. i^-1.04, the slopes
+#: fitted on the synthetic and the real descriptors). Without
 #: it, 2-bit codes of all 2048 dimensions are exactly 1/16 of Flat and ids, list padding and centroids take
 #: the index over that (15.5x less than Flat at 4M).
 COMPRESSED_DROP_FRACTION = 1 / 16
@@ -742,10 +743,10 @@ def compressed_factory(n_vectors: int, dim: int) -> str:
 
     ``PCAR{d'},IVF{nlist},PQ{d'/2}x4fsr+rerank``: a PCA (with a random rotation that spreads the variance over
     the sub-quantizers; uncentred, see :func:`_train`) to d' = 15/16 of the dimensions (1920 at 2048-d; none
-    below 16-d or under 2 x dim vectors); nlist ~ sqrt(n) as a power of two (1024 at 1M, 2048 at 4M), with >= 39 vectors per list
-    (down to IVF1 for a small database); d'/2 sub-quantizers of 4 bits encoding the residual to the list's
-    centroid (fast-scan SIMD codes: d'/4 bytes a vector, 480 B at 2048-d). Fewer, longer lists than
-    ``suggest_factory``'s plain IVF (4 sqrt(n)): fast-scan makes long lists cheap to scan, the coarse k-means
+    below 16-d or under 2 x dim vectors); nlist ~ sqrt(n) as a power of two (1024 at 1M, 2048 at 4M), with
+    >= 39 vectors per list (down to IVF1 for a small database); d'/2 sub-quantizers of 4 bits encoding the
+    residual to the list's centroid (fast-scan SIMD codes: d'/4 bytes a vector, 480 B at 2048-d). Fewer,
+    longer lists than ``suggest_factory``'s plain IVF (4 sqrt(n)): fast-scan makes long lists cheap to scan, the coarse k-means
     and the assignment of every vector cost ~4x less, and a query's exact neighbours fall in fewer lists.
     Needs at least 39 vectors; below that, use Flat.
     """
