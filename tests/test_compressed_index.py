@@ -247,6 +247,25 @@ def test_auto_picks_the_preset_above_the_flat_limit():
     assert fi.suggest_factory(4_000_000, 2048) == "PCAR1920,IVF2048,PQ960x4fsr+rerank"
     assert fi.check_buildable(1_000_000, 2048, "auto") == "PCAR1920,IVF1024,PQ960x4fsr+rerank"
     assert fi.check_buildable(1_000_000, 2048, "compressed") == "PCAR1920,IVF1024,PQ960x4fsr+rerank"
+    # below ~492k 2048-d vectors the PCA's 15.7 MB matrix outweighs the 32 B a vector it saves: no PCA
+    assert fi.suggest_factory(400_000, 2048) == "IVF512,PQ1024x4fsr+rerank"
+    assert fi.suggest_factory(500_000, 2048) == "PCAR1920,IVF512,PQ960x4fsr+rerank"
+
+
+def test_the_preset_has_a_pca_only_where_it_saves_ram():
+    """The preset's PCA drops 1/16 of the dims to save their codes; its float32 matrix costs RAM too. At
+    64-d (60 kept) the matrix weighs 15 KB and saves 1 B a vector: the preset must pick, on each side of
+    the 15,360-vector break-even, the variant that is smaller once built."""
+    rng = np.random.default_rng(8)
+    for n, want_pca in ((6_000, False), (60_000, True)):
+        x = rng.standard_normal((n, 64)).astype(np.float32) * (np.arange(1, 65) ** -0.6).astype(np.float32)
+        faiss.normalize_L2(x)
+        chosen = fi.compressed_factory(n, 64)
+        assert chosen.startswith("PCAR60,") == want_pca, chosen
+        nlist = fi.declared_nlist(chosen)
+        other = f"IVF{nlist},PQ32x4fsr+rerank" if want_pca else f"PCAR60,IVF{nlist},PQ30x4fsr+rerank"
+        sizes = {f: fi.index_nbytes(fi.build(x, f, seed=0)) for f in (chosen, other)}
+        assert sizes[chosen] < sizes[other], sizes
 
 
 def test_search_settings_per_run(sample_compressed, sample_index, tmp_path):
@@ -298,12 +317,13 @@ def test_rerank_from_a_memory_mapped_file_equals_the_array(tmp_path):
     mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
     q = rng.standard_normal(96).astype(np.float32)
     rows = np.unique(rng.integers(0, 3000, 400))
-    want = x[rows].astype(np.float32) @ q
-    np.testing.assert_allclose(fi._exact_scores(mapped, rows, q), want, rtol=1e-5)
-    np.testing.assert_allclose(
-        fi._exact_scores(mapped[10:], rows - 10, q), x[rows].astype(np.float32) @ q, rtol=1e-5
-    )
-    np.testing.assert_allclose(fi._exact_scores(x, rows, q), want, rtol=1e-5)
+    want = x[rows].astype(np.float64) @ q.astype(np.float64)
+    tol = dict(rtol=1e-5, atol=1e-5 * np.abs(want).max())  # float32 sums in another order than BLAS's
+    np.testing.assert_allclose(fi._exact_scores(mapped, rows, q), want, **tol)
+    np.testing.assert_allclose(fi._exact_scores(mapped[10:], rows - 10, q), want, **tol)
+    np.testing.assert_allclose(fi._exact_scores(x, rows, q), want, **tol)
+    np.testing.assert_allclose(fi._exact_scores(x.astype(np.float32), rows, q), want, **tol)
+    assert np.array_equal(fi._exact_scores(mapped, rows, q), fi._exact_scores(x, rows, q))
 
 
 def test_a_single_query_splits_its_lists_over_the_threads():
