@@ -885,8 +885,8 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
     exact, like ``astype``, and ~2x faster: 1.8 vs 3.8 ms for 1024 x 2048) and the dot products by
     ``fvec_inner_products_ny`` on this thread. A numpy matmul would go through OpenBLAS, whose threads
     keep spinning for a while after the call and steal both cores from the next FAISS scan: at 4M x
-    2048-d a warm single query of the compressed preset took 127 ms with the matmul, 100 ms with
-    OPENBLAS_NUM_THREADS=1 (``bench/rerank_cost.py``).
+    2048-d a warm single query of the compressed preset took 147 ms with the numpy scorer, 101 ms with
+    this one (``bench/rerank_cost.py``, ``bench/results/rerank_cost_4M.txt``).
     """
     _prefetch(vectors, rows)
     d = vectors.shape[1]
