@@ -742,7 +742,7 @@ def pca_pays(n_vectors: int, dim: int, keep: int) -> bool:
     """Whether a PCA from ``dim`` to ``keep`` dims saves the preset RAM: the codes of the dropped dims (2 bits
     each) must weigh more than its float32 ``keep`` x ``dim`` matrix. At 2048-d (1920 kept) that is from
     ~492k vectors up: below it the matrix (15.7 MB) outweighs the 32 B a vector it saves (100k vectors: 85 MB
-    of index with the PCA, ~14x less than Flat without)."""
+    of index with the PCA, 56 MB without, 14.5x less than Flat: ``bench/results/index_scale.txt``)."""
     saved = n_vectors * (dim - keep) * 4 // (8 * COMPRESSED_DIMS_PER_CODE)  # 4-bit codes of 2 dims each
     return keep < dim and saved > 4 * dim * keep
 
@@ -752,12 +752,14 @@ def compressed_factory(n_vectors: int, dim: int) -> str:
 
     ``PCAR{d'},IVF{nlist},PQ{d'/2}x4fsr+rerank``: a PCA (with a random rotation that spreads the variance over
     the sub-quantizers; uncentred, see :func:`_train`) to d' = 15/16 of the dimensions (1920 at 2048-d; none
-    below 16-d, or where the PCA's matrix would cost more RAM than it saves: :func:`pca_pays`); nlist ~ sqrt(n) as a power of two (1024 at 1M, 2048 at 4M), with
-    >= 39 vectors per list (down to IVF1 for a small database); d'/2 sub-quantizers of 4 bits encoding the
-    residual to the list's centroid (fast-scan SIMD codes: d'/4 bytes a vector, 480 B at 2048-d). Fewer,
-    longer lists than ``suggest_factory``'s plain IVF (4 sqrt(n)): fast-scan makes long lists cheap to scan, the coarse k-means
-    and the assignment of every vector cost ~4x less, and a query's exact neighbours fall in fewer lists.
-    Needs at least 39 vectors; below that, use Flat.
+    below 16-d, or where the PCA's matrix would cost more RAM than it saves: :func:`pca_pays`); nlist ~
+    sqrt(n) as a power of two (1024 at 1M, 2048 at 4M), with >= 39 vectors per list (down to IVF1 for a
+    small database); d'/2 sub-quantizers of 4 bits encoding the residual to the list's centroid (fast-scan
+    SIMD codes: d'/4 bytes a vector, 480 B at 2048-d). Fewer, longer lists than ``suggest_factory``'s plain
+    IVF (4 sqrt(n)): fast-scan makes long lists cheap to scan, the coarse k-means and the assignment of every
+    vector cost ~4x less, and finer lists would not let a query scan less (8k or 16k lists at 4M need the
+    same ~half of the database scanned: ``bench/ivf_partition.py``). Needs at least 39 vectors; below that,
+    use Flat.
     """
     if n_vectors < POINTS_PER_CENTROID:
         raise InputError(
@@ -890,7 +892,9 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
     """
     _prefetch(vectors, rows)
     d = vectors.shape[1]
-    q = np.ascontiguousarray(query, dtype=np.float32)
+    q = np.ascontiguousarray(query, dtype=np.float32).ravel()
+    if q.size != d:  # FAISS reads d floats of it, whatever its size
+        raise InputError(f"query has {q.size} dimensions, the re-rank vectors {d}")
     out = np.empty(rows.size, dtype=np.float32)
     half = vectors.dtype == np.float16
     widen = faiss.ScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16) if half else None
