@@ -380,3 +380,17 @@ def test_a_pca_in_front_of_the_codes_keeps_no_mean(tmp_path):
     got, got_centred, got_no_pca = found(index.base), found(centred), found(no_pca)
     # measured: 0.81 uncentred, 0.31 centred, 0.83 without the PCA
     assert got >= got_no_pca - 0.05 and got > got_centred + 0.3, (got, got_centred, got_no_pca)
+
+
+def test_the_stated_rerank_default_is_the_engines(capsys):
+    """The CLI help and the HTTP schema state the default re-rank count as a literal (the CLI does not import
+    FAISS to build its parser): they must say what the engine does (they said 2000 after it became 1000)."""
+    from engine.cli import build_parser
+    from engine.service.schemas import FootprintRequest, LocalizeRequest
+
+    stated = f"default {fi.DEFAULT_RERANK}"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["localize", "--help"])
+    assert stated in " ".join(capsys.readouterr().out.split())
+    for schema in (LocalizeRequest, FootprintRequest):
+        assert stated in schema.model_fields["rerank"].description
