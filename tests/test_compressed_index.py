@@ -382,18 +382,21 @@ def test_a_pca_in_front_of_the_codes_keeps_no_mean(tmp_path):
     assert got >= got_no_pca - 0.05 and got > got_centred + 0.3, (got, got_centred, got_no_pca)
 
 
-def test_a_balanced_pca_ranks_short_codes_better_than_a_rotated_one():
+def test_a_balanced_pca_ranks_short_codes_better_than_a_rotated_one(tmp_path):
     """PCAB{d'} deals the PCA's axes out to the PQ's sub-quantizers (equal variance each, no random rotation),
     so that 4-bit codes of several dims spend their centroids on the strong axes (faiss_index.BALANCED_PCA).
     On descriptors with the real power-law spectrum its candidates must beat a randomly rotated PCA's at the
     same code size (measured at 128-d: 0.85 vs 0.73 with 4 dims a code, 0.71 vs 0.57 with 6; equal, 0.99 and
-    0.975, with 2), and the choice must be made when the index is made."""
+    0.975, with 2), and the balanced order must be in the written index (it lives in the PCA's matrix)."""
     x, q, _ = world(5_000, 128, 200)
     _, truth = fi.search(fi.build(x, "Flat"), q, 10)
 
     def found(factory: str) -> float:  # share of the exact top-10 among 100 candidates, every list probed
         index = fi.build(x, factory, seed=0)
         _, cand = fi.search(index, q, 100, nprobe=16)
+        if factory.startswith("PCAB"):
+            fi.write_index(index, tmp_path / "b.faiss")
+            assert np.array_equal(fi.search(fi.read_index(tmp_path / "b.faiss"), q, 100, nprobe=16)[1], cand)
         return float(np.mean([np.isin(t, c).mean() for t, c in zip(truth, cand, strict=True)]))
 
     for m, gain in ((30, 0.08), (20, 0.08), (60, -0.02)):
