@@ -164,10 +164,11 @@ def _check_factory_sizes(dim: int, factory: str) -> None:
 #: makes every sub-space isotropic and spreads the bits evenly over axes whose variances differ by 1000x
 #: (power-law spectra). Measured (100k x 2048-d photo-like synthetic vectors, IVF256, 1000 candidates
 #: re-ranked, nprobe 160): recall@100 0.9971 with ``PCAB1920,...,PQ480x4fsr`` (240 B a vector) vs 0.9708
-#: with ``PCAR1920,...,PQ480x4fsr``, and 0.9978 with ``PCAR1920,...,PQ960x4fsr`` (480 B, the preset). The
-#: short codes lose more as the database grows denser: at 1M (IVF1024, nprobe 640) PQ480 needs 3000
-#: candidates for 0.9970 where the preset needs 1000 for 0.9973 (24 vs 27 ms a single query, half the RAM),
-#: and PQ320 (160 B) gets 0.9774 from 1000, 0.9963 from 4000 (34 ms). At 4M (bench/results/index_scale.txt)
+#: with ``PCAR1920,...,PQ480x4fsr``, and 0.9978 with ``PCAR1920,...,PQ960x4fsr`` (480 B, the preset's codes
+#: from ~492k vectors up). The
+#: short codes lose more as the database grows denser: at 1M (IVF1024, nprobe 640; bench/results/
+#: index_scale.txt) PQ480 needs 3000 candidates for the preset's 0.997 from 1000, and is then no faster (34 vs
+#: 33 ms a single query) from half the RAM; PQ320 (160 B, a scratch run) gets 0.977 from 1000. At 4M
 #: ``PCAB1920,IVF2048,PQ480x4fsr+rerank`` with 3000 candidates gives 0.996 and every exact top-1 in 61 ms a
 #: single query from 1.05 GB of RAM, against the preset's 0.997 in 103 ms from 2.02 GB. The preset keeps
 #: PCAR for now: the short codes need 3x the candidates, and ``DEFAULT_RERANK`` is one default for all sizes.
