@@ -58,6 +58,8 @@ sys.path.insert(0, str(ROOT))
 from engine.retrieval import faiss_index as fi  # noqa: E402
 
 T0 = time.perf_counter()
+#: The parameters of the synthetic data of the last calibration (the figures in results/index_scale.txt).
+PARAMS_FILE = ROOT / "bench" / "results" / "index_scale_params.json"
 CHUNK = 65536  # rows per generation / ground-truth chunk (512 MiB of float32 at 2048-d)
 
 
@@ -458,6 +460,19 @@ def own_tile_found(ids: np.ndarray, q_tiles: np.ndarray, k_tiles: int) -> float:
     return found / len(q_tiles)
 
 
+def set_k_factor(index, k_factor: int | float | None) -> float | None:
+    """Set the k_factor of the Refine stage of ``index`` (a setting ``k_factor=N``: candidates of the codes'
+    scan = N x those the refinement keeps); returns the previous one (None: unchanged or no Refine)."""
+    if k_factor is None:
+        return None
+    base = index.base if isinstance(index, fi.RerankIndex) else index
+    refine = next((lay for lay in fi._layers(base) if isinstance(lay, faiss.IndexRefine)), None)
+    if refine is None:
+        raise SystemExit(f"k_factor={k_factor}: the index has no Refine stage")
+    before, refine.k_factor = refine.k_factor, float(k_factor)
+    return before
+
+
 def measure_index(
     index,
     q,
@@ -470,7 +485,9 @@ def measure_index(
     q_tiles=None,
 ) -> list:
     rows = []
-    for kw in settings:
+    for setting in settings:
+        kw = dict(setting)
+        refine = set_k_factor(index, kw.pop("k_factor", None))
         t = time.perf_counter()
         sc, ids = fi.search(index, q, k, **kw)
         batch_ms = (time.perf_counter() - t) * 1e3 / len(q)
@@ -482,9 +499,10 @@ def measure_index(
         time_single(index, q[:single], k, **kw)
         warm = time_single(index, q[:single], k, **kw)
         task = {f"own@{t}": own_tile_found(ids, q_tiles, t) for t in (1, 10)} if q_tiles is not None else {}
+        set_k_factor(index, refine)
         rows.append(
             dict(
-                setting=kw,
+                setting=setting,
                 batch_ms=batch_ms,
                 single_ms=warm,
                 single_cold_ms=cold,
@@ -492,7 +510,7 @@ def measure_index(
                 **task,
             )
         )
-        log(f"  {kw}: {rows[-1]}")
+        log(f"  {setting}: {rows[-1]}")
     return rows
 
 
@@ -574,7 +592,7 @@ def run_size(n: int, args, params: dict, report: dict) -> None:
         settings.append({"rerank": rr})
     for combo in args.settings.split(";") if args.settings else []:  # e.g. nprobe=2048:rerank=8000
         kw = {k.strip(): int(v) for k, v in (part.split("=") for part in combo.split(":") if part.strip())}
-        settings.append({k: min(nlist, v) if k == "nprobe" else v for k, v in kw.items()})
+        settings.append({k: min(nlist, v) if k == "nprobe" else v for k, v in kw.items()})  # (and k_factor)
     log(f"{key}: measuring ({len(settings)} settings)")
     del x16  # its mapping (the same inode as index.f16.npy) would keep the file's pages in the cache
     gc.collect()
@@ -776,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--settings",
         default="",
-        help="more search settings, each 'nprobe=N:rerank=M', separated by ';' (measured as a whole)",
+        help="more search settings, each 'nprobe=N:rerank=M' (and k_factor=K for a Refine stage), separated by ';' "
+        "(measured as a whole)",
     )
     ap.add_argument(
         "--factory", default="", help="measure this '+rerank' factory string instead of the compressed preset"
@@ -787,6 +806,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure sizes already in the report again (search code changed), reusing their data, ground "
         "truth and index files and keeping their build times",
+    )
+    ap.add_argument(
+        "--params",
+        default=None,
+        help=f"the synthetic data's parameters from an earlier run (a JSON such as {PARAMS_FILE.name}) instead of "
+        "calibrating them on the real descriptors: the same databases, truth and queries as that run, whatever "
+        "the default model is now",
     )
     ap.add_argument("--render-only", action="store_true", help="rewrite --out from the saved report, no run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "index_scale.txt"))
@@ -811,6 +837,10 @@ def main(argv: list[str] | None = None) -> int:
     real = collect_real(work, args.iss_index, args.rasters_index)
     x_real = np.concatenate([real["x_iss"], real["x_ras"]])
     report["model"] = str(real["model"])
+    if "params" not in report and args.params:  # the synthetic data of an earlier run, exactly
+        saved = json.loads(Path(args.params).read_text())
+        report.update({k: saved[k] for k in ("params", "real_stats", "synth_stats") if k in saved})
+        log(f"synthetic-data parameters from {args.params}: {report['params']}")
     if "params" not in report:
         log(f"measuring real descriptors ({x_real.shape[0]:,} x {x_real.shape[1]})")
         stats = measure(x_real)
@@ -821,6 +851,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"calibrated: {params} -> {syn}")
         report.update(real_stats=stats, params=params, synth_stats=syn)
         save(report, args)
+        Path(PARAMS_FILE).write_text(
+            json.dumps({k: report[k] for k in ("model", "params", "real_stats", "synth_stats")}, indent=1)
+            + "\n"
+        )
+        log(f"wrote {PARAMS_FILE} (give it as --params to make the same data again)")
     run_real(real, args, report)
     for size in args.sizes.split(","):
         if size.strip():

@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rerank",
         type=int,
-        help="compressed indexes: candidates re-scored exactly (default 1000; more = closer)",
+        help="compressed indexes: candidates re-scored exactly (default: the index's, 1000 for 2-bit codes, 3000 "
+        "for the preset's 1-bit codes from 500k vectors up; more = closer)",
     )
     footprint_args(p)
     p.add_argument(

@@ -31,11 +31,15 @@ which FAISS takes no per-call parameter for: it changes speed, never results.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import mmap
 import os
 import re
+import threading
 import weakref
 from pathlib import Path
 
@@ -93,6 +97,8 @@ POINTS_PER_CENTROID = 39
 #: poor recall@100). A per-call ``nprobe`` / ``ef_search`` overrides them.
 DEFAULT_NPROBE_FRACTION = 1 / 16  # nprobe = nlist / 16 (256 for IVF4096: SQ8 recall@100 0.93 vs 0.74 at 64)
 DEFAULT_EF_SEARCH = 128
+#: ``...,Refine(X)`` indexes re-score this many times k candidates of their base with their X codes.
+REFINE_K_FACTOR = 4
 
 #: Upper bounds on what a factory string makes FAISS allocate when the index is made or filled. FAISS
 #: allocates IVF lists (and PQ codebooks, HNSW links) up front, with no check: ``IVF1000000000,Flat`` is
@@ -164,41 +170,46 @@ def _check_factory_sizes(dim: int, factory: str) -> None:
 #: makes every sub-space isotropic and spreads the bits evenly over axes whose variances differ by 1000x
 #: (power-law spectra). Measured (100k x 2048-d photo-like synthetic vectors, IVF256, 1000 candidates
 #: re-ranked, nprobe 160): recall@100 0.9971 with ``PCAB1920,...,PQ480x4fsr`` (240 B a vector) vs 0.9708
-#: with ``PCAR1920,...,PQ480x4fsr``, and 0.9978 with ``PCAR1920,...,PQ960x4fsr`` (480 B, the preset's codes
-#: from ~492k vectors up). The
-#: short codes lose more as the database grows denser: at 1M (IVF1024, nprobe 640; bench/results/
-#: index_scale.txt) PQ480 needs 3000 candidates for the preset's 0.997 from 1000, and is then no faster (34 vs
-#: 33 ms a single query) from half the RAM; PQ320 (160 B, a scratch run) gets 0.977 from 1000. At 4M
-#: ``PCAB1920,IVF2048,PQ480x4fsr+rerank`` with 3000 candidates gives 0.996 and every exact top-1 in 61 ms a
-#: single query from 1.05 GB of RAM, against the preset's 0.997 in 103 ms from 2.02 GB. The preset keeps
-#: PCAR for now: the short codes need 3x the candidates, and ``DEFAULT_RERANK`` is one default for all sizes.
+#: with ``PCAR1920,...,PQ480x4fsr``, and 0.9978 with ``PCAR1920,...,PQ960x4fsr`` (480 B, the preset's
+#: codes in sessions 23-25). The short codes lose more as the database grows denser, so they get more candidates (``SHORT_CODE_RERANK``):
+#: at 1M (IVF1024, nprobe 640; bench/results/index_scale.txt) PQ480 needs 3000 for 0.997, and is then as fast
+#: (34 vs 33 ms a single query) as 2-bit PCAR codes with 1000, from half the RAM; PQ320 (160 B, a scratch run)
+#: gets 0.977 from 1000. At 4M ``PCAB1920,IVF2048,PQ480x4fsr+rerank`` with 3000 candidates gives 0.996 and
+#: every exact top-1 in 61 ms a single query from 1.05 GB of RAM, against 2-bit PCAR codes' 0.997 in 103 ms
+#: from 2.02 GB. The ``compressed`` preset from ``SHORT_CODES_MIN_VECTORS`` up.
 BALANCED_PCA = "PCAB"
 _BALANCED_PCA_RE = re.compile(rf"^{BALANCED_PCA}(\d+),")
 
 
-def _faiss_factory(factory: str) -> str:
-    """The factory string FAISS parses: a leading ``PCAB{d'}`` becomes ``PCA{d'}`` (balanced after making)."""
-    if BALANCED_PCA not in factory:
-        return factory
-    if not _BALANCED_PCA_RE.match(factory):
+def _balanced_pca_index(dim: int, factory: str) -> faiss.Index:
+    """The index of a ``PCAB{d'},<rest>`` string: the PCA around the index that ``<rest>`` makes for d'-d
+    vectors, its axes dealt out to the first PQ's sub-quantizers (FAISS applies that when the PCA is
+    trained; the order is stored in the matrix). Made by hand rather than as FAISS's ``PCA{d'},<rest>``:
+    FAISS parses a trailing ``,Refine(...)`` first and would put the PCA inside the refined index, leaving
+    the refinement codes on the raw vectors."""
+    m = _BALANCED_PCA_RE.match(factory)
+    if not m:
         raise InputError(
             f"index factory {factory!r}: {BALANCED_PCA}{{d}} must come first, as in "
             f"'{BALANCED_PCA}240,IVF1024,PQ60x4fsr' (it balances the PCA over the PQ that follows)"
         )
-    return "PCA" + factory[len(BALANCED_PCA) :]
-
-
-def _balance_pca(index: faiss.Index, factory: str) -> None:
-    """Set the leading PCA of ``index`` (made from ``PCAB{d'},...``) to deal its axes out to the PQ's
-    sub-quantizers; FAISS applies it when the PCA is trained (the order is stored in the matrix)."""
-    pq = next((layer.pq for layer in _layers(index) if hasattr(layer, "pq")), None)
+    d_out = int(m.group(1))
+    if not 0 < d_out <= dim:
+        raise InputError(f"index factory {factory!r}: {BALANCED_PCA}{d_out} needs 1 to {dim} dims")
+    inner = faiss.index_factory(d_out, factory[m.end() :], faiss.METRIC_INNER_PRODUCT)
+    pq = next((layer.pq for layer in _layers(inner) if hasattr(layer, "pq")), None)
     if pq is None:
         raise InputError(
             f"index factory {factory!r}: {BALANCED_PCA}{{d}} balances the PCA over the sub-quantizers of a PQ "
             "stage and there is none; use PCA{d} or PCAR{d}"
         )
-    pca = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
+    pca = faiss.PCAMatrix(dim, d_out, 0.0, False)
     pca.balanced_bins = pq.M
+    index = faiss.IndexPreTransform(pca, inner)
+    index.own_fields = True  # the C++ index deletes both; Python lets go of them
+    pca.this.disown()
+    inner.this.disown()
+    return index
 
 
 def make_index(dim: int, factory: str = "Flat") -> faiss.Index:
@@ -215,12 +226,10 @@ def make_index(dim: int, factory: str = "Flat") -> faiss.Index:
         )
     factory, _ = split_rerank(factory)  # the candidate index of 'X+rerank' is X (build() adds the vectors)
     _check_factory_sizes(int(dim), factory)
-    faiss_factory = _faiss_factory(factory)
     try:
-        index = faiss.index_factory(int(dim), faiss_factory, faiss.METRIC_INNER_PRODUCT)
-        if faiss_factory != factory:
-            _balance_pca(index, factory)
-        return index
+        if BALANCED_PCA in factory:
+            return _balanced_pca_index(int(dim), factory)
+        return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
     except MemoryError:  # std::bad_alloc, for sizes under our bounds on a small machine
         raise InputError(f"not enough memory to make a FAISS index {factory!r} for {dim}-d vectors") from None
     except RuntimeError as exc:
@@ -235,8 +244,8 @@ def suggest_factory(n_vectors: int, dim: int) -> str:
     """The factory string for ``"auto"``: Flat below ``FLAT_MAX_VECTORS``, then the ``compressed`` preset.
 
     From ``FLAT_MAX_VECTORS`` up, :func:`compressed_factory` (IVF + 4-bit PQ codes in RAM, exact re-ranking of
-    the best candidates from float16 vectors on disk): ~dim/4 bytes a vector in RAM (16x less than Flat) and
-    exact scores at the top (bench/index_scale.py), where the tiers below kept the whole code in RAM and
+    the best candidates from float16 vectors on disk): dim/4 bytes a vector in RAM (16x less than Flat; ~dim/8,
+    31x less, from ``SHORT_CODES_MIN_VECTORS`` up) and exact scores at the top (bench/index_scale.py), where the tiers below kept the whole code in RAM and
     returned approximate rankings. The tiers below are what ``auto`` chose before (it still does for dim < 8):
 
     Why (bench/search_scale.py, 2048-d, 1M vectors, 2 cores): Flat costs 8 KiB a vector (8.2 GB per 1M; 32.8 GB
@@ -346,6 +355,10 @@ def _train(index: faiss.Index, sample: np.ndarray) -> None:
     vectors, PCAR1920,IVF256,PQ960x4fsr, 1000 candidates re-ranked): recall@100 0.82 centred, 0.9925 without
     the mean (0.9922 with no PCA at all). The principal axes are kept; the part of the mean in the dropped
     axes is the same for every vector, so it shifts all scores of a query equally.
+
+    A trained PCA also drops its dim x dim eigenvector matrix (``PCAMat``): it only serves to compute the
+    d' x dim transform (``A``), which is kept, and it would take 16.8 MB of RAM and file at 2048-d (5 % of a
+    1M-vector compressed index).
     """
     idx = _unwrap(index)
     if not (isinstance(idx, faiss.IndexPreTransform) and idx.metric_type == faiss.METRIC_INNER_PRODUCT):
@@ -359,6 +372,7 @@ def _train(index: faiss.Index, sample: np.ndarray) -> None:
             if isinstance(vt, faiss.PCAMatrix):
                 faiss.copy_array_to_vector(np.zeros(vt.d_in, dtype=np.float32), vt.mean)
                 faiss.copy_array_to_vector(np.zeros(vt.d_out, dtype=np.float32), vt.b)
+                vt.PCAMat.clear()
         x = vt.apply(x)
     if not idx.index.is_trained:
         idx.index.train(x)
@@ -366,9 +380,12 @@ def _train(index: faiss.Index, sample: np.ndarray) -> None:
 
 
 def _set_default_search_knobs(index: faiss.Index) -> None:
-    """Give IVF/HNSW indexes a recall-worthy default nprobe/efSearch (stored in the file by FAISS)."""
+    """Give IVF/HNSW/Refine indexes a recall-worthy default nprobe/efSearch/k_factor (stored in the file by
+    FAISS). FAISS's k_factor 1 would refine only the k the base returns: no refinement at all."""
     for idx in _layers(index):
-        if isinstance(idx, faiss.IndexIVF):
+        if isinstance(idx, faiss.IndexRefine):
+            idx.k_factor = max(idx.k_factor, REFINE_K_FACTOR)
+        elif isinstance(idx, faiss.IndexIVF):
             idx.nprobe = max(1, min(idx.nlist, round(idx.nlist * DEFAULT_NPROBE_FRACTION)))
         elif isinstance(idx, faiss.IndexHNSW):
             idx.hnsw.efSearch = max(idx.hnsw.efSearch, DEFAULT_EF_SEARCH)
@@ -738,35 +755,47 @@ def search(
 
 #: The named preset for large databases (``--factory compressed``; ``auto`` picks it from
 #: ``FLAT_MAX_VECTORS`` vectors up). RAM holds only an IVF index of 4-bit fast-scan PQ codes of the residuals
-#: (2 bits per dimension of a PCA that keeps 15/16 of the dimensions: 480 B a vector at 2048-d, 16x less
-#: than Flat's 8 KiB with ids and matrices) that finds the best ``DEFAULT_RERANK`` candidates; those are
-#: re-ranked by their exact cosine from the full vectors, kept on disk beside the index as a float16 ``.npy``
-#: (:func:`rerank_file`) that is memory-mapped, so the OS pages in only the rows a query touches.
-#: Resolved by :func:`compressed_factory` to a string such as ``PCAR1920,IVF2048,PQ960x4fsr+rerank`` (the
-#: manifest records that), and any FAISS factory string ending in ``+rerank`` works the same way.
+#: that finds the best candidates (:func:`default_rerank` of them); those are re-ranked by their exact cosine
+#: from the full vectors, kept on disk beside the index as a float16 ``.npy`` (:func:`rerank_file`) that is
+#: memory-mapped, so the OS pages in only the rows a query touches. Two forms (:func:`compressed_factory`; the
+#: manifest records the resolved string): 2 bits a dimension (``IVF256,PQ1024x4fsr+rerank`` at 100k x 2048-d,
+#: 1000 candidates) below ``SHORT_CODES_MIN_VECTORS``; from there up, 1 bit a dimension of a balanced PCA
+#: (``PCAB1920,IVF2048,PQ480x4fsr+rerank`` at 4M: 240 B a vector, 31x less than Flat, 3000 candidates).
+#: Any FAISS factory string ending in ``+rerank`` works the same way.
 COMPRESSED = "compressed"
 RERANK_SUFFIX = "+rerank"
-#: Candidates re-ranked exactly per query, unless a search asks for more (k larger) or sets ``rerank``.
-#: Measured (bench/results/index_scale.txt, 4M x 2048-d, photo-like queries: cos ~0.78 to their tile, as
-#: the default model's ISS photos, 2 cores): the preset (PCAR1920,IVF2048,PQ960x4fsr) at its default nprobe,
-#: 1000 candidates hold recall@100 0.997 and the exact top-1 of every query (2000: 0.999). With 2-bit codes
-#: of all dims (IVF2048,PQ1024x4fsr, nprobe 1024) 500 held 0.989, 1000 0.997. The 1-bit codes of the
-#: earlier preset (PQ512x4fsr) needed 16000 for 0.996 (440 ms a query).
+#: Candidates re-ranked exactly per query by an index whose codes hold 2 bits a dimension or more, unless
+#: a search asks for more (k larger) or sets ``rerank``. Measured (bench/results/index_scale.txt, 2048-d,
+#: photo-like queries: cos ~0.78 to their tile, as the default model's ISS photos, 2 cores): at 100k the
+#: preset's IVF256,PQ1024x4fsr gives recall@100 0.998 and every exact top-1 with 1000; at 4M the 2-bit
+#: PCAR1920,IVF2048,PQ960x4fsr (the preset of sessions 23-25) 0.997 with 1000 (2000: 0.999).
 DEFAULT_RERANK = 1000
+#: Candidates re-ranked by an index with coarser codes (under 2 bits a dimension: the preset's short codes
+#: from ``SHORT_CODES_MIN_VECTORS`` up): they rank more coarsely, and a denser database needs more of them.
+#: Measured (bench/results/index_scale.txt, PCAB1920,...,PQ480x4fsr): recall@100 0.997 at 100k with 1000;
+#: at 1M 0.992 / 0.996 / 0.997 with 1000 / 2000 / 3000; at 4M 0.981 / 0.993 / 0.996, every exact top-1.
+SHORT_CODE_RERANK = 3000
 #: Share of the IVF lists a compressed index probes by default (higher than ``DEFAULT_NPROBE_FRACTION``:
 #: fast-scan codes are cheap to scan and the candidates must hold the exact top-k, not approximate it).
-#: Measured at 4M (the preset, 1000 candidates, 300 queries): nlist x 1/2 gives recall@100 0.995 and the
-#: exact top-1 for 298 queries (the 2 others' top-1 lies in a list they rank 1024-1280th); 5/8 0.997 and
-#: every top-1; 3/4 0.998; all lists 0.998.
+#: Measured at 4M (the 2-bit PCAR preset, 1000 candidates, 300 queries): nlist x 1/2 gives recall@100 0.995
+#: and the exact top-1 for 298 queries (the 2 others' top-1 lies in a list they rank 1024-1280th); 5/8 0.997
+#: and every top-1; 3/4 0.998; all lists 0.998. The balanced PCA's codes: 5/8 0.993, 1/2 0.991 (2000
+#: candidates).
 COMPRESSED_NPROBE_FRACTION = 5 / 8
-#: Dimensions per 4-bit PQ sub-quantizer of the preset: 2 bits a dimension. 1 bit a dimension (4 dims per
-#: sub-quantizer) halves RAM and scan time but ranks too coarsely for the exact top-100 (see DEFAULT_RERANK).
+#: Dimensions per 4-bit PQ sub-quantizer of the preset below ``SHORT_CODES_MIN_VECTORS``: 2 bits a dimension.
 COMPRESSED_DIMS_PER_CODE = 2
-#: Dimensions the preset's PCA drops (uncentred, see :func:`_train`): 1/16 of them (2048 -> 1920), the
+#: ... and from there up, of the balanced PCA's dimensions (``BALANCED_PCA``): 1 bit a dimension.
+SHORT_CODE_DIMS_PER_CODE = 4
+#: From this many vectors up the preset is ``PCAB{d'},IVF{nlist},PQ{d'/4}x4fsr+rerank``: half the RAM of
+#: 2-bit codes, and faster where the scan of the codes dominates a query. Measured (2048-d, 2 cores,
+#: bench/results/index_scale.txt): at 1M 292 MB and 34 ms a single query with 3000 candidates (recall@100
+#: 0.997) vs 536 MB and 33 ms for the 2-bit PCAR codes with 1000 (0.997); at 4M 1.05 GB and 61 ms (0.996)
+#: vs 2.02 GB and 103 ms (0.997). At 100k they are no smaller (the PCA's matrices) and slower (3000
+#: candidates), so smaller databases keep the 2-bit codes of every dimension.
+SHORT_CODES_MIN_VECTORS = 500_000
+#: Dimensions the balanced PCA drops (uncentred, see :func:`_train`): 1/16 of them (2048 -> 1920), the
 #: lowest-variance axes (0.2-0.7 % of the variance under power-law spectra i^-1.29 .. i^-1.04, the slopes
-#: fitted on the synthetic and the real descriptors). Without
-#: it, 2-bit codes of all 2048 dimensions are exactly 1/16 of Flat and ids, list padding and centroids take
-#: the index over that (15.5x less than Flat at 4M).
+#: fitted on the synthetic and the real descriptors).
 COMPRESSED_DROP_FRACTION = 1 / 16
 #: Below this dimension ``auto`` keeps its older tiers (IVF + SQ8/PQ) instead of the compressed preset.
 COMPRESSED_MIN_DIM = 8
@@ -787,28 +816,35 @@ def split_rerank(factory: str) -> tuple[str, bool]:
     return f, False
 
 
-def pca_pays(n_vectors: int, dim: int, keep: int) -> bool:
-    """Whether a PCA from ``dim`` to ``keep`` dims saves the preset RAM: the codes of the dropped dims (2 bits
-    each) must weigh more than its float32 ``keep`` x ``dim`` matrix. At 2048-d (1920 kept) that is from
-    ~492k vectors up: below it the matrix (15.7 MB) outweighs the 32 B a vector it saves (100k vectors: 85 MB
-    of index with the PCA, 56 MB without, 14.5x less than Flat: ``bench/results/index_scale.txt``)."""
-    saved = n_vectors * (dim - keep) * 4 // (8 * COMPRESSED_DIMS_PER_CODE)  # 4-bit codes of 2 dims each
-    return keep < dim and saved > 4 * dim * keep
+def short_codes_pay(n_vectors: int, dim: int) -> bool:
+    """Whether the preset uses the balanced PCA's 1-bit-a-dimension codes for ``n_vectors`` ``dim``-d vectors:
+    from ``SHORT_CODES_MIN_VECTORS`` up, where the codes they save (dim/4 - d'/8 bytes a vector) also outweigh
+    the PCA's float32 matrices (d' x dim and dim x dim: 32 MB at 2048-d), and for dims that leave d'/4
+    sub-quantizers (>= 32)."""
+    keep = _short_code_dims(dim)
+    saved = n_vectors * (dim // 4 - keep // 8)
+    return n_vectors >= SHORT_CODES_MIN_VECTORS and dim >= 32 and saved > 4 * dim * (keep + dim)
+
+
+def _short_code_dims(dim: int) -> int:
+    keep = dim - int(dim * COMPRESSED_DROP_FRACTION)
+    return keep - keep % SHORT_CODE_DIMS_PER_CODE
 
 
 def compressed_factory(n_vectors: int, dim: int) -> str:
     """What the ``compressed`` preset means for ``n_vectors`` ``dim``-d vectors.
 
-    ``PCAR{d'},IVF{nlist},PQ{d'/2}x4fsr+rerank``: a PCA (with a random rotation that spreads the variance over
-    the sub-quantizers; uncentred, see :func:`_train`) to d' = 15/16 of the dimensions (1920 at 2048-d; none
-    below 16-d, or where the PCA's matrix would cost more RAM than it saves: :func:`pca_pays`); nlist ~
-    sqrt(n) as a power of two (1024 at 1M, 2048 at 4M), with >= 39 vectors per list (down to IVF1 for a
-    small database); d'/2 sub-quantizers of 4 bits encoding the residual to the list's centroid (fast-scan
-    SIMD codes: d'/4 bytes a vector, 480 B at 2048-d). Fewer, longer lists than ``suggest_factory``'s plain
-    IVF (4 sqrt(n)): fast-scan makes long lists cheap to scan, the coarse k-means and the assignment of every
-    vector cost ~4x less, and finer lists would not let a query scan less (8k or 16k lists at 4M need the
-    same ~half of the database scanned: ``bench/ivf_partition.py``). Needs at least 39 vectors; below that,
-    use Flat.
+    nlist ~ sqrt(n) as a power of two (1024 at 1M, 2048 at 4M), with >= 39 vectors per list (down to IVF1
+    for a small database); 4-bit fast-scan sub-quantizers encoding the residual to the list's centroid:
+    - below ``SHORT_CODES_MIN_VECTORS`` (:func:`short_codes_pay`): ``IVF{nlist},PQ{dim/2}x4fsr+rerank``, 2 bits
+      a dimension (dim/4 bytes a vector), ``DEFAULT_RERANK`` candidates;
+    - from there up: ``PCAB{d'},IVF{nlist},PQ{d'/4}x4fsr+rerank``, a balanced PCA (``BALANCED_PCA``;
+      uncentred, see :func:`_train`) to d' = 15/16 of the dims, then 1 bit a dimension (d'/8 bytes: 240 B at
+      2048-d), ``SHORT_CODE_RERANK`` candidates (:func:`default_rerank`).
+    Fewer, longer lists than ``suggest_factory``'s plain IVF (4 sqrt(n)): fast-scan makes long lists cheap
+    to scan, the coarse k-means and the assignment of every vector cost ~4x less, and finer lists would not
+    let a query scan less (8k or 16k lists at 4M need the same ~half of the database scanned:
+    ``bench/ivf_partition.py``). Needs at least 39 vectors; below that, use Flat.
     """
     if n_vectors < POINTS_PER_CENTROID:
         raise InputError(
@@ -820,17 +856,24 @@ def compressed_factory(n_vectors: int, dim: int) -> str:
     while nlist > 1 and nlist * POINTS_PER_CENTROID > n_vectors:
         nlist //= 2
     nlist = min(nlist, 65536)
-    drop = int(dim * COMPRESSED_DROP_FRACTION)
-    keep = dim - drop
-    if drop:
-        keep -= keep % COMPRESSED_DIMS_PER_CODE
-    if not pca_pays(n_vectors, dim, keep):
-        keep = dim
-    m = max(1, keep // COMPRESSED_DIMS_PER_CODE)
-    while keep % m:
+    if short_codes_pay(n_vectors, dim):
+        keep = _short_code_dims(dim)
+        return f"{BALANCED_PCA}{keep},IVF{nlist},PQ{keep // SHORT_CODE_DIMS_PER_CODE}x4fsr{RERANK_SUFFIX}"
+    m = max(1, dim // COMPRESSED_DIMS_PER_CODE)
+    while dim % m:
         m -= 1
-    pca = f"PCAR{keep}," if keep < dim else ""
-    return f"{pca}IVF{nlist},PQ{m}x4fsr{RERANK_SUFFIX}"
+    return f"IVF{nlist},PQ{m}x4fsr{RERANK_SUFFIX}"
+
+
+def default_rerank(base: faiss.Index) -> int:
+    """Candidates a compressed index over ``base`` re-ranks by default: ``DEFAULT_RERANK`` when its PQ codes
+    hold 2 bits a dimension or more (or it has no PQ), ``SHORT_CODE_RERANK`` when coarser. Read from the
+    codes themselves, so an index written by an older Skyloc, or built with a user's ``--factory``, gets the
+    count its codes need."""
+    pq = next((layer.pq for layer in _layers(base) if hasattr(layer, "pq")), None)
+    if pq is None or pq.nbits >= COMPRESSED_DIMS_PER_CODE * pq.dsub:
+        return DEFAULT_RERANK
+    return SHORT_CODE_RERANK
 
 
 def resolve_factory(factory: str, n_vectors: int, dim: int) -> str:
@@ -851,12 +894,14 @@ class RerankIndex:
     vectors) give the returned order and scores. Ids are row numbers of ``vectors``.
     """
 
-    def __init__(self, base: faiss.Index, vectors: np.ndarray, rerank: int = DEFAULT_RERANK):
+    def __init__(self, base: faiss.Index, vectors: np.ndarray, rerank: int | None = None):
         if vectors.ndim != 2 or vectors.shape != (base.ntotal, base.d):
             raise InputError(
                 f"re-rank vectors have shape {vectors.shape} but the index holds {base.ntotal:,} "
                 f"{base.d}-d vectors (the files of a compressed index do not belong together)"
             )
+        if rerank is None:
+            rerank = default_rerank(base)
         if not isinstance(rerank, (int, np.integer)) or rerank < 1:
             raise InputError(f"rerank must be a positive integer, got {rerank!r}")
         self.base = base
@@ -916,6 +961,46 @@ def _prefetch(vectors: np.ndarray, rows: np.ndarray) -> None:
             advise(mmap.MADV_WILLNEED, a, min(b, size) - a)
 
 
+def _libc_mincore():
+    """libc's ``mincore`` (which pages of a mapping are in RAM), or None where there is none (Windows)."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).mincore
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        fn.restype = ctypes.c_int
+        return fn
+    return None
+
+
+_MINCORE = _libc_mincore()
+#: Candidate rows whose pages are looked up (``mincore``) before a re-rank: all in RAM -> no prefetch.
+_RESIDENCY_SAMPLE = 16
+
+
+def _probably_resident(vectors: np.ndarray, rows: np.ndarray) -> bool:
+    """Whether the pages of ``vectors[rows]`` are in RAM, judged on ``_RESIDENCY_SAMPLE`` of the rows.
+
+    The prefetch (:func:`_prefetch`) costs one ``madvise`` call per row, ~3 us each even for pages already
+    in RAM: 9 ms of a warm query's 22 ms re-rank of 3000 rows (1M x 2048-d). A warm index (a service, a
+    batch) skips it; a cold one, or a platform without ``mincore``, keeps it.
+    """
+    mm = getattr(vectors, "_mmap", None)
+    if _MINCORE is None or mm is None or vectors.base is not mm or rows.size == 0:
+        return False
+    row_bytes = vectors.shape[1] * vectors.itemsize
+    base = vectors.ctypes.data
+    page = mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * (row_bytes // page + 2))()
+    for row in rows[np.linspace(0, rows.size - 1, min(rows.size, _RESIDENCY_SAMPLE)).astype(np.int64)]:
+        start = base + int(row) * row_bytes
+        first = start - start % page
+        n_pages = -(-(start + row_bytes - first) // page)
+        if _MINCORE(first, start + row_bytes - first, vec) != 0:
+            return False
+        if not all(vec[i] & 1 for i in range(n_pages)):
+            return False
+    return True
+
+
 def _page_runs(first: int, row_bytes: int, rows: np.ndarray) -> list[tuple[int, int]]:
     """Byte ranges [start, stop) of a mapping that hold ``rows`` (sorted), starts aligned to pages, rows
     whose ranges touch or overlap merged into one range."""
@@ -939,7 +1024,8 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
     2048-d a warm single query of the compressed preset took 147 ms with the numpy scorer, 101 ms with
     this one (``bench/rerank_cost.py``, ``bench/results/rerank_cost_4M.txt``).
     """
-    _prefetch(vectors, rows)
+    if not _probably_resident(vectors, rows):
+        _prefetch(vectors, rows)
     d = vectors.shape[1]
     q = np.ascontiguousarray(query, dtype=np.float32).ravel()
     if q.size != d:  # FAISS reads d floats of it, whatever its size
@@ -947,12 +1033,22 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
     out = np.empty(rows.size, dtype=np.float32)
     half = vectors.dtype == np.float16
     widen = faiss.ScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16) if half else None
+    # one gather buffer and one float32 buffer serve every block
+    size = min(rows.size, _RERANK_BLOCK)
+    gathered = np.empty((size, d), dtype=vectors.dtype)
+    widened = np.empty((size, d), dtype=np.float32) if half else gathered
     for start in range(0, rows.size, _RERANK_BLOCK):
         part = rows[start : start + _RERANK_BLOCK]
+        rows_in = gathered[: part.size]
+        if isinstance(vectors, np.ndarray):  # (np.memmap too); 'clip' because 'raise' buffers a copy
+            np.take(vectors, part, axis=0, out=rows_in, mode="clip")
+        else:  # a build's ChunkedVectors: rows by fancy index
+            rows_in[...] = vectors[part]
+        block = widened[: part.size]
         if half:
-            block = widen.decode(np.ascontiguousarray(vectors[part]).view(np.uint8))
-        else:
-            block = np.ascontiguousarray(vectors[part], dtype=np.float32)
+            widen.decode_c(faiss.swig_ptr(rows_in.view(np.uint8)), faiss.swig_ptr(block), part.size)
+        elif vectors.dtype != np.float32:
+            block = np.ascontiguousarray(rows_in, dtype=np.float32)
         res = out[start : start + part.size]
         faiss.fvec_inner_products_ny(
             faiss.swig_ptr(res), faiss.swig_ptr(q), faiss.swig_ptr(block), d, part.size
@@ -961,14 +1057,65 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
 
 
 def _top_exact(
-    vectors: np.ndarray, rows: np.ndarray, query: np.ndarray, k: int
+    vectors: np.ndarray, rows: np.ndarray, query: np.ndarray, k: int, threads: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) of the best ``k`` of ``rows`` (unique, sorted) by exact inner product; ties by id."""
-    s = _exact_scores(vectors, rows, query)
+    """(scores, ids) of the best ``k`` of ``rows`` (unique, sorted) by exact inner product; ties by id.
+
+    ``threads`` > 1 scores slices of ``rows`` on that many threads of a shared pool (FAISS's kernels and
+    numpy's gather release the GIL): one query's candidates, while the other cores would idle.
+    """
+    parts = min(threads, rows.size // _RERANK_BLOCK)
+    if parts > 1:
+        pool = _rerank_pool(parts)
+        s = np.concatenate(
+            list(pool.map(lambda r: _exact_scores(vectors, r, query), np.array_split(rows, parts)))
+        )
+    else:
+        s = _exact_scores(vectors, rows, query)
     take = min(k, rows.size)
     top = np.argpartition(-s, take - 1)[:take] if take < rows.size else np.arange(rows.size)
     top = top[np.lexsort((rows[top], -s[top]))]
     return s[top], rows[top]
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+
+
+def _rerank_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that re-rank in parallel (made on first use, grown when more are asked for)."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or workers > _POOL_SIZE:
+            _POOL = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="skyloc-rerank")
+            _POOL_SIZE = workers
+        return _POOL
+
+
+def _rerank(
+    vectors: np.ndarray, q: np.ndarray, cand: np.ndarray, k: int, scores: np.ndarray, ids: np.ndarray
+) -> None:
+    """Fill ``scores``/``ids`` (nq, k) with each query's best ``k`` of its candidates (-1 = none), exactly.
+
+    Uses FAISS's thread count: a batch is split by query, a single query's candidates by slice. Measured
+    (3000 warm rows of a 1M x 2048-d float16 file, 2 idle cores, a scratch run in session 26): 13.0 ms on one
+    thread, 10.3 ms on two; the rows' gather and widening share the memory bus, so it is no 2x.
+    """
+    threads = max(1, faiss.omp_get_max_threads())
+    nq = q.shape[0]
+
+    def one(i: int, split: int) -> None:
+        rows = np.unique(cand[i][cand[i] >= 0])
+        if rows.size:
+            s, r = _top_exact(vectors, rows, q[i], k, split)
+            scores[i, : s.size], ids[i, : s.size] = s, r
+
+    if nq == 1 or threads == 1:
+        for i in range(nq):
+            one(i, threads)
+        return
+    list(_rerank_pool(threads).map(lambda i: one(i, 1), range(nq)))
 
 
 #: FAISS's fast-scan IVF strategies (``IndexIVFFastScan.implem``): 0 lets FAISS choose, which splits the
@@ -1009,20 +1156,14 @@ def _search_rerank(
         allowed = np.unique(allowed)
         allowed = allowed[allowed < index.ntotal]
         if allowed.size <= n_cand:  # a small area (or database): score every allowed vector exactly
-            for i in range(nq):
-                s, r = _top_exact(index.vectors, allowed, q[i], k)
-                scores[i, : s.size], ids[i, : s.size] = s, r
+            _rerank(index.vectors, q, np.broadcast_to(allowed, (nq, allowed.size)), k, scores, ids)
             return scores, ids
     ivf = next((layer for layer in _layers(index.base) if isinstance(layer, faiss.IndexIVF)), None)
     if ivf is not None:  # probe lists holding >= RERANK_PROBE_MARGIN x n_cand vectors (few lists, small base)
         floor = math.ceil(RERANK_PROBE_MARGIN * n_cand * ivf.nlist / max(1, index.ntotal))
         nprobe = min(ivf.nlist, max(nprobe if nprobe is not None else ivf.nprobe, floor))
     _, cand = search(index.base, q, n_cand, allowed_ids=allowed, nprobe=nprobe, ef_search=ef_search)
-    for i in range(nq):
-        rows = np.unique(cand[i][cand[i] >= 0])
-        if rows.size:
-            s, r = _top_exact(index.vectors, rows, q[i], k)
-            scores[i, : s.size], ids[i, : s.size] = s, r
+    _rerank(index.vectors, q, cand, k, scores, ids)
     return scores, ids
 
 

@@ -163,7 +163,9 @@ class LocalizeRequest(AreaFields):
         None, description="IVF/compressed index: lists probed (default: the index's; more = closer to exact)"
     )
     rerank: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
-        None, description="compressed index: candidates re-scored exactly (default 1000)"
+        None,
+        description="compressed index: candidates re-scored exactly (default: the index's, 1000 for 2-bit "
+        "codes, 3000 for the preset's 1-bit codes from 500k vectors up)",
     )
     overwrite: bool = Field(
         False,
@@ -200,7 +202,9 @@ class FootprintRequest(AreaFields, TileFields):
         None, description="IVF/compressed index: lists probed (default: the index's; more = closer to exact)"
     )
     rerank: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
-        None, description="compressed index: candidates re-scored exactly (default 1000)"
+        None,
+        description="compressed index: candidates re-scored exactly (default: the index's, 1000 for 2-bit "
+        "codes, 3000 for the preset's 1-bit codes from 500k vectors up)",
     )
     model: Annotated[str, Field(max_length=100)] = "default"
     weights: Path_ | None = Field(None, description="against: weights file of the model (astroloc ...)")
