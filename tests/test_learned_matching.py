@@ -105,10 +105,18 @@ def test_aliked_keypoints_and_descriptors_are_the_wheels(crop):
         r = ref({"image": as_tensor(crop)})
     f = ours.detect(crop)
     rk = r["keypoints"][0].numpy() + 0.5  # to GDAL pixel coordinates, as ours are
-    order = np.argsort(-r["keypoint_scores"][0].numpy(), kind="stable")
+    ref_scores = r["keypoint_scores"][0].numpy()
+    order = np.argsort(-ref_scores, kind="stable")
+    rk, ref_scores, ref_desc = rk[order], ref_scores[order], r["descriptors"][0].numpy()[order]
     assert len(f) == len(rk) > 500
-    np.testing.assert_allclose(f.xy, rk[order], atol=1e-4)
-    np.testing.assert_allclose(f.desc, r["descriptors"][0].numpy()[order], atol=1e-5)
+    # each of ours is one of the wheel's, at the same place: the same order, except that two keypoints whose
+    # scores differ in the 7th digit (float sums that depend on the threads) may come out swapped
+    dist = np.abs(f.xy[:, None, :] - rk[None, :, :]).max(axis=2)
+    match = dist.argmin(axis=1)
+    assert dist[np.arange(len(f)), match].max() <= 1e-4 and len(set(match.tolist())) == len(f)
+    moved = match != np.arange(len(f))
+    assert moved.sum() <= 4 and np.all(np.abs(ref_scores[match] - ref_scores)[moved] < 1e-6)
+    np.testing.assert_allclose(f.desc, ref_desc[match], atol=1e-5)
 
 
 def test_lightglue_matches_are_the_wheels(crop):
