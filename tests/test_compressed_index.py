@@ -439,56 +439,6 @@ def test_the_stated_rerank_default_is_the_engines(capsys):
         assert stated in schema.model_fields["rerank"].description
 
 
-def test_the_parallel_rerank_returns_what_one_thread_does(tmp_path):
-    """The exact re-rank splits one query's candidates over threads, and a batch by query: the same scores
-    and ids (ties by id) as one thread, from a memory-mapped float16 file as from RAM."""
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((12_000, 64)).astype(np.float32)
-    x[1::2] = x[::2]  # exact ties: every vector twice
-    faiss.normalize_L2(x)
-    np.save(tmp_path / "v.npy", x.astype(np.float16))
-    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
-    q = rng.standard_normal((5, 64)).astype(np.float32)
-    rows = np.sort(rng.choice(len(x), 5000, replace=False))
-    for vectors in (x, mapped):
-        one = fi._top_exact(vectors, rows, q[0], 50, threads=1)
-        for threads in (2, 3):
-            got = fi._top_exact(vectors, rows, q[0], 50, threads=threads)
-            assert np.array_equal(got[1], one[1]) and np.array_equal(got[0], one[0])
-        cand = np.stack([np.sort(rng.choice(len(x), 3000, replace=False)) for _ in q])
-        cand[1, :100] = -1  # missing candidates
-        batch = np.full((5, 20), -np.inf, np.float32), np.full((5, 20), -1, np.int64)
-        fi._rerank(vectors, q, cand, 20, *batch)
-        for i in range(5):
-            s, r = fi._top_exact(vectors, np.unique(cand[i][cand[i] >= 0]), q[i], 20)
-            assert np.array_equal(batch[1][i], r) and np.array_equal(batch[0][i], s)
-
-
-def test_a_warm_rerank_skips_the_prefetch(tmp_path):
-    """The per-row prefetch (a madvise each) is skipped when the candidate rows' pages are in RAM already:
-    _probably_resident says False for a file just evicted from the page cache, True once it was read."""
-    import os
-
-    path = tmp_path / "v.npy"
-    np.save(path, np.random.default_rng(0).standard_normal((4000, 512)).astype(np.float16))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    vectors = np.load(path, mmap_mode="r")
-    rows = np.arange(0, 4000, 7)
-    if fi._MINCORE is None:
-        pytest.skip("no mincore on this platform: every re-rank prefetches")
-    cold = fi._probably_resident(vectors, rows)
-    if cold:
-        pytest.skip("this file system keeps the file in RAM (tmpfs?): nothing to evict")
-    fi._exact_scores(vectors, rows, np.ones(512, np.float32))  # reads the rows
-    assert fi._probably_resident(vectors, rows)
-    assert not fi._probably_resident(np.asarray(vectors[:100]), rows[:5])  # not a mapping: no answer
-
-
 def test_a_balanced_pca_wraps_a_refined_index(tmp_path):
     """``PCAB{d'},IVF..,PQ..x4fsr,Refine(PQ..x8)``: the PCA goes around the whole refined index (FAISS's own
     parser would put it inside the base and refine the raw vectors), the refinement re-scores REFINE_K_FACTOR

@@ -31,15 +31,11 @@ which FAISS takes no per-call parameter for: it changes speed, never results.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import ctypes
-import ctypes.util
 import math
 import mmap
 import os
 import re
-import threading
 import weakref
 from pathlib import Path
 
@@ -961,46 +957,6 @@ def _prefetch(vectors: np.ndarray, rows: np.ndarray) -> None:
             advise(mmap.MADV_WILLNEED, a, min(b, size) - a)
 
 
-def _libc_mincore():
-    """libc's ``mincore`` (which pages of a mapping are in RAM), or None where there is none (Windows)."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).mincore
-        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-        fn.restype = ctypes.c_int
-        return fn
-    return None
-
-
-_MINCORE = _libc_mincore()
-#: Candidate rows whose pages are looked up (``mincore``) before a re-rank: all in RAM -> no prefetch.
-_RESIDENCY_SAMPLE = 16
-
-
-def _probably_resident(vectors: np.ndarray, rows: np.ndarray) -> bool:
-    """Whether the pages of ``vectors[rows]`` are in RAM, judged on ``_RESIDENCY_SAMPLE`` of the rows.
-
-    The prefetch (:func:`_prefetch`) costs one ``madvise`` call per row, ~3 us each even for pages already
-    in RAM: 9 ms of a warm query's 22 ms re-rank of 3000 rows (1M x 2048-d). A warm index (a service, a
-    batch) skips it; a cold one, or a platform without ``mincore``, keeps it.
-    """
-    mm = getattr(vectors, "_mmap", None)
-    if _MINCORE is None or mm is None or vectors.base is not mm or rows.size == 0:
-        return False
-    row_bytes = vectors.shape[1] * vectors.itemsize
-    base = vectors.ctypes.data
-    page = mmap.PAGESIZE
-    vec = (ctypes.c_ubyte * (row_bytes // page + 2))()
-    for row in rows[np.linspace(0, rows.size - 1, min(rows.size, _RESIDENCY_SAMPLE)).astype(np.int64)]:
-        start = base + int(row) * row_bytes
-        first = start - start % page
-        n_pages = -(-(start + row_bytes - first) // page)
-        if _MINCORE(first, start + row_bytes - first, vec) != 0:
-            return False
-        if not all(vec[i] & 1 for i in range(n_pages)):
-            return False
-    return True
-
-
 def _page_runs(first: int, row_bytes: int, rows: np.ndarray) -> list[tuple[int, int]]:
     """Byte ranges [start, stop) of a mapping that hold ``rows`` (sorted), starts aligned to pages, rows
     whose ranges touch or overlap merged into one range."""
@@ -1024,8 +980,7 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
     2048-d a warm single query of the compressed preset took 147 ms with the numpy scorer, 101 ms with
     this one (``bench/rerank_cost.py``, ``bench/results/rerank_cost_4M.txt``).
     """
-    if not _probably_resident(vectors, rows):
-        _prefetch(vectors, rows)
+    _prefetch(vectors, rows)
     d = vectors.shape[1]
     q = np.ascontiguousarray(query, dtype=np.float32).ravel()
     if q.size != d:  # FAISS reads d floats of it, whatever its size
@@ -1033,22 +988,12 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
     out = np.empty(rows.size, dtype=np.float32)
     half = vectors.dtype == np.float16
     widen = faiss.ScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16) if half else None
-    # one gather buffer and one float32 buffer serve every block
-    size = min(rows.size, _RERANK_BLOCK)
-    gathered = np.empty((size, d), dtype=vectors.dtype)
-    widened = np.empty((size, d), dtype=np.float32) if half else gathered
     for start in range(0, rows.size, _RERANK_BLOCK):
         part = rows[start : start + _RERANK_BLOCK]
-        rows_in = gathered[: part.size]
-        if isinstance(vectors, np.ndarray):  # (np.memmap too); 'clip' because 'raise' buffers a copy
-            np.take(vectors, part, axis=0, out=rows_in, mode="clip")
-        else:  # a build's ChunkedVectors: rows by fancy index
-            rows_in[...] = vectors[part]
-        block = widened[: part.size]
         if half:
-            widen.decode_c(faiss.swig_ptr(rows_in.view(np.uint8)), faiss.swig_ptr(block), part.size)
-        elif vectors.dtype != np.float32:
-            block = np.ascontiguousarray(rows_in, dtype=np.float32)
+            block = widen.decode(np.ascontiguousarray(vectors[part]).view(np.uint8))
+        else:
+            block = np.ascontiguousarray(vectors[part], dtype=np.float32)
         res = out[start : start + part.size]
         faiss.fvec_inner_products_ny(
             faiss.swig_ptr(res), faiss.swig_ptr(q), faiss.swig_ptr(block), d, part.size
@@ -1057,65 +1002,14 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
 
 
 def _top_exact(
-    vectors: np.ndarray, rows: np.ndarray, query: np.ndarray, k: int, threads: int = 1
+    vectors: np.ndarray, rows: np.ndarray, query: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) of the best ``k`` of ``rows`` (unique, sorted) by exact inner product; ties by id.
-
-    ``threads`` > 1 scores slices of ``rows`` on that many threads of a shared pool (FAISS's kernels and
-    numpy's gather release the GIL): one query's candidates, while the other cores would idle.
-    """
-    parts = min(threads, rows.size // _RERANK_BLOCK)
-    if parts > 1:
-        pool = _rerank_pool(parts)
-        s = np.concatenate(
-            list(pool.map(lambda r: _exact_scores(vectors, r, query), np.array_split(rows, parts)))
-        )
-    else:
-        s = _exact_scores(vectors, rows, query)
+    """(scores, ids) of the best ``k`` of ``rows`` (unique, sorted) by exact inner product; ties by id."""
+    s = _exact_scores(vectors, rows, query)
     take = min(k, rows.size)
     top = np.argpartition(-s, take - 1)[:take] if take < rows.size else np.arange(rows.size)
     top = top[np.lexsort((rows[top], -s[top]))]
     return s[top], rows[top]
-
-
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-_POOL_LOCK = threading.Lock()
-
-
-def _rerank_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that re-rank in parallel (made on first use, grown when more are asked for)."""
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or workers > _POOL_SIZE:
-            _POOL = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="skyloc-rerank")
-            _POOL_SIZE = workers
-        return _POOL
-
-
-def _rerank(
-    vectors: np.ndarray, q: np.ndarray, cand: np.ndarray, k: int, scores: np.ndarray, ids: np.ndarray
-) -> None:
-    """Fill ``scores``/``ids`` (nq, k) with each query's best ``k`` of its candidates (-1 = none), exactly.
-
-    Uses FAISS's thread count: a batch is split by query, a single query's candidates by slice. Measured
-    (3000 warm rows of a 1M x 2048-d float16 file, 2 idle cores, a scratch run in session 26): 13.0 ms on one
-    thread, 10.3 ms on two; the rows' gather and widening share the memory bus, so it is no 2x.
-    """
-    threads = max(1, faiss.omp_get_max_threads())
-    nq = q.shape[0]
-
-    def one(i: int, split: int) -> None:
-        rows = np.unique(cand[i][cand[i] >= 0])
-        if rows.size:
-            s, r = _top_exact(vectors, rows, q[i], k, split)
-            scores[i, : s.size], ids[i, : s.size] = s, r
-
-    if nq == 1 or threads == 1:
-        for i in range(nq):
-            one(i, threads)
-        return
-    list(_rerank_pool(threads).map(lambda i: one(i, 1), range(nq)))
 
 
 #: FAISS's fast-scan IVF strategies (``IndexIVFFastScan.implem``): 0 lets FAISS choose, which splits the
@@ -1156,14 +1050,20 @@ def _search_rerank(
         allowed = np.unique(allowed)
         allowed = allowed[allowed < index.ntotal]
         if allowed.size <= n_cand:  # a small area (or database): score every allowed vector exactly
-            _rerank(index.vectors, q, np.broadcast_to(allowed, (nq, allowed.size)), k, scores, ids)
+            for i in range(nq):
+                s, r = _top_exact(index.vectors, allowed, q[i], k)
+                scores[i, : s.size], ids[i, : s.size] = s, r
             return scores, ids
     ivf = next((layer for layer in _layers(index.base) if isinstance(layer, faiss.IndexIVF)), None)
     if ivf is not None:  # probe lists holding >= RERANK_PROBE_MARGIN x n_cand vectors (few lists, small base)
         floor = math.ceil(RERANK_PROBE_MARGIN * n_cand * ivf.nlist / max(1, index.ntotal))
         nprobe = min(ivf.nlist, max(nprobe if nprobe is not None else ivf.nprobe, floor))
     _, cand = search(index.base, q, n_cand, allowed_ids=allowed, nprobe=nprobe, ef_search=ef_search)
-    _rerank(index.vectors, q, cand, k, scores, ids)
+    for i in range(nq):
+        rows = np.unique(cand[i][cand[i] >= 0])
+        if rows.size:
+            s, r = _top_exact(index.vectors, rows, q[i], k)
+            scores[i, : s.size], ids[i, : s.size] = s, r
     return scores, ids
 
 
