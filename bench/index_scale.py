@@ -815,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         "the default model is now",
     )
     ap.add_argument("--render-only", action="store_true", help="rewrite --out from the saved report, no run")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "index_scale.txt"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "index_scale_lite1.txt"))
     args = ap.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
     work = Path(args.work)

@@ -424,7 +424,8 @@ def test_a_balanced_pca_ranks_short_codes_better_than_a_rotated_one(tmp_path):
 
 def test_the_stated_rerank_default_is_the_engines(capsys):
     """The CLI help and the HTTP schema state the default re-rank count as a literal (the CLI does not import
-    FAISS to build its parser): they must say what the engine does (they said 2000 after it became 1000, then 1000 for every index)."""
+    FAISS to build its parser): they must say what the engine does (they said 2000 after it became 1000, then
+    1000 for every index)."""
     from engine.cli import build_parser
     from engine.service.schemas import FootprintRequest, LocalizeRequest
 

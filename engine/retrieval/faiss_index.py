@@ -162,17 +162,17 @@ def _check_factory_sizes(dim: int, factory: str) -> None:
 #: whose axes are dealt out to the sub-quantizers of the PQ that follows so that each holds an equal share of
 #: the variance (FAISS's ``PCAMatrix.balanced_bins``, greedy by eigenvalue), with no random rotation. Each
 #: 4-bit sub-quantizer then sees one strong axis and weaker ones, and its k-means spends its 16 centroids
-#: mostly along the strong one: the bits go where the variance is. A random rotation (``PCAR``) instead
-#: makes every sub-space isotropic and spreads the bits evenly over axes whose variances differ by 1000x
-#: (power-law spectra). Measured (100k x 2048-d photo-like synthetic vectors, IVF256, 1000 candidates
-#: re-ranked, nprobe 160): recall@100 0.9971 with ``PCAB1920,...,PQ480x4fsr`` (240 B a vector) vs 0.9708
-#: with ``PCAR1920,...,PQ480x4fsr``, and 0.9978 with ``PCAR1920,...,PQ960x4fsr`` (480 B, the preset's
-#: codes in sessions 23-25). The short codes lose more as the database grows denser, so they get more candidates (``SHORT_CODE_RERANK``):
-#: at 1M (IVF1024, nprobe 640; bench/results/index_scale.txt) PQ480 needs 3000 for 0.997, and is then as fast
-#: (34 vs 33 ms a single query) as 2-bit PCAR codes with 1000, from half the RAM; PQ320 (160 B, a scratch run)
-#: gets 0.977 from 1000. At 4M ``PCAB1920,IVF2048,PQ480x4fsr+rerank`` with 3000 candidates gives 0.996 and
-#: every exact top-1 in 61 ms a single query from 1.05 GB of RAM, against 2-bit PCAR codes' 0.997 in 103 ms
-#: from 2.02 GB. The ``compressed`` preset from ``SHORT_CODES_MIN_VECTORS`` up.
+#: mostly along the strong one: the bits go where the variance is. A random rotation (``PCAR``) instead makes
+#: every sub-space isotropic and spreads the bits evenly over axes whose variances differ by 1000x (power-law
+#: spectra). Measured (100k x 2048-d photo-like synthetic vectors, IVF256, 1000 candidates re-ranked, nprobe
+#: 160): recall@100 0.9971 with ``PCAB1920,...,PQ480x4fsr`` (240 B a vector) vs 0.9708 with
+#: ``PCAR1920,...,PQ480x4fsr``, and 0.9978 with ``PCAR1920,...,PQ960x4fsr`` (480 B, the preset's codes in
+#: sessions 23-25). The short codes lose more as the database grows denser, so they get more candidates
+#: (``SHORT_CODE_RERANK``): at 1M (IVF1024, nprobe 640; bench/results/index_scale.txt) PQ480 needs 3000 for
+#: 0.997, and is then as fast (34 vs 33 ms a single query) as 2-bit PCAR codes with 1000, from half the RAM;
+#: PQ320 (160 B, a scratch run) gets 0.977 from 1000. At 4M ``PCAB1920,IVF2048,PQ480x4fsr+rerank`` with 3000
+#: candidates gives 0.996 and every exact top-1 in 61 ms a single query from 1.05 GB of RAM, against 2-bit
+#: PCAR codes' 0.997 in 103 ms from 2.02 GB. The ``compressed`` preset from ``SHORT_CODES_MIN_VECTORS`` up.
 BALANCED_PCA = "PCAB"
 _BALANCED_PCA_RE = re.compile(rf"^{BALANCED_PCA}(\d+),")
 
@@ -241,7 +241,8 @@ def suggest_factory(n_vectors: int, dim: int) -> str:
 
     From ``FLAT_MAX_VECTORS`` up, :func:`compressed_factory` (IVF + 4-bit PQ codes in RAM, exact re-ranking of
     the best candidates from float16 vectors on disk): dim/4 bytes a vector in RAM (16x less than Flat; ~dim/8,
-    31x less, from ``SHORT_CODES_MIN_VECTORS`` up) and exact scores at the top (bench/index_scale.py), where the tiers below kept the whole code in RAM and
+    31x less, from ``SHORT_CODES_MIN_VECTORS`` up) and exact scores at the top (bench/index_scale.py), where
+    the tiers below kept the whole code in RAM and
     returned approximate rankings. The tiers below are what ``auto`` chose before (it still does for dim < 8):
 
     Why (bench/search_scale.py, 2048-d, 1M vectors, 2 cores): Flat costs 8 KiB a vector (8.2 GB per 1M; 32.8 GB
@@ -768,8 +769,9 @@ RERANK_SUFFIX = "+rerank"
 DEFAULT_RERANK = 1000
 #: Candidates re-ranked by an index with coarser codes (under 2 bits a dimension: the preset's short codes
 #: from ``SHORT_CODES_MIN_VECTORS`` up): they rank more coarsely, and a denser database needs more of them.
-#: Measured (bench/results/index_scale.txt, PCAB1920,...,PQ480x4fsr): recall@100 0.997 at 100k with 1000;
-#: at 1M 0.992 / 0.996 / 0.997 with 1000 / 2000 / 3000; at 4M 0.981 / 0.993 / 0.996, every exact top-1.
+#: Measured (bench/results/index_scale.txt, session 25's data, PCAB1920,...,PQ480x4fsr): recall@100 0.997 at
+#: 100k with 1000; at 1M 0.992 / 0.996 / 0.997 with 1000 / 2000 / 3000; at 4M 0.981 / 0.993 / 0.996, every
+#: exact top-1. On session 26's data (index_scale_lite1.txt), the preset at 1M: 0.992 / 0.997 / 0.997.
 SHORT_CODE_RERANK = 3000
 #: Share of the IVF lists a compressed index probes by default (higher than ``DEFAULT_NPROBE_FRACTION``:
 #: fast-scan codes are cheap to scan and the candidates must hold the exact top-k, not approximate it).
@@ -782,12 +784,13 @@ COMPRESSED_NPROBE_FRACTION = 5 / 8
 COMPRESSED_DIMS_PER_CODE = 2
 #: ... and from there up, of the balanced PCA's dimensions (``BALANCED_PCA``): 1 bit a dimension.
 SHORT_CODE_DIMS_PER_CODE = 4
-#: From this many vectors up the preset is ``PCAB{d'},IVF{nlist},PQ{d'/4}x4fsr+rerank``: half the RAM of
-#: 2-bit codes, and faster where the scan of the codes dominates a query. Measured (2048-d, 2 cores,
-#: bench/results/index_scale.txt): at 1M 292 MB and 34 ms a single query with 3000 candidates (recall@100
-#: 0.997) vs 536 MB and 33 ms for the 2-bit PCAR codes with 1000 (0.997); at 4M 1.05 GB and 61 ms (0.996)
-#: vs 2.02 GB and 103 ms (0.997). At 100k they are no smaller (the PCA's matrices) and slower (3000
-#: candidates), so smaller databases keep the 2-bit codes of every dimension.
+#: From this many vectors up the preset is ``PCAB{d'},IVF{nlist},PQ{d'/4}x4fsr+rerank``: half the RAM of 2-bit
+#: codes, and faster where the scan of the codes dominates a query. Measured (2048-d, 2 cores,
+#: bench/results/index_scale.txt, session 25's data; the PCA then kept a 16.8 MB matrix): at 1M 292 MB and 34
+#: ms a single query with 3000 candidates (recall@100 0.997) vs 536 MB and 33 ms for the 2-bit PCAR codes with
+#: 1000 (0.997); at 4M 1.05 GB and 61 ms (0.996) vs 2.02 GB and 103 ms (0.997). At 100k they are no smaller
+#: (the PCA's matrices) and slower (3000 candidates), so smaller databases keep the 2-bit codes of every
+#: dimension.
 SHORT_CODES_MIN_VECTORS = 500_000
 #: Dimensions the balanced PCA drops (uncentred, see :func:`_train`): 1/16 of them (2048 -> 1920), the
 #: lowest-variance axes (0.2-0.7 % of the variance under power-law spectra i^-1.29 .. i^-1.04, the slopes
