@@ -193,7 +193,7 @@ def _balanced_pca_index(dim: int, factory: str) -> faiss.Index:
     if not 0 < d_out <= dim:
         raise InputError(f"index factory {factory!r}: {BALANCED_PCA}{d_out} needs 1 to {dim} dims")
     inner = faiss.index_factory(d_out, factory[m.end() :], faiss.METRIC_INNER_PRODUCT)
-    pq = next((layer.pq for layer in _layers(inner) if hasattr(layer, "pq")), None)
+    pq = _first_pq(inner)
     if pq is None:
         raise InputError(
             f"index factory {factory!r}: {BALANCED_PCA}{{d}} balances the PCA over the sub-quantizers of a PQ "
@@ -332,6 +332,11 @@ def _layers(index: faiss.Index, *, into_hnsw_storage: bool = False):
             idx = _unwrap(idx.storage)
         else:
             return
+
+
+def _first_pq(index: faiss.Index) -> faiss.ProductQuantizer | None:
+    """The product quantizer of the outermost PQ layer of ``index`` (a Refine's base, not its refinement)."""
+    return next((layer.pq for layer in _layers(index) if hasattr(layer, "pq")), None)
 
 
 def _skip_polysemous_training(index: faiss.Index) -> None:
@@ -869,7 +874,7 @@ def default_rerank(base: faiss.Index) -> int:
     hold 2 bits a dimension or more (or it has no PQ), ``SHORT_CODE_RERANK`` when coarser. Read from the
     codes themselves, so an index written by an older Skyloc, or built with a user's ``--factory``, gets the
     count its codes need."""
-    pq = next((layer.pq for layer in _layers(base) if hasattr(layer, "pq")), None)
+    pq = _first_pq(base)
     if pq is None or pq.nbits >= COMPRESSED_DIMS_PER_CODE * pq.dsub:
         return DEFAULT_RERANK
     return SHORT_CODE_RERANK
