@@ -1,20 +1,24 @@
 """What the exact re-ranking of a compressed index costs, and what it does to the candidate scan that follows.
 
-    .venv/bin/python bench/rerank_cost.py --index /tmp/idxscale/run/n4000000/index.faiss \\
-        --bench-work /tmp/idxscale/run --single 40
+    .venv/bin/python bench/rerank_cost.py --index /tmp/idx/n1000000/index.faiss --bench-work /tmp/idx \\
+        --single 30
 
 Runs on an index written by ``write_index`` for a ``+rerank`` factory (the ``compressed`` preset; the float16
-vector file beside it), e.g. one that ``bench/index_scale.py`` built. Two ways of scoring the candidates, side
-by side on the same queries, interleaved query by query (so that both see the same machine state):
+vector file beside it), e.g. one that ``bench/index_scale.py`` built. Three ways of scoring the candidates,
+side by side on the same queries, interleaved query by query (so that all see the same machine state):
 
-- ``faiss``: the engine's scorer: float16 rows widened by FAISS's fp16 ScalarQuantizer, dot products by
-  ``fvec_inner_products_ny`` on the calling thread;
-- ``numpy``: what the engine did before: ``astype(float32)`` and a numpy matmul (OpenBLAS, multi-threaded).
+- ``engine``: the engine's scorer (``faiss_index._exact_scores``): blocks of rows gathered and widened by
+  torch on the calling thread, dot products by FAISS's ``fvec_inner_products_ny``; the page prefetch skipped
+  when a sample of the rows is in the page cache;
+- ``sq_decode``: the engine's scorer until session 27: rows gathered by numpy from the memmap, widened by
+  FAISS's fp16 ScalarQuantizer, the same dot products; every query prefetched;
+- ``numpy``: the engine's scorer until session 24: ``astype(float32)`` and a numpy matmul (OpenBLAS,
+  multi-threaded).
 
 Each scorer serves its own stream of queries (the streams alternate, twice, after a warm-up round): a
 scorer's threads can slow the scan of the query after it. Printed, as medians: the whole single-query
-search (``search(index, q, 100)``), the scoring of 1000 candidates alone, and the candidate scan of the next
-query right after it. Both must return the same neighbours (checked).
+search (``search(index, q, 100)``), the scoring of the candidates alone, and the candidate scan of the next
+query right after it. All must return the same neighbours (checked).
 """
 
 from __future__ import annotations
@@ -34,20 +38,42 @@ sys.path.insert(0, str(ROOT))
 
 from engine.retrieval import faiss_index as fi  # noqa: E402
 
-FAISS_SCORES = fi._exact_scores
+ENGINE_SCORES = fi._exact_scores
+_OLD_BLOCK = 1024  # rows a block in the scorers before session 27
+
+
+def sq_decode_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The engine's scorer of sessions 24-26: numpy gathers from the memmap, FAISS's fp16 decoder widens."""
+    fi._prefetch(vectors, rows, skip_resident=False)
+    d = vectors.shape[1]
+    q = np.ascontiguousarray(query, dtype=np.float32).ravel()
+    out = np.empty(rows.size, dtype=np.float32)
+    half = vectors.dtype == np.float16
+    widen = faiss.ScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16) if half else None
+    for start in range(0, rows.size, _OLD_BLOCK):
+        part = rows[start : start + _OLD_BLOCK]
+        if half:
+            block = widen.decode(np.ascontiguousarray(vectors[part]).view(np.uint8))
+        else:
+            block = np.ascontiguousarray(vectors[part], dtype=np.float32)
+        res = out[start : start + part.size]
+        faiss.fvec_inner_products_ny(
+            faiss.swig_ptr(res), faiss.swig_ptr(q), faiss.swig_ptr(block), d, part.size
+        )
+    return out
 
 
 def numpy_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """The engine's scorer before this bench: numpy widening and an OpenBLAS matmul per block."""
-    fi._prefetch(vectors, rows)
+    """The engine's scorer before session 24: numpy widening and an OpenBLAS matmul per block."""
+    fi._prefetch(vectors, rows, skip_resident=False)
     out = np.empty(rows.size, dtype=np.float32)
-    for start in range(0, rows.size, fi._RERANK_BLOCK):
-        part = rows[start : start + fi._RERANK_BLOCK]
+    for start in range(0, rows.size, _OLD_BLOCK):
+        part = rows[start : start + _OLD_BLOCK]
         out[start : start + part.size] = np.asarray(vectors[part], dtype=np.float32) @ query
     return out
 
 
-SCORERS = {"faiss": FAISS_SCORES, "numpy": numpy_scores}
+SCORERS = {"engine": ENGINE_SCORES, "sq_decode": sq_decode_scores, "numpy": numpy_scores}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--single", type=int, default=40, help="single queries timed (after a warm-up pass)")
     ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--rerank", type=int, default=None, help="candidates re-ranked (default: the index's)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
@@ -84,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     faiss.normalize_L2(q)
     print(f"{index!r}; {len(q)} queries, k={args.k}, {args.threads} FAISS threads", flush=True)
 
+    if args.rerank is not None:
+        index.rerank = args.rerank
     n_cand = max(args.k, index.rerank)
     _, cand = fi.search(index.base, q, n_cand)  # the candidates each query re-ranks (for the scorer timing)
     cand = [np.unique(c[c >= 0]) for c in cand]
@@ -112,19 +141,29 @@ def main(argv: list[str] | None = None) -> int:
                 if rnd:
                     times[name]["score"].append(t1 - t0)
                     times[name]["scan"].append(t2 - t1)
-    fi._exact_scores = FAISS_SCORES
-    same = all(np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(*results.values(), strict=True))
+    fi._exact_scores = ENGINE_SCORES
+    same = {
+        name: all(np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(results["engine"], ids, strict=True))
+        for name, ids in results.items()
+        if name != "engine"
+    }
     # (sets, not orders: the two float32 sums may order exact ties differently)
     med = {n: {part: statistics.median(v) * 1e3 for part, v in t.items()} for n, t in times.items()}
     print(f"{'scorer':<8}{'search ms':>11}{'scan after ms':>15}{f'score {n_cand} ms':>16}")
     for name, m in med.items():
         print(f"{name:<8}{m['search']:>11.1f}{m['scan']:>15.1f}{m['score']:>16.1f}")
-    print(
-        f"numpy / faiss: search {med['numpy']['search'] / med['faiss']['search']:.2f}x, scan "
-        f"{med['numpy']['scan'] / med['faiss']['scan']:.2f}x, score {med['numpy']['score'] / med['faiss']['score']:.2f}x"
-    )
-    print(f"same {args.k} neighbours for every query: {same}")
-    return 0 if same else 1
+    base = med["engine"]
+    for name, m in med.items():
+        if name != "engine":
+            print(
+                f"{name} / engine: search {m['search'] / base['search']:.2f}x, scan "
+                f"{m['scan'] / base['scan']:.2f}x, score {m['score'] / base['score']:.2f}x"
+            )
+    for name, ok in same.items():
+        print(f"{name}: the engine's {args.k} neighbours for every query: {ok}")
+    # the sq_decode scorer takes the same float32 sums, so must agree exactly; numpy's BLAS sums in another
+    # order, which can swap two vectors tied (to rounding) at rank k
+    return 0 if same["sq_decode"] else 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -334,6 +335,70 @@ def test_rerank_from_a_memory_mapped_file_equals_the_array(tmp_path):
     assert np.array_equal(fi._exact_scores(mapped, rows, q), fi._exact_scores(x, rows, q))
     with pytest.raises(InputError, match="dimensions"):  # FAISS would read past a short query
         fi._exact_scores(mapped, rows, q[:50])
+
+
+def test_rerank_scores_are_the_float32_sums_of_the_widened_rows(tmp_path):
+    """The re-rank gathers and widens with torch in blocks; its scores must be, bit for bit, FAISS's float32
+    dot products of the widened rows (those of the FAISS-only scorer before it), in every block."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2000, 384)).astype(np.float16)
+    np.save(tmp_path / "v.npy", x)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    q = rng.standard_normal(384).astype(np.float32)
+    rows = np.unique(rng.integers(0, 2000, 1500))  # several blocks and a partial last one
+    assert rows.size > 2 * fi._RERANK_BLOCK
+    wide = np.ascontiguousarray(x[rows].astype(np.float32))
+    want = np.empty(rows.size, dtype=np.float32)
+    faiss.fvec_inner_products_ny(
+        faiss.swig_ptr(want), faiss.swig_ptr(q), faiss.swig_ptr(wide), 384, rows.size
+    )
+    assert np.array_equal(fi._exact_scores(mapped, rows, q), want)
+    assert fi._exact_scores(mapped, rows[:0], q).shape == (0,)
+
+
+def test_the_rerank_runs_torch_on_the_calling_thread_only():
+    """torch's threads would keep spinning after the re-rank and slow the next query's FAISS scan: inside
+    the re-rank torch has one thread, on this thread only; torch's setting is the same before and after."""
+    import threading
+
+    torch = fi._torch()
+    before = torch.get_num_threads()
+    if fi._torch_openmp() is None or before < 2:
+        pytest.skip("torch has no libgomp of its own here, or a single thread anyway")
+    seen = {}
+    with fi._torch_on_this_thread():
+        seen["inside"] = torch.get_num_threads()
+        other = threading.Thread(target=lambda: seen.setdefault("other thread", torch.get_num_threads()))
+        other.start()
+        other.join()
+    assert seen == {"inside": 1, "other thread": before}
+    assert torch.get_num_threads() == before
+
+
+def test_a_warm_rerank_skips_the_prefetch_a_cold_one_does_not(tmp_path):
+    """The page-cache check (mincore on a sample of the rows) says no for a file out of the cache and yes
+    once its rows were read; the re-rank prefetches only in the first case."""
+    if fi._mincore() is None:
+        pytest.skip("no mincore on this platform")
+    rng = np.random.default_rng(8)
+    path = tmp_path / "v.npy"
+    np.save(path, rng.standard_normal((4096, 1024)).astype(np.float16))  # 8 MiB, 2 KiB rows
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())  # clean pages can be dropped from the cache
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    mapped = np.load(path, mmap_mode="r")
+    rows = np.unique(rng.integers(0, 4096, 300))
+    if not Path("/proc/mounts").exists():
+        pytest.skip("no /proc/mounts to tell the filesystem by")
+    mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    fs = max((m for m in mounts if str(tmp_path).startswith(m[0])), key=lambda m: len(m[0]))[1]
+    if fs in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is on {fs}: its pages never leave memory")
+    assert not fi._rows_resident(mapped, rows)
+    fi._prefetch(mapped, rows)  # asks for the pages; reading the rows waits for them
+    np.asarray(mapped[rows]).sum()
+    assert fi._rows_resident(mapped, rows)
+    assert not fi._rows_resident(mapped, np.array([], dtype=np.int64))
 
 
 def test_a_single_query_splits_its_lists_over_the_threads():

@@ -32,10 +32,13 @@ which FAISS takes no per-call parameter for: it changes speed, never results.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import mmap
 import os
 import re
+import threading
+import warnings
 import weakref
 from pathlib import Path
 
@@ -936,17 +939,135 @@ class RerankIndex:
 #: average): with few lists (a small database) nlist/16 lists would not even hold ``rerank`` vectors.
 RERANK_PROBE_MARGIN = 4
 
-# Rows gathered and scored at a time while re-ranking (bounds the float32 copy: 1024 x 2048 x 4 = 8 MiB).
-_RERANK_BLOCK = 1024
+# Rows gathered, widened and scored at a time while re-ranking: 256 x 2048 float32 is 2 MiB, which stays in
+# the cache between the widening and the dot products (1024-row blocks, 8 MiB, were slower).
+_RERANK_BLOCK = 256
+
+_TORCH_LOCK = threading.Lock()
 
 
-def _prefetch(vectors: np.ndarray, rows: np.ndarray) -> None:
+@functools.cache
+def _torch():
+    """torch, imported on the first re-rank (not at import: most callers of this module never re-rank).
+
+    ``torch.from_numpy`` of a read-only array (every memory-mapped vector file) warns once per process that
+    the tensor is not writable; it is only read here, so that one warning is taken under a lock, out of sight.
+    """
+    with _TORCH_LOCK:
+        import torch
+
+        ro = np.zeros(1, dtype=np.float16)
+        ro.flags.writeable = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            torch.from_numpy(ro)
+        return torch
+
+
+@functools.cache
+def _torch_openmp():
+    """``(omp_get_max_threads, omp_set_num_threads)`` of the OpenMP runtime torch's CPU kernels use, or None.
+
+    OpenMP thread counts belong to the calling thread: setting torch's to 1 here leaves every other thread,
+    and torch's own setting (``torch.set_num_threads``), as they are. None where torch has no libgomp of its
+    own (macOS, Windows wheels) or the one found is not the one torch uses: the re-rank then runs on torch's
+    threads, with the same results.
+    """
+    import ctypes
+
+    torch = _torch()
+    here = Path(torch.__file__).parent
+    for lib_path in sorted([*here.glob("lib/libgomp*.so*"), *here.parent.glob("torch.libs/libgomp*.so*")]):
+        try:
+            lib = ctypes.CDLL(str(lib_path))
+            get, put = lib.omp_get_max_threads, lib.omp_set_num_threads
+        except (OSError, AttributeError):
+            continue
+        torch.get_num_threads()  # torch sets a thread's count on its first use there: do that first
+        before = get()
+        put(1)
+        ok = torch.get_num_threads() == 1
+        put(before)
+        if ok and torch.get_num_threads() == before:
+            return get, put
+    return None
+
+
+@contextlib.contextmanager
+def _torch_on_this_thread():
+    """Run torch's CPU kernels on the calling thread alone while inside.
+
+    Woken OpenMP threads of torch keep spinning after a kernel and slow the FAISS scan of the next query:
+    at 1M, warm single queries took 38 ms with torch's 2 threads re-ranking, 28 ms with one (interleaved
+    runs; OMP_WAIT_POLICY=PASSIVE removes the difference but slows FAISS).
+    """
+    torch = _torch()
+    omp = _torch_openmp()
+    if omp is None:
+        yield
+        return
+    get, put = omp
+    torch.get_num_threads()  # this thread's first torch use would reset the count: do it before
+    before = get()
+    put(1)
+    try:
+        yield
+    finally:
+        put(before)
+
+
+#: Candidate rows whose pages are looked up in the page cache before a re-rank (``_rows_resident``).
+RESIDENCY_SAMPLE = 32
+
+
+@functools.cache
+def _mincore():
+    """libc's ``mincore`` through ctypes, or None where there is none (Windows)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _rows_resident(vectors: np.ndarray, rows: np.ndarray) -> bool:
+    """Whether the pages of ``RESIDENCY_SAMPLE`` of ``rows`` (spread over them) are all in the page cache.
+
+    The prefetch costs ~3 us a row even when every page is in RAM (one ``madvise`` call a row): 9 ms of a
+    warm 3000-row re-rank whose scoring takes 5. A warm query skips it; a sample with one page out of the
+    cache sends the whole query through it. False when it cannot tell.
+    """
+    fn = _mincore()
+    if fn is None or rows.size == 0:
+        return False
+    row_bytes = vectors.shape[1] * vectors.itemsize
+    page = mmap.PAGESIZE
+    base = vectors.ctypes.data
+    pick = rows[np.linspace(0, rows.size - 1, min(RESIDENCY_SAMPLE, rows.size)).astype(np.int64)]
+    vec = np.zeros(row_bytes // page + 2, dtype=np.uint8)
+    for r in pick.tolist():
+        start = base + r * row_bytes
+        lo = start - start % page
+        n_pages = (start + row_bytes - lo + page - 1) // page
+        if fn(lo, start + row_bytes - lo, vec.ctypes.data) != 0 or not np.all(vec[:n_pages] & 1):
+            return False
+    return True
+
+
+def _prefetch(vectors: np.ndarray, rows: np.ndarray, skip_resident: bool = True) -> None:
     """Ask the kernel for the pages of ``vectors[rows]`` all at once (``MADV_WILLNEED``, asynchronous).
 
     Reading the rows of a memory-mapped file that is not in the page cache faults one page at a time: one
     disk round trip per candidate, in sequence (thousands per query). Announced together, the reads are
     queued in parallel and the faults that follow mostly find their pages. A no-op for arrays in RAM, for
-    views of a memmap, and where the platform has no ``madvise``.
+    views of a memmap, where the platform has no ``madvise``, and (``skip_resident``) when a sample of the
+    rows says they are in the page cache already (:func:`_rows_resident`).
     """
     mm = getattr(vectors, "_mmap", None)
     if (
@@ -956,6 +1077,8 @@ def _prefetch(vectors: np.ndarray, rows: np.ndarray) -> None:
         or not hasattr(mmap, "MADV_WILLNEED")
         or rows.size == 0
     ):
+        return
+    if skip_resident and _rows_resident(vectors, rows):
         return
     first = vectors.offset % mmap.ALLOCATIONGRANULARITY  # where row 0 lies in the mapping
     size = len(mm)
@@ -981,12 +1104,13 @@ def _page_runs(first: int, row_bytes: int, rows: np.ndarray) -> list[tuple[int, 
 def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     """Inner products of ``query`` with ``vectors[rows]`` (rows sorted: sequential reads from a memmap).
 
-    Done with FAISS's SIMD kernels, not numpy's: float16 rows are widened by an fp16 ScalarQuantizer (F16C;
-    exact, like ``astype``, and ~2x faster: 1.8 vs 3.8 ms for 1024 x 2048) and the dot products by
-    ``fvec_inner_products_ny`` on this thread. A numpy matmul would go through OpenBLAS, whose threads
-    keep spinning for a while after the call and steal both cores from the next FAISS scan: at 4M x
-    2048-d a warm single query of the compressed preset took 147 ms with the numpy scorer, 101 ms with
-    this one (``bench/rerank_cost.py``, ``bench/results/rerank_cost_4M.txt``).
+    Blocks of rows are gathered and widened to float32 by torch (``index_select``, vectorised F16C
+    conversion), the dot products taken by FAISS's ``fvec_inner_products_ny``, all on this thread (the same sums,
+    bit for bit, as the FAISS scorer before: one row's dot product is one sequence of float32 operations).
+    At 1M x 2048-d, 3000 warm rows: ~5 ms against ~20 ms when numpy gathered from the memmap and FAISS's fp16
+    ScalarQuantizer widened (its decoder converts one value at a time); ``bench/rerank_cost.py``.
+    A numpy matmul is avoided: OpenBLAS threads keep spinning after the call and steal both cores from the
+    next FAISS scan (at 4M, 147 against 101 ms a query; ``bench/results/rerank_cost_4M.txt``).
     """
     _prefetch(vectors, rows)
     d = vectors.shape[1]
@@ -994,18 +1118,27 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
     if q.size != d:  # FAISS reads d floats of it, whatever its size
         raise InputError(f"query has {q.size} dimensions, the re-rank vectors {d}")
     out = np.empty(rows.size, dtype=np.float32)
-    half = vectors.dtype == np.float16
-    widen = faiss.ScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16) if half else None
-    for start in range(0, rows.size, _RERANK_BLOCK):
-        part = rows[start : start + _RERANK_BLOCK]
-        if half:
-            block = widen.decode(np.ascontiguousarray(vectors[part]).view(np.uint8))
-        else:
-            block = np.ascontiguousarray(vectors[part], dtype=np.float32)
-        res = out[start : start + part.size]
-        faiss.fvec_inner_products_ny(
-            faiss.swig_ptr(res), faiss.swig_ptr(q), faiss.swig_ptr(block), d, part.size
-        )
+    if rows.size == 0:
+        return out
+    torch = _torch()
+    plain = np.asarray(vectors)  # an ndarray view of a memmap: no subclass wrapping of every block
+    if plain.dtype not in (np.float16, np.float32) or not plain.dtype.isnative:
+        plain = plain.astype(np.float32)  # not met with the engine's own files (native float16 / float32)
+    table = torch.from_numpy(plain)
+    idx = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+    block = torch.empty((min(_RERANK_BLOCK, rows.size), d), dtype=torch.float32)
+    with _torch_on_this_thread():
+        for start in range(0, rows.size, _RERANK_BLOCK):
+            part = idx[start : start + _RERANK_BLOCK]
+            widened = block[: part.numel()]
+            if plain.dtype == np.float32:
+                torch.index_select(table, 0, part, out=widened)
+            else:
+                widened.copy_(torch.index_select(table, 0, part))
+            res = out[start : start + part.numel()]
+            faiss.fvec_inner_products_ny(
+                faiss.swig_ptr(res), faiss.swig_ptr(q), faiss.swig_ptr(widened.numpy()), d, part.numel()
+            )
     return out
 
 
