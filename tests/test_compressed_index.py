@@ -263,7 +263,8 @@ def test_the_short_codes_are_smaller_and_get_more_candidates_by_default(tmp_path
     """The preset's two forms, built: the balanced PCA's 1-bit codes take about half the RAM of the 2-bit
     codes of every dim, and their index re-ranks SHORT_CODE_RERANK candidates by default, also once written
     and read back (the count is read from the codes, so it needs no file of its own); 2-bit codes and a
-    factory without PQ keep DEFAULT_RERANK, and an explicit rerank wins."""
+    factory without PQ keep DEFAULT_RERANK, codes under a bit a dimension get COARSE_CODE_RERANK (unless a
+    refinement with other codes ranks the candidates), and an explicit rerank wins."""
     rng = np.random.default_rng(8)
     x = rng.standard_normal((20_000, 256)).astype(np.float32) * (np.arange(1, 257) ** -0.6).astype(np.float32)
     faiss.normalize_L2(x)
@@ -275,6 +276,9 @@ def test_the_short_codes_are_smaller_and_get_more_candidates_by_default(tmp_path
     assert fi.read_index(tmp_path / FAISS_FILE).rerank == fi.SHORT_CODE_RERANK
     assert fi.build(x[:2000], "IVF4,SQ8+rerank").rerank == fi.DEFAULT_RERANK
     assert fi.RerankIndex(short.base, short.vectors, rerank=50).rerank == 50
+    coarse = fi.build(x, "PCAB240,IVF64,PQ30x4fsr+rerank", seed=0)  # 8 dims a 4-bit code: half a bit each
+    assert coarse.rerank == fi.COARSE_CODE_RERANK
+    assert fi.build(x, "PCAB240,IVF64,PQ30x4fsr,Refine(Flat)+rerank", seed=0).rerank == fi.DEFAULT_RERANK
 
 
 def test_search_settings_per_run(sample_compressed, sample_index, tmp_path):
@@ -498,7 +502,8 @@ def test_the_stated_rerank_default_is_the_engines(capsys):
 
     stated = (
         f"default: the index's, {fi.DEFAULT_RERANK} for 2-bit codes, {fi.SHORT_CODE_RERANK} for the preset's "
-        f"1-bit codes from {fi.SHORT_CODES_MIN_VECTORS // 1000}k vectors up"
+        f"1-bit codes from {fi.SHORT_CODES_MIN_VECTORS // 1000}k vectors up, {fi.COARSE_CODE_RERANK} for "
+        "coarser codes"
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["localize", "--help"])
@@ -521,7 +526,9 @@ def test_a_balanced_pca_wraps_a_refined_index(tmp_path):
     inner = faiss.downcast_index(outer.index)
     assert isinstance(inner, faiss.IndexRefine) and inner.k_factor == fi.REFINE_K_FACTOR
     assert faiss.downcast_index(inner.refine_index).d == 120
-    assert refined.rerank == fi.SHORT_CODE_RERANK  # the scan's codes: 8 dims a 4-bit code
+    # the candidates it hands over are ranked by the refinement's codes (8 dims an 8-bit code), not the
+    # scan's (8 dims a 4-bit code, which alone would get COARSE_CODE_RERANK)
+    assert refined.rerank == fi.SHORT_CODE_RERANK
     fi.write_index(refined, tmp_path / FAISS_FILE)
     reread = fi.read_index(tmp_path / FAISS_FILE)
     assert faiss.downcast_index(faiss.downcast_index(reread.base).index).k_factor == fi.REFINE_K_FACTOR

@@ -781,6 +781,12 @@ DEFAULT_RERANK = 1000
 #: 100k with 1000; at 1M 0.992 / 0.996 / 0.997 with 1000 / 2000 / 3000; at 4M 0.981 / 0.993 / 0.996, every
 #: exact top-1. On session 26's data (index_scale_lite1.txt), the preset at 1M: 0.992 / 0.997 / 0.997.
 SHORT_CODE_RERANK = 3000
+#: Candidates re-ranked by an index whose codes hold under 1 bit a dimension (not a preset: e.g.
+#: ``PCAB1920,IVF2048,PQ240x4fsr+rerank`` by hand, 120 B a vector). Measured at 4M (session 26's data, 300
+#: photo-like queries, 5/8 of the lists): recall@100 0.976 / 0.983 / 0.990 / 0.993 / 0.995 / 0.996 with 3000 /
+#: 4000 / 6000 / 8000 / 10,000 / 12,000 candidates, every exact top-1 (scratch of session 27, from the scan's
+#: own candidates; bench/results/index_scale_lite1.txt for the index).
+COARSE_CODE_RERANK = 10_000
 #: Share of the IVF lists a compressed index probes by default (higher than ``DEFAULT_NPROBE_FRACTION``:
 #: fast-scan codes are cheap to scan and the candidates must hold the exact top-k, not approximate it).
 #: Measured at 4M (the 2-bit PCAR preset, 1000 candidates, 300 queries): nlist x 1/2 gives recall@100 0.995
@@ -872,15 +878,26 @@ def compressed_factory(n_vectors: int, dim: int) -> str:
     return f"IVF{nlist},PQ{m}x4fsr{RERANK_SUFFIX}"
 
 
+def _ranking_pq(index: faiss.Index) -> faiss.ProductQuantizer | None:
+    """The PQ whose codes rank the candidates that the exact re-rank receives: a Refine stage's codes when
+    there is one (None for a Flat or SQ refinement), else the outermost PQ."""
+    for layer in _layers(index):
+        if isinstance(layer, faiss.IndexRefine):
+            return _first_pq(layer.refine_index)
+    return _first_pq(index)
+
+
 def default_rerank(base: faiss.Index) -> int:
-    """Candidates a compressed index over ``base`` re-ranks by default: ``DEFAULT_RERANK`` when its PQ codes
-    hold 2 bits a dimension or more (or it has no PQ), ``SHORT_CODE_RERANK`` when coarser. Read from the
-    codes themselves, so an index written by an older Skyloc, or built with a user's ``--factory``, gets the
-    count its codes need."""
-    pq = _first_pq(base)
+    """Candidates a compressed index over ``base`` re-ranks by default, from the bits a dimension of the codes
+    that rank them (:func:`_ranking_pq`): ``DEFAULT_RERANK`` from 2 bits (or no PQ), ``SHORT_CODE_RERANK``
+    from 1, ``COARSE_CODE_RERANK`` under 1. Read from the codes themselves, so an index written by an older
+    Skyloc, or built with a user's ``--factory``, gets the count its codes need."""
+    pq = _ranking_pq(base)
     if pq is None or pq.nbits >= COMPRESSED_DIMS_PER_CODE * pq.dsub:
         return DEFAULT_RERANK
-    return SHORT_CODE_RERANK
+    if pq.nbits >= pq.dsub:
+        return SHORT_CODE_RERANK
+    return COARSE_CODE_RERANK
 
 
 def resolve_factory(factory: str, n_vectors: int, dim: int) -> str:
