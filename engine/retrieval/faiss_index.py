@@ -785,7 +785,7 @@ SHORT_CODE_RERANK = 3000
 #: ``PCAB1920,IVF2048,PQ240x4fsr+rerank`` by hand, 120 B a vector). Measured at 4M (session 26's data, 300
 #: photo-like queries, 5/8 of the lists): recall@100 0.976 / 0.983 / 0.990 / 0.993 / 0.995 / 0.996 with 3000 /
 #: 4000 / 6000 / 8000 / 10,000 / 12,000 candidates, every exact top-1 (scratch of session 27, from the scan's
-#: own candidates; bench/results/index_scale_lite1.txt for the index).
+#: own candidates; bench/results/index_scale_lite1_s27.txt for the index).
 COARSE_CODE_RERANK = 10_000
 #: Share of the IVF lists a compressed index probes by default (higher than ``DEFAULT_NPROBE_FRACTION``:
 #: fast-scan codes are cheap to scan and the candidates must hold the exact top-k, not approximate it).
@@ -1131,8 +1131,9 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
     Blocks of rows are gathered and widened to float32 by torch (``index_select``, vectorised F16C
     conversion), the dot products taken by FAISS's ``fvec_inner_products_ny``, all on this thread (the same sums,
     bit for bit, as the FAISS scorer before: one row's dot product is one sequence of float32 operations).
-    At 1M x 2048-d, 3000 warm rows: ~5 ms against ~20 ms when numpy gathered from the memmap and FAISS's fp16
-    ScalarQuantizer widened (its decoder converts one value at a time); ``bench/rerank_cost.py``.
+    Side by side (``bench/rerank_cost.py``, ``bench/results/rerank_cost_s27.txt``), 3000 warm rows of the 1M
+    preset: 8.4 ms against 31.1 when numpy gathered through the memmap and FAISS's fp16 ScalarQuantizer widened
+    (one value at a time); 10,000 rows at 4M: 17.8 against 75.2 ms.
     A numpy matmul is avoided: OpenBLAS threads keep spinning after the call and steal both cores from the
     next FAISS scan (at 4M, 147 against 101 ms a query; ``bench/results/rerank_cost_4M.txt``).
     """
