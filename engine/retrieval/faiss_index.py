@@ -1146,15 +1146,22 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
     if rows.size == 0:
         return out
     torch = _torch()
-    plain = np.asarray(vectors)  # an ndarray view of a memmap: no subclass wrapping of every block
-    takes = plain.dtype in (np.float16, np.float32) and plain.dtype.isnative and min(plain.strides) >= 0
+    # an ndarray view of a memmap (no subclass wrapping of every block); other row sources (ChunkedVectors
+    # during a build) are read block by block through their own indexing
+    plain = np.asarray(vectors) if isinstance(vectors, np.ndarray) else vectors
+    takes = (
+        isinstance(plain, np.ndarray)
+        and plain.dtype in (np.float16, np.float32)
+        and plain.dtype.isnative
+        and min(plain.strides) >= 0
+    )
     table = torch.from_numpy(plain) if takes else None
     idx = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
     block = torch.empty((min(_RERANK_BLOCK, rows.size), d), dtype=torch.float32)
     with _torch_on_this_thread():
         for start in range(0, rows.size, _RERANK_BLOCK):
             part = idx[start : start + _RERANK_BLOCK]
-            if table is None:  # an array torch does not take (not met with the engine's own files)
+            if table is None:  # rows torch does not take (not met with the engine's own files)
                 wide = np.ascontiguousarray(plain[part.numpy()], dtype=np.float32)
             else:
                 widened = block[: part.numel()]
