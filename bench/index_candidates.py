@@ -22,13 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.index_scale import Synth, exact_topk  # noqa: E402
+from engine.retrieval.faiss_runtime import faiss  # noqa: E402  (as the engine imports it)
 
 
 def main(argv: list[str] | None = None) -> int:

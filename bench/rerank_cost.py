@@ -8,8 +8,9 @@ vector file beside it), e.g. one that ``bench/index_scale.py`` built. Three ways
 side by side on the same queries, interleaved query by query (so that all see the same machine state):
 
 - ``engine``: the engine's scorer (``faiss_index._exact_scores``): blocks of rows gathered and widened by
-  torch on the calling thread, dot products by FAISS's ``fvec_inner_products_ny``; the page prefetch skipped
-  when a sample of the rows is in the page cache;
+  torch, dot products by FAISS's ``fvec_inner_products_ny``, the rows split over FAISS's thread count
+  (session 28); the page prefetch skipped when a sample of the rows is in the page cache;
+- ``one_thread``: the same on the calling thread alone (the engine's scorer of session 27);
 - ``sq_decode``: the engine's scorer until session 27: rows gathered by numpy from the memmap, widened by
   FAISS's fp16 ScalarQuantizer, the same dot products; every query prefetched;
 - ``numpy``: the engine's scorer until session 24: ``astype(float32)`` and a numpy matmul (OpenBLAS,
@@ -30,13 +31,13 @@ import sys
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.retrieval import faiss_index as fi  # noqa: E402
+from engine.retrieval.faiss_runtime import faiss  # noqa: E402  (as the engine imports it)
 
 ENGINE_SCORES = fi._exact_scores
 _OLD_BLOCK = 1024  # rows a block in the scorers before session 27
@@ -73,7 +74,18 @@ def numpy_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np
     return out
 
 
-SCORERS = {"engine": ENGINE_SCORES, "sq_decode": sq_decode_scores, "numpy": numpy_scores}
+def one_thread_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The engine's scorer on the calling thread alone (session 27's)."""
+    return ENGINE_SCORES(vectors, rows, query, threads=1)
+
+
+SCORERS = {
+    "engine": ENGINE_SCORES,
+    "one_thread": one_thread_scores,
+    "sq_decode": sq_decode_scores,
+    "numpy": numpy_scores,
+}
+EXACT = ("one_thread", "sq_decode")  # scorers whose scores must equal the engine's bit for bit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,25 +156,27 @@ def main(argv: list[str] | None = None) -> int:
                     results[name].append(scores)
     fi._exact_scores = ENGINE_SCORES
 
-    # on the same candidates: the sq_decode scorer takes the same float32 sums, so its scores must be equal
-    # bit for bit; numpy's BLAS sums in another order, so only the top k is compared (as sets: exact ties)
-    # (whole searches are not compared: the fast-scan keeps ties at its last candidate in thread order)
+    # on the same candidates: the one_thread and sq_decode scorers take the same float32 sums, so their scores
+    # must be equal bit for bit; numpy's BLAS sums in another order, so only the top k is compared (as sets:
+    # exact ties) (whole searches are not compared: the fast-scan keeps ties at its last candidate in thread
+    # order)
     def top(scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return np.sort(rows[np.argsort(-scores, kind="stable")[: args.k]])
 
     same = {
-        "sq_decode": all(
-            np.array_equal(a, b) for a, b in zip(results["engine"], results["sq_decode"], strict=True)
-        ),
-        "numpy": all(
+        name: all(np.array_equal(a, b) for a, b in zip(results["engine"], results[name], strict=True))
+        for name in EXACT
+    }
+    same.update(
+        numpy=all(
             np.array_equal(top(a, c), top(b, c))
             for a, b, c in zip(results["engine"], results["numpy"], cand, strict=True)
-        ),
-    }
+        )
+    )
     med = {n: {part: statistics.median(v) * 1e3 for part, v in t.items()} for n, t in times.items()}
-    print(f"{'scorer':<8}{'search ms':>11}{'scan after ms':>15}{f'score {n_cand} ms':>16}")
+    print(f"{'scorer':<11}{'search ms':>11}{'scan after ms':>15}{f'score {n_cand} ms':>16}")
     for name, m in med.items():
-        print(f"{name:<8}{m['search']:>11.1f}{m['scan']:>15.1f}{m['score']:>16.1f}")
+        print(f"{name:<11}{m['search']:>11.1f}{m['scan']:>15.1f}{m['score']:>16.1f}")
     base = med["engine"]
     for name, m in med.items():
         if name != "engine":
@@ -170,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name} / engine: search {m['search'] / base['search']:.2f}x, scan "
                 f"{m['scan'] / base['scan']:.2f}x, score {m['score'] / base['score']:.2f}x"
             )
-    print(f"sq_decode: the engine's scores, bit for bit, for every query: {same['sq_decode']}")
+    for name in EXACT:
+        print(f"{name}: the engine's scores, bit for bit, for every query: {same[name]}")
     print(f"numpy: the engine's {args.k} best candidates for every query: {same['numpy']}")
-    return 0 if same["sq_decode"] else 1
+    return 0 if all(same[name] for name in EXACT) else 1
 
 
 if __name__ == "__main__":

@@ -362,6 +362,84 @@ def test_rerank_scores_are_the_float32_sums_of_the_widened_rows(tmp_path):
     assert fi._exact_scores(mapped, rows[:0], q).shape == (0,)
 
 
+def test_a_large_rerank_is_split_over_threads_with_the_same_scores(tmp_path, monkeypatch):
+    """From 2 x RERANK_ROWS_PER_THREAD rows up, the re-rank scores contiguous parts of the rows on the
+    calling thread and the engine's re-rank threads; every row's score is the one thread's, bit for bit,
+    whatever the number of threads; fewer rows stay on the calling thread."""
+    import threading
+
+    rng = np.random.default_rng(9)
+    n = 4 * fi.RERANK_ROWS_PER_THREAD + 300
+    x = rng.standard_normal((n + 500, 64)).astype(np.float16)
+    np.save(tmp_path / "v.npy", x)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    q = rng.standard_normal(64).astype(np.float32)
+    rows = np.sort(rng.choice(n + 500, n, replace=False))
+    seen = []
+    score_rows = fi._score_rows
+
+    def record(vectors, part, query, out):
+        seen.append((threading.current_thread().name, part.size))
+        score_rows(vectors, part, query, out)
+
+    monkeypatch.setattr(fi, "_score_rows", record)
+    one = fi._exact_scores(mapped, rows, q, threads=1)
+    assert seen == [(threading.current_thread().name, n)]
+    for threads in (2, 3, 8):
+        seen.clear()
+        assert np.array_equal(fi._exact_scores(mapped, rows, q, threads=threads), one)
+        names = [name for name, _ in seen]
+        assert len(seen) == min(threads, n // fi.RERANK_ROWS_PER_THREAD)
+        assert names.count(threading.current_thread().name) == 1  # the first part (recorded in any order)
+        assert sum(name.startswith("skyloc-rerank") for name in names) == len(seen) - 1
+        assert sum(size for _, size in seen) == n
+        assert sum(size % fi._RERANK_BLOCK != 0 for _, size in seen) <= 1  # whole blocks but the last part
+    seen.clear()
+    few = rows[: 2 * fi.RERANK_ROWS_PER_THREAD - 1]
+    assert np.array_equal(fi._exact_scores(mapped, few, q, threads=2), one[: few.size])
+    assert len(seen) == 1  # too few rows to pay for a second thread
+
+
+def test_a_failing_part_of_a_split_rerank_raises_in_the_caller(tmp_path):
+    """A part scored on a re-rank thread that fails (here: a row past the end) raises in the caller, after
+    every part has finished; the pool keeps working."""
+    rng = np.random.default_rng(10)
+    n = 3 * fi.RERANK_ROWS_PER_THREAD
+    x = rng.standard_normal((n, 32)).astype(np.float16)
+    q = rng.standard_normal(32).astype(np.float32)
+    rows = np.arange(n)
+    bad = rows.copy()
+    bad[-1] = n + 5  # in the last part, which a re-rank thread scores
+    with pytest.raises((IndexError, RuntimeError)):
+        fi._exact_scores(x, bad, q, threads=2)
+    assert np.array_equal(fi._exact_scores(x, rows, q, threads=2), fi._exact_scores(x, rows, q, threads=1))
+
+
+def test_faiss_is_imported_with_a_short_openmp_spin_and_the_environment_restored():
+    """The engine sets GOMP_SPINCOUNT only while FAISS's libgomp loads (faiss_runtime): afterwards the
+    variable is gone from the environment (torch's libgomp and child processes keep their defaults), and a
+    value the user set is left alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; from engine.retrieval import faiss_index; "
+        "print('faiss' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "None"], out.stderr
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "GOMP_SPINCOUNT": "7"},
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.split() == ["True", "7"], out.stderr
+
+
 def test_the_rerank_runs_torch_on_the_calling_thread_only():
     """torch's threads would keep spinning after the re-rank and slow the next query's FAISS scan: inside
     the re-rank torch has one thread, on this thread only; torch's setting is the same before and after."""

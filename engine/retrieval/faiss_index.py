@@ -42,13 +42,13 @@ import warnings
 import weakref
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from ..atomic import atomic_path
 from ..errors import IndexNotFoundError, InputError, from_os_error
 from ..progress import CancelToken, ProgressFn, no_progress
 from .chunked import ChunkedVectors
+from .faiss_runtime import faiss  # FAISS, its idle OpenMP threads sleeping sooner (see there)
 
 __all__ = [
     "COMPRESSED",
@@ -1125,15 +1125,49 @@ def _page_runs(first: int, row_bytes: int, rows: np.ndarray) -> list[tuple[int, 
     ]
 
 
-def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+#: Fewest candidate rows a re-rank hands to each extra thread (``_exact_scores``). Measured (4M x 2048-d
+#: float16 rows in the page cache, 2 cores, 30 queries' own candidates; scratch of session 28): 10,000 rows
+#: 19.1 -> 13.1 ms on 2 threads, 3000 rows 6.0 -> 4.8 ms, 1000 rows 3.0 -> 3.3 ms (slower: not split).
+RERANK_ROWS_PER_THREAD = 1024
+
+_RERANK_POOL_LOCK = threading.Lock()
+_RERANK_POOL: dict = {}  # pid, workers, executor
+
+
+def _rerank_pool(workers: int):
+    """The engine's re-rank threads: created on the first split re-rank, grown when more are asked for, made
+    again in a forked child (whose copy has no threads behind it)."""
+    import concurrent.futures
+
+    with _RERANK_POOL_LOCK:
+        pool = _RERANK_POOL
+        if pool.get("pid") != os.getpid() or pool["workers"] < workers:
+            pool.update(
+                pid=os.getpid(),
+                workers=workers,
+                executor=concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="skyloc-rerank"),
+            )
+        return pool["executor"]
+
+
+def _exact_scores(
+    vectors: np.ndarray, rows: np.ndarray, query: np.ndarray, threads: int | None = None
+) -> np.ndarray:
     """Inner products of ``query`` with ``vectors[rows]`` (rows sorted: sequential reads from a memmap).
 
     Blocks of rows are gathered and widened to float32 by torch (``index_select``, vectorised F16C
-    conversion), the dot products taken by FAISS's ``fvec_inner_products_ny``, all on this thread (the same sums,
-    bit for bit, as the FAISS scorer before: one row's dot product is one sequence of float32 operations).
-    Side by side (``bench/rerank_cost.py``, ``bench/results/rerank_cost_s27.txt``), 3000 warm rows of the 1M
-    preset: 8.4 ms against 31.1 when numpy gathered through the memmap and FAISS's fp16 ScalarQuantizer widened
-    (one value at a time); 10,000 rows at 4M: 17.8 against 75.2 ms.
+    conversion), the dot products taken by FAISS's ``fvec_inner_products_ny`` (the same sums, bit for bit, as
+    the FAISS scorer before: one row's dot product is one sequence of float32 operations). Side by side
+    (``bench/rerank_cost.py``, ``bench/results/rerank_cost_s27.txt``), 3000 warm rows of the 1M preset: 8.4 ms
+    against 31.1 when numpy gathered through the memmap and FAISS's fp16 ScalarQuantizer widened (one value at
+    a time); 10,000 rows at 4M: 17.8 against 75.2 ms.
+
+    The rows are split into contiguous parts over up to ``threads`` threads (default: FAISS's thread count,
+    the engine's budget), at least ``RERANK_ROWS_PER_THREAD`` rows a part: the calling thread scores the
+    first, the engine's re-rank pool the others, each with torch held to its own thread. A single query's
+    FAISS scan leaves the other core idle while one thread re-ranks; the gather of 4 KiB rows is bound by
+    memory latency, which a second core hides. The scores do not depend on the split (each row's sum is its
+    own).
     A numpy matmul is avoided: OpenBLAS threads keep spinning after the call and steal both cores from the
     next FAISS scan (at 4M, 147 against 101 ms a query; ``bench/results/rerank_cost_4M.txt``).
     """
@@ -1145,6 +1179,36 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
     out = np.empty(rows.size, dtype=np.float32)
     if rows.size == 0:
         return out
+    threads = faiss.omp_get_max_threads() if threads is None else threads
+    # (other row sources, the ChunkedVectors of a build, are read on this thread only)
+    parts = (
+        max(1, min(int(threads), rows.size // RERANK_ROWS_PER_THREAD))
+        if isinstance(vectors, np.ndarray)
+        else 1
+    )
+    # parts of whole blocks (no short block in the middle of the rows)
+    bounds = [
+        min(rows.size, -(-rows.size * i // parts // _RERANK_BLOCK) * _RERANK_BLOCK) for i in range(parts + 1)
+    ]
+    spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    if len(spans) == 1:
+        _score_rows(vectors, rows, q, out)
+        return out
+    pool = _rerank_pool(len(spans) - 1)
+    futures = [pool.submit(_score_rows, vectors, rows[a:b], q, out[a:b]) for a, b in spans[1:]]
+    try:
+        _score_rows(vectors, rows[spans[0][0] : spans[0][1]], q, out[spans[0][0] : spans[0][1]])
+    finally:
+        for f in futures:  # every part finished (or failed) before ``out`` is returned or dropped
+            f.exception()
+    for f in futures:
+        f.result()
+    return out
+
+
+def _score_rows(vectors: np.ndarray, rows: np.ndarray, q: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = q . vectors[rows[i]]`` in float32, on the calling thread (see :func:`_exact_scores`)."""
+    d = vectors.shape[1]
     torch = _torch()
     # an ndarray view of a memmap (no subclass wrapping of every block); other row sources (ChunkedVectors
     # during a build) are read block by block through their own indexing
@@ -1174,7 +1238,6 @@ def _exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> n
             faiss.fvec_inner_products_ny(
                 faiss.swig_ptr(res), faiss.swig_ptr(q), faiss.swig_ptr(wide), d, part.numel()
             )
-    return out
 
 
 def _top_exact(
