@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerank",
         type=int,
         help="compressed indexes: candidates re-scored exactly (default: the index's, 1000 for 2-bit codes, 3000 "
-        "for the preset's 1-bit codes from 500k vectors up, 10000 for coarser codes; more = closer)",
+        "for the preset's 1-bit codes from 500k vectors up, 10000 for its half-bit codes from 2M up; more = closer)",
     )
     footprint_args(p)
     p.add_argument(

@@ -245,8 +245,14 @@ def test_bad_input_is_refused_clearly():
 def test_auto_picks_the_preset_above_the_flat_limit():
     assert fi.suggest_factory(fi.FLAT_MAX_VECTORS - 1, 2048) == "Flat"
     assert fi.suggest_factory(fi.FLAT_MAX_VECTORS, 2048) == fi.compressed_factory(fi.FLAT_MAX_VECTORS, 2048)
+    # from HALF_BIT_CODES_MIN_VECTORS up: half a bit a dimension, 10,000 candidates
+    assert fi.suggest_factory(4_000_000, 2048) == "PCAB1920,IVF2048,PQ240x4fsr+rerank"
+    assert fi.suggest_factory(fi.HALF_BIT_CODES_MIN_VECTORS - 1, 2048) == "PCAB1920,IVF1024,PQ480x4fsr+rerank"
+    assert fi.suggest_factory(fi.HALF_BIT_CODES_MIN_VECTORS, 1280) == "PCAB1200,IVF1024,PQ150x4fsr+rerank"
+    assert fi.suggest_factory(fi.HALF_BIT_CODES_MIN_VECTORS, 1000) == "PCAB936,IVF1024,PQ117x4fsr+rerank"
+    # ... not for low-dimensional descriptors (fewer than 64 sub-quantizers)
+    assert fi.suggest_factory(4_000_000, 256) == "PCAB240,IVF2048,PQ60x4fsr+rerank"
     # 1 bit for each of 1920 balanced-PCA dimensions: 240 B a vector, 31x less than Flat with ids and matrices
-    assert fi.suggest_factory(4_000_000, 2048) == "PCAB1920,IVF2048,PQ480x4fsr+rerank"
     assert fi.check_buildable(1_000_000, 2048, "auto") == "PCAB1920,IVF1024,PQ480x4fsr+rerank"
     assert fi.check_buildable(1_000_000, 2048, "compressed") == "PCAB1920,IVF1024,PQ480x4fsr+rerank"
     # below SHORT_CODES_MIN_VECTORS: 2 bits for every dimension, no PCA
@@ -580,8 +586,8 @@ def test_the_stated_rerank_default_is_the_engines(capsys):
 
     stated = (
         f"default: the index's, {fi.DEFAULT_RERANK} for 2-bit codes, {fi.SHORT_CODE_RERANK} for the preset's "
-        f"1-bit codes from {fi.SHORT_CODES_MIN_VECTORS // 1000}k vectors up, {fi.COARSE_CODE_RERANK} for "
-        "coarser codes"
+        f"1-bit codes from {fi.SHORT_CODES_MIN_VECTORS // 1000}k vectors up, {fi.COARSE_CODE_RERANK} for its "
+        f"half-bit codes from {fi.HALF_BIT_CODES_MIN_VECTORS // 1_000_000}M up"
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["localize", "--help"])

@@ -266,7 +266,7 @@ def test_min_train_size_and_suggest_factory():
     assert fi.suggest_factory(150_000, 2048) == "Flat"
     # from FLAT_MAX_VECTORS up: the compressed preset (tests/test_compressed_index.py)
     assert fi.suggest_factory(1_000_000, 2048) == "PCAB1920,IVF1024,PQ480x4fsr+rerank"
-    assert fi.suggest_factory(4_000_000, 2048) == "PCAB1920,IVF2048,PQ480x4fsr+rerank"
+    assert fi.suggest_factory(4_000_000, 2048) == "PCAB1920,IVF2048,PQ240x4fsr+rerank"
     assert fi.suggest_factory(100_000_000, 96) == "PCAB88,IVF8192,PQ22x4fsr+rerank"  # 4 dims a code
     assert fi.suggest_factory(1_000_000, 15) == "IVF1024,PQ5x4fsr+rerank"  # no PCA below 16-d; m divides
     for n in (200_000, 1_000_000, 4_000_000, 40_000_000):

@@ -244,7 +244,8 @@ def suggest_factory(n_vectors: int, dim: int) -> str:
 
     From ``FLAT_MAX_VECTORS`` up, :func:`compressed_factory` (IVF + 4-bit PQ codes in RAM, exact re-ranking of
     the best candidates from float16 vectors on disk): dim/4 bytes a vector in RAM (16x less than Flat; ~dim/8,
-    31x less, from ``SHORT_CODES_MIN_VECTORS`` up) and exact scores at the top (bench/index_scale.py), where
+    31x less, from ``SHORT_CODES_MIN_VECTORS`` up; ~dim/16, 60x less, from ``HALF_BIT_CODES_MIN_VECTORS`` up)
+    and exact scores at the top (bench/index_scale.py), where
     the tiers below kept the whole code in RAM and
     returned approximate rankings. The tiers below are what ``auto`` chose before (it still does for dim < 8):
 
@@ -762,10 +763,12 @@ def search(
 #: ``FLAT_MAX_VECTORS`` vectors up). RAM holds only an IVF index of 4-bit fast-scan PQ codes of the residuals
 #: that finds the best candidates (:func:`default_rerank` of them); those are re-ranked by their exact cosine
 #: from the full vectors, kept on disk beside the index as a float16 ``.npy`` (:func:`rerank_file`) that is
-#: memory-mapped, so the OS pages in only the rows a query touches. Two forms (:func:`compressed_factory`; the
+#: memory-mapped, so the OS pages in only the rows a query touches. Three forms (:func:`compressed_factory`; the
 #: manifest records the resolved string): 2 bits a dimension (``IVF256,PQ1024x4fsr+rerank`` at 100k x 2048-d,
 #: 1000 candidates) below ``SHORT_CODES_MIN_VECTORS``; from there up, 1 bit a dimension of a balanced PCA
-#: (``PCAB1920,IVF2048,PQ480x4fsr+rerank`` at 4M: 240 B a vector, 31x less than Flat, 3000 candidates).
+#: (``PCAB1920,IVF1024,PQ480x4fsr+rerank`` at 1M: 240 B a vector, 3000 candidates); from
+#: ``HALF_BIT_CODES_MIN_VECTORS`` up, half a bit (``PCAB1920,IVF2048,PQ240x4fsr+rerank`` at 4M: 120 B a vector,
+#: 60x less than Flat, 10,000 candidates).
 #: Any FAISS factory string ending in ``+rerank`` works the same way.
 COMPRESSED = "compressed"
 RERANK_SUFFIX = "+rerank"
@@ -781,8 +784,8 @@ DEFAULT_RERANK = 1000
 #: 100k with 1000; at 1M 0.992 / 0.996 / 0.997 with 1000 / 2000 / 3000; at 4M 0.981 / 0.993 / 0.996, every
 #: exact top-1. On session 26's data (index_scale_lite1.txt), the preset at 1M: 0.992 / 0.997 / 0.997.
 SHORT_CODE_RERANK = 3000
-#: Candidates re-ranked by an index whose codes hold under 1 bit a dimension (not a preset: e.g.
-#: ``PCAB1920,IVF2048,PQ240x4fsr+rerank`` by hand, 120 B a vector). Measured at 4M (session 26's data, 300
+#: Candidates re-ranked by an index whose codes hold under 1 bit a dimension (the preset from
+#: ``HALF_BIT_CODES_MIN_VECTORS`` up: ``PCAB1920,IVF2048,PQ240x4fsr+rerank`` at 4M, 120 B a vector). Measured at 4M (session 26's data, 300
 #: photo-like queries, 5/8 of the lists): recall@100 0.976 / 0.983 / 0.990 / 0.993 / 0.995 / 0.996 with 3000 /
 #: 4000 / 6000 / 8000 / 10,000 / 12,000 candidates, every exact top-1 (scratch of session 27, from the scan's
 #: own candidates; bench/results/index_scale_lite1_s27.txt for the index).
@@ -806,6 +809,20 @@ SHORT_CODE_DIMS_PER_CODE = 4
 #: (the PCA's matrices) and slower (3000 candidates), so smaller databases keep the 2-bit codes of every
 #: dimension.
 SHORT_CODES_MIN_VECTORS = 500_000
+#: From this many vectors up the preset keeps half a bit a dimension of the balanced PCA (d'/8 sub-quantizers,
+#: 120 B a vector at 2048-d) and re-ranks ``COARSE_CODE_RERANK`` candidates: the scan of the codes, which
+#: grows with the database, costs half; the re-rank of more candidates does not grow with it. Measured at 4M
+#: (session 28, bench/results/index_scale_lite1_s28.txt and rerank_cost_s28.txt, 2 cores):
+#: ``PCAB1920,IVF2048,PQ240x4fsr+rerank`` gives recall@100 0.995 and every exact top-1 from 547.5 MB in
+#: 40-50 ms a warm single query (its scan ~27 ms, the re-rank of 10,000 rows ~11); 1-bit codes scan twice the
+#: bytes (at 1M the scan of the 1-bit preset took 19 of its 29.7 ms, session 27). The crossover, from the
+#: per-vector scan and per-row re-rank costs measured at 4M, lies near 2M vectors (not measured there).
+HALF_BIT_CODES_MIN_VECTORS = 2_000_000
+#: Dimensions per 4-bit sub-quantizer of the preset from ``HALF_BIT_CODES_MIN_VECTORS`` up.
+HALF_BIT_CODE_DIMS_PER_CODE = 8
+#: ... for PCA dimensions d' from this many up (>= 64 sub-quantizers; measured with 240): lower-dimensional
+#: descriptors keep 1 bit a dimension.
+HALF_BIT_CODES_MIN_DIM = 512
 #: Dimensions the balanced PCA drops (uncentred, see :func:`_train`): 1/16 of them (2048 -> 1920), the
 #: lowest-variance axes (0.2-0.7 % of the variance under power-law spectra i^-1.29 .. i^-1.04, the slopes
 #: fitted on the synthetic and the real descriptors).
@@ -853,7 +870,10 @@ def compressed_factory(n_vectors: int, dim: int) -> str:
       a dimension (dim/4 bytes a vector), ``DEFAULT_RERANK`` candidates;
     - from there up: ``PCAB{d'},IVF{nlist},PQ{d'/4}x4fsr+rerank``, a balanced PCA (``BALANCED_PCA``;
       uncentred, see :func:`_train`) to d' = 15/16 of the dims, then 1 bit a dimension (d'/8 bytes: 240 B at
-      2048-d), ``SHORT_CODE_RERANK`` candidates (:func:`default_rerank`).
+      2048-d), ``SHORT_CODE_RERANK`` candidates (:func:`default_rerank`);
+    - from ``HALF_BIT_CODES_MIN_VECTORS`` up (d' >= ``HALF_BIT_CODES_MIN_DIM``, a multiple of 8):
+      ``PCAB{d'},IVF{nlist},PQ{d'/8}x4fsr+rerank``,
+      half a bit a dimension (120 B at 2048-d), ``COARSE_CODE_RERANK`` candidates.
     Fewer, longer lists than ``suggest_factory``'s plain IVF (4 sqrt(n)): fast-scan makes long lists cheap
     to scan, the coarse k-means and the assignment of every vector cost ~4x less, and finer lists would not
     let a query scan less (8k or 16k lists at 4M need the same ~half of the database scanned:
@@ -871,7 +891,14 @@ def compressed_factory(n_vectors: int, dim: int) -> str:
     nlist = min(nlist, 65536)
     if short_codes_pay(n_vectors, dim):
         keep = _short_code_dims(dim)
-        return f"{BALANCED_PCA}{keep},IVF{nlist},PQ{keep // SHORT_CODE_DIMS_PER_CODE}x4fsr{RERANK_SUFFIX}"
+        per = SHORT_CODE_DIMS_PER_CODE
+        if (
+            n_vectors >= HALF_BIT_CODES_MIN_VECTORS
+            and keep >= HALF_BIT_CODES_MIN_DIM
+            and keep % HALF_BIT_CODE_DIMS_PER_CODE == 0
+        ):
+            per = HALF_BIT_CODE_DIMS_PER_CODE
+        return f"{BALANCED_PCA}{keep},IVF{nlist},PQ{keep // per}x4fsr{RERANK_SUFFIX}"
     m = max(1, dim // COMPRESSED_DIMS_PER_CODE)
     while dim % m:
         m -= 1

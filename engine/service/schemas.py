@@ -165,7 +165,7 @@ class LocalizeRequest(AreaFields):
     rerank: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
         None,
         description="compressed index: candidates re-scored exactly (default: the index's, 1000 for 2-bit "
-        "codes, 3000 for the preset's 1-bit codes from 500k vectors up, 10000 for coarser codes)",
+        "codes, 3000 for the preset's 1-bit codes from 500k vectors up, 10000 for its half-bit codes from 2M up)",
     )
     overwrite: bool = Field(
         False,
@@ -204,7 +204,7 @@ class FootprintRequest(AreaFields, TileFields):
     rerank: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
         None,
         description="compressed index: candidates re-scored exactly (default: the index's, 1000 for 2-bit "
-        "codes, 3000 for the preset's 1-bit codes from 500k vectors up, 10000 for coarser codes)",
+        "codes, 3000 for the preset's 1-bit codes from 500k vectors up, 10000 for its half-bit codes from 2M up)",
     )
     model: Annotated[str, Field(max_length=100)] = "default"
     weights: Path_ | None = Field(None, description="against: weights file of the model (astroloc ...)")
