@@ -1162,13 +1162,16 @@ _RERANK_POOL: dict = {}  # pid, workers, executor
 
 
 def _rerank_pool(workers: int):
-    """The engine's re-rank threads: created on the first split re-rank, grown when more are asked for, made
-    again in a forked child (whose copy has no threads behind it)."""
+    """The engine's re-rank threads: created on the first split re-rank, grown when more are asked for (the
+    smaller pool is shut down: its queued parts still run), made again in a forked child (whose copy has no
+    threads behind it)."""
     import concurrent.futures
 
     with _RERANK_POOL_LOCK:
         pool = _RERANK_POOL
         if pool.get("pid") != os.getpid() or pool["workers"] < workers:
+            if pool.get("pid") == os.getpid():
+                pool["executor"].shutdown(wait=False)
             pool.update(
                 pid=os.getpid(),
                 workers=workers,
