@@ -329,6 +329,20 @@ def test_prefetch_ranges_cover_every_candidate_row():
     assert fi._page_runs(128, 4096, np.array([0, 1, 5])) == [(0, 8320), (20480, 24704)]
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint64])
+def test_the_candidates_are_deduplicated_and_sorted_as_np_unique_does(dtype):
+    rng = np.random.default_rng(8)
+    for values in (
+        np.array([], dtype=dtype),
+        np.array([7], dtype=dtype),
+        np.array([3, 3, 3], dtype=dtype),
+        rng.integers(0, 5000, 20_000).astype(dtype),  # many repeats
+        rng.permutation(10_000).astype(dtype),  # none
+    ):
+        got, want = fi._sorted_unique(values), np.unique(values)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
 def test_rerank_from_a_memory_mapped_file_equals_the_array(tmp_path):
     rng = np.random.default_rng(6)
     x = rng.standard_normal((3000, 96)).astype(np.float16)

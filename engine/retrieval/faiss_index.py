@@ -594,7 +594,7 @@ def _selector(allowed: np.ndarray) -> tuple[faiss.IDSelector, object, int]:
         mask[allowed] = True
         bitmap = np.packbits(mask, bitorder="little")
         return faiss.IDSelectorBitmap(bitmap.size, faiss.swig_ptr(bitmap)), bitmap, int(mask.sum())
-    uniq = np.unique(allowed)
+    uniq = _sorted_unique(allowed)
     return faiss.IDSelectorBatch(uniq), uniq, int(uniq.size)
 
 
@@ -1300,6 +1300,15 @@ def _pick_fast_scan_strategy(index: faiss.Index, nq: int) -> None:
             layer.implem = implem
 
 
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` of a 1-d integer array by a sort: numpy 2.4's ``np.unique`` hashes first and sorts after,
+    1.6 ms for 10,000 int64 ids against 0.08 ms here (a 4M single query re-ranks 10,000 candidates)."""
+    out = np.sort(values)
+    if out.size > 1:
+        out = out[np.concatenate(([True], out[1:] != out[:-1]))]
+    return out
+
+
 def _search_rerank(
     index: RerankIndex,
     q: np.ndarray,
@@ -1316,7 +1325,7 @@ def _search_rerank(
     if allowed is None and index.ntotal <= n_cand:
         allowed = np.arange(index.ntotal)
     if allowed is not None:
-        allowed = np.unique(allowed)
+        allowed = _sorted_unique(allowed)
         allowed = allowed[allowed < index.ntotal]
         if allowed.size <= n_cand:  # a small area (or database): score every allowed vector exactly
             for i in range(nq):
@@ -1329,7 +1338,7 @@ def _search_rerank(
         nprobe = min(ivf.nlist, max(nprobe if nprobe is not None else ivf.nprobe, floor))
     _, cand = search(index.base, q, n_cand, allowed_ids=allowed, nprobe=nprobe, ef_search=ef_search)
     for i in range(nq):
-        rows = np.unique(cand[i][cand[i] >= 0])
+        rows = _sorted_unique(cand[i][cand[i] >= 0])
         if rows.size:
             s, r = _top_exact(index.vectors, rows, q[i], k)
             scores[i, : s.size], ids[i, : s.size] = s, r
