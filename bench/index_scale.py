@@ -54,6 +54,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_times, steal_share  # noqa: E402
 from engine.retrieval import faiss_index as fi  # noqa: E402
 from engine.retrieval.faiss_runtime import faiss  # noqa: E402  (as the engine imports it)
 
@@ -515,9 +516,9 @@ def measure_index(
             time_single(index, q[:single], k, **kw)
             if major_faults() - before < single:
                 break
-        before = major_faults()
+        before, ticks = major_faults(), cpu_times()
         warm = time_single(index, q[:single], k, **kw)
-        warm_faults = major_faults() - before
+        warm_faults, warm_steal = major_faults() - before, steal_share(ticks, cpu_times())
         task = {f"own@{t}": own_tile_found(ids, q_tiles, t) for t in (1, 10)} if q_tiles is not None else {}
         set_k_factor(index, refine)
         rows.append(
@@ -526,6 +527,7 @@ def measure_index(
                 batch_ms=batch_ms,
                 single_ms=warm,
                 single_major_faults=warm_faults,
+                single_cpu_steal=warm_steal,
                 single_cold_ms=cold,
                 **recalls(ids, truth, sc, truth_s),
                 **task,
@@ -758,6 +760,13 @@ def render(r: dict) -> str:
             lines.append(
                 f"{key.split()[0]:>4} ms single: major page faults in its timed pass (rows read from disk), by "
                 "setting: " + " / ".join("-" if f is None else str(f) for f in faults)
+            )
+        steal = [row.get("single_cpu_steal") for row in s["rows"]]
+        if any(v is not None for v in steal):
+            lines.append(
+                f"{key.split()[0]:>4} ms single: CPU time taken by other guests of this virtual machine's host "
+                "during its timed pass (steal), by setting: "
+                + " / ".join("-" if v is None else f"{100 * v:.1f} %" for v in steal)
             )
         ex = s.get("exact_own", {})
         lines.append(

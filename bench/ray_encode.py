@@ -12,7 +12,8 @@ size, ONNX Runtime) is encoded three times, each into a fresh index folder:
 Throughput is tiles (x 4 rotations = 4 images) per second of the encode phase only: from the first chunk
 sent to the last descriptor back, with the workers already started and their encoder loaded (starting
 them is printed apart). The identity check compares the Ray indexes with the local one: tile table, order
-and descriptors (max abs difference), manifest apart from ``created`` and ``built_at``.
+and descriptors (max abs difference), manifest apart from ``created`` and ``built_at``. ``--json PATH`` also
+writes these figures as JSON (bench/world_scale.py reads them).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_times, steal_share  # noqa: E402
 from engine import api  # noqa: E402
 from engine.imagery import open_source  # noqa: E402
 from engine.retrieval import faiss_index  # noqa: E402
@@ -41,13 +43,15 @@ from engine.vector_io import read_layer  # noqa: E402
 RASTERS = [ROOT / "sample" / "naip_2018.tif", ROOT / "sample" / "naip_2009.tif"]
 
 
-def timed(encode, seconds: list[float]):
-    """An ``encode_with`` that records how long the encode phase took."""
+def timed(encode, seconds: list[float], steal: list[float | None]):
+    """An ``encode_with`` that records how long the encode phase took, and the share of the machine's CPU
+    time taken by the host's other guests meanwhile (``steal``: the same work takes longer when it is high)."""
 
     def run(*args):
-        t0 = time.perf_counter()
+        t0, ticks = time.perf_counter(), cpu_times()
         out = encode(*args)
         seconds.append(time.perf_counter() - t0)
+        steal.append(steal_share(ticks, cpu_times()))
         return out
 
     return run
@@ -57,7 +61,7 @@ def open_all(tile_sizes):
     return [open_source(r, tile_sizes=tile_sizes, overlap=0.5) for r in RASTERS]
 
 
-def compare(a: Path, b: Path) -> str:
+def compare(a: Path, b: Path) -> tuple[bool, str]:
     ia, ib = faiss_index.read_index(a / FAISS_FILE), faiss_index.read_index(b / FAISS_FILE)
     va, vb = ia.reconstruct_n(0, ia.ntotal), ib.reconstruct_n(0, ib.ntotal)
     _, ca = read_layer(a / TILES_FILE, "tiles")
@@ -70,21 +74,23 @@ def compare(a: Path, b: Path) -> str:
         m.pop("created"), m.pop("built_at")
     diff = float(np.abs(va - vb).max()) if va.shape == vb.shape else float("inf")
     ok = same_tiles and ma == mb and diff < 1e-4
-    return (
+    return ok, (
         f"{'IDENTICAL' if ok else 'DIFFERENT'}: tiles and order {'same' if same_tiles else 'DIFFER'}, "
         f"manifest {'same' if ma == mb else 'DIFFERS'} (but created/built_at), {va.shape[0]} vectors, "
         f"max |descriptor diff| {diff:.2e}"
     )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tile-sizes", default="128,256", help="GeoTIFF tile sides (default 128,256)")
     ap.add_argument("--chunk", type=int, default=16, help="tiles per chunk (a Ray task; default 16)")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
     ap.add_argument("--backend", default="onnx", choices=["onnx", "torch"])
     ap.add_argument("--note", default="", help="a line printed at the top (e.g. 'machine shared')")
-    args = ap.parse_args()
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     import ray
 
     from engine.retrieval.ray_build import EncoderRecipe, RayCluster
@@ -92,23 +98,37 @@ def main() -> int:
     tile_sizes = tuple(int(s) for s in args.tile_sizes.split(","))
     encoder = api.get_encoder("default", None, args.backend, None, None)
     print(
-        f"# bench/ray_encode.py {' '.join(sys.argv[1:])}\n# {platform.node()}: {os.cpu_count()} CPUs, "
+        f"# bench/ray_encode.py {' '.join(argv)}\n# {platform.node()}: {os.cpu_count()} CPUs, "
         f"load {os.getloadavg()[0]:.2f}; ray {ray.__version__}; model {encoder.model_id} "
         f"({encoder.input_size} px, {args.backend}); tiles {tile_sizes} overlap 0.5 of "
         f"{', '.join(r.name for r in RASTERS)}; chunks of {args.chunk} tiles"
     )
     if args.note:
         print(f"# {args.note}")
+    meta = dict(
+        command=" ".join(["bench/ray_encode.py", *argv]),
+        host=platform.node(),
+        cpus=os.cpu_count(),
+        load=os.getloadavg()[0],
+        ray=ray.__version__,
+        model=encoder.model_id,
+        input_size=encoder.input_size,
+        backend=args.backend,
+        tile_sizes=list(tile_sizes),
+        chunk=args.chunk,
+        ray_cpus=args.cpus,
+    )
     work = Path(tempfile.mkdtemp(prefix="ray_encode_"))
-    rows: list[tuple[str, int, float]] = []
+    rows: list[tuple[str, int, float, float | None]] = []  # build, tiles, encode seconds, CPU steal share
     try:
         srcs = open_all(tile_sizes)
         n = sum(len(s.specs()) for s in srcs)
         secs: list[float] = []
+        steal: list[float | None] = []
         build_index(
-            srcs, encoder, work / "local", chunk_tiles=args.chunk, encode_with=timed(_encode_all, secs)
+            srcs, encoder, work / "local", chunk_tiles=args.chunk, encode_with=timed(_encode_all, secs, steal)
         )
-        rows.append(("local (ONNX Runtime, all cores)", n, secs[-1]))
+        rows.append(("local (ONNX Runtime, all cores)", n, secs[-1], steal[-1]))
         print(f"local build: {n} tiles in {secs[-1]:.1f} s", flush=True)
 
         t0 = time.perf_counter()
@@ -121,30 +141,47 @@ def main() -> int:
             with RayCluster(True, workers=workers) as cluster:
                 cluster.start(recipe, srcs, encoder)
                 started = time.perf_counter() - t0
-                secs = []
+                secs, steal = [], []
                 build_index(
                     srcs,
                     encoder,
                     work / f"ray{workers}",
                     chunk_tiles=args.chunk,
-                    encode_with=timed(cluster.encode_all, secs),
+                    encode_with=timed(cluster.encode_all, secs, steal),
                 )
-            rows.append((f"ray x{workers} (1 CPU, 1 thread each)", n, secs[-1]))
+            rows.append((f"ray x{workers} (1 CPU, 1 thread each)", n, secs[-1], steal[-1]))
             print(
                 f"ray x{workers}: workers started in {started:.1f} s; {n} tiles in {secs[-1]:.1f} s",
                 flush=True,
             )
         ray.shutdown()
 
-        print(f"\n{'build':<36} {'tiles':>6} {'encode s':>9} {'tiles/s':>8} {'ms/image':>9}")
-        for name, tiles, s in rows:
-            print(f"{name:<36} {tiles:>6} {s:>9.1f} {tiles / s:>8.2f} {1000 * s / (4 * tiles):>9.1f}")
-        local, one, two = (n / s for _, n, s in rows)
+        print(f"\n{'build':<36} {'tiles':>6} {'encode s':>9} {'tiles/s':>8} {'ms/image':>9} {'steal':>6}")
+        for name, tiles, s, st in rows:
+            print(
+                f"{name:<36} {tiles:>6} {s:>9.1f} {tiles / s:>8.2f} {1000 * s / (4 * tiles):>9.1f} "
+                f"{'-' if st is None else f'{100 * st:.1f} %':>6}"
+            )
+        print("steal: share of the machine's CPU time taken by the host's other guests during the encode")
+        local, one, two = (n / s for _, n, s, _ in rows)
         print(f"\nratio ray x2 / ray x1: {two / one:.2f}x  (target >= 1.6x)")
         print(f"ratio ray x2 / local : {two / local:.2f}x")
         print(f"ratio ray x1 / local : {one / local:.2f}x")
+        identity = {}
         for workers in (1, 2):
-            print(f"identity local vs ray x{workers}: {compare(work / 'local', work / f'ray{workers}')}")
+            same, text = compare(work / "local", work / f"ray{workers}")
+            identity[f"ray x{workers}"] = same
+            print(f"identity local vs ray x{workers}: {text}")
+        if args.json:
+            figures = dict(
+                meta,
+                builds=[dict(build=name, tiles=t, encode_s=s, cpu_steal=st) for name, t, s, st in rows],
+                tiles_per_s=dict(local=local, ray_x1=one, ray_x2=two),
+                ratio_x2_x1=two / one,
+                ratio_x2_local=two / local,
+                identical=identity,
+            )
+            Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
