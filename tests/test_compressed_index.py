@@ -505,6 +505,50 @@ def test_a_warm_rerank_skips_the_prefetch_a_cold_one_does_not(tmp_path):
     assert not fi._rows_resident(mapped, np.array([], dtype=np.int64))
 
 
+def test_the_best_candidates_are_kept_by_score_then_id():
+    scores = np.array([0.9, 0.5, 0.5, 0.7, 0.5, 0.1, 0.5], dtype=np.float32)
+    ids = np.array([40, 31, 12, -1, 7, 3, 50])
+    # the best 3 of the 6 hits: 0.9 (id 40), then two of the four at 0.5: the smaller ids, 7 and 12
+    assert fi._best_candidates(scores, ids, 3).tolist() == [7, 12, 40]
+    assert fi._best_candidates(-scores, ids, 3, higher_is_better=False).tolist() == [7, 12, 40]
+    assert fi._best_candidates(scores, ids, 10).tolist() == [3, 7, 12, 31, 40, 50]  # fewer hits than asked
+    assert fi._best_candidates(scores, np.full(7, -1), 3).size == 0
+
+
+def test_a_repeated_query_re_ranks_the_same_candidates_despite_tied_codes():
+    """Many codes tie at the last candidate (here: every vector four times): the same query re-ranks the
+    same rows and returns the same result every time, on every thread count."""
+    rng = np.random.default_rng(12)
+    base = rng.standard_normal((1500, 32)).astype(np.float32)
+    x = np.repeat(base, 4, axis=0) + 0  # 6000 vectors, each tying with three others
+    faiss.normalize_L2(x)
+    index = fi.build(x, "IVF8,PQ8x4fsr+rerank")
+    q = x[rng.choice(len(x), 8, replace=False)] + 0.05 * rng.standard_normal((8, 32)).astype(np.float32)
+    seen = []
+    rows_of = fi._best_candidates
+
+    def record(scores, ids, n, higher_is_better=True):
+        rows = rows_of(scores, ids, n, higher_is_better)
+        seen.append(rows)
+        return rows
+
+    threads = faiss.omp_get_max_threads()
+    try:
+        fi._best_candidates = record
+        results = []
+        for t in (1, *[2] * 12):
+            faiss.omp_set_num_threads(t)
+            for i in range(len(q)):  # single queries: FAISS splits each one's lists over its threads
+                results.append((i, fi.search(index, q[i], 10, rerank=301, nprobe=8)))
+    finally:
+        fi._best_candidates = rows_of
+        faiss.omp_set_num_threads(threads)
+    for j, (i, (s, ids)) in enumerate(results):
+        s0, ids0 = results[i][1]
+        assert np.array_equal(ids, ids0) and np.array_equal(s, s0)
+        assert seen[j].size == 301 and np.array_equal(seen[j], seen[i])
+
+
 def test_a_single_query_splits_its_lists_over_the_threads():
     """Fewer queries than threads: the fast-scan IVF works list by list on every thread (FAISS implem 15);
     a batch keeps FAISS's per-query split. Both give the same candidates."""

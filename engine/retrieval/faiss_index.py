@@ -1309,6 +1309,36 @@ def _sorted_unique(values: np.ndarray) -> np.ndarray:
     return out
 
 
+#: A compressed index asks its codes for n/CANDIDATE_TIE_MARGIN more candidates than the n it re-ranks. Fast-scan
+#: codes score coarsely: at 4M, 300-480 candidates share the 10,000th best score (scratch of session 29, 10
+#: queries), and which of them FAISS keeps depended on its threads' timing: the same query re-ranked rows
+#: that differed by 10-127 from run to run (so its results could too, and a repeated query read new rows
+#: from disk). From n + n/8 candidates the best n are kept by score, then id: the same rows every time.
+CANDIDATE_TIE_MARGIN = 8
+
+
+def _best_candidates(
+    scores: np.ndarray, ids: np.ndarray, n: int, higher_is_better: bool = True
+) -> np.ndarray:
+    """The ``n`` best ``ids`` by ``scores`` (ties by smaller id), sorted by id; -1 ids (no hit) ignored.
+
+    Deterministic whenever the candidates hold every id scoring at least the ``n``-th best score, which
+    FAISS's heaps and reservoirs guarantee when they were asked for more than ``n`` ids and the last of
+    those scores below the ``n``-th (:data:`CANDIDATE_TIE_MARGIN`).
+    """
+    valid = ids >= 0
+    s, found = scores[valid], ids[valid]
+    if not higher_is_better:
+        s = -s
+    if found.size > n:
+        nth = np.partition(s, found.size - n)[found.size - n]
+        above = s > nth
+        tied = np.flatnonzero(s == nth)
+        keep = tied[np.argsort(found[tied], kind="stable")[: n - int(above.sum())]]
+        found = np.concatenate([found[above], found[keep]])
+    return _sorted_unique(found)
+
+
 def _search_rerank(
     index: RerankIndex,
     q: np.ndarray,
@@ -1336,9 +1366,12 @@ def _search_rerank(
     if ivf is not None:  # probe lists holding >= RERANK_PROBE_MARGIN x n_cand vectors (few lists, small base)
         floor = math.ceil(RERANK_PROBE_MARGIN * n_cand * ivf.nlist / max(1, index.ntotal))
         nprobe = min(ivf.nlist, max(nprobe if nprobe is not None else ivf.nprobe, floor))
-    _, cand = search(index.base, q, n_cand, allowed_ids=allowed, nprobe=nprobe, ef_search=ef_search)
+    # more than n_cand from the codes, so that the n_cand kept do not depend on how FAISS broke its ties
+    n_scan = min(index.ntotal, n_cand + n_cand // CANDIDATE_TIE_MARGIN + 64)
+    approx, cand = search(index.base, q, n_scan, allowed_ids=allowed, nprobe=nprobe, ef_search=ef_search)
+    higher_is_better = index.base.metric_type != faiss.METRIC_L2
     for i in range(nq):
-        rows = _sorted_unique(cand[i][cand[i] >= 0])
+        rows = _best_candidates(approx[i], cand[i], n_cand, higher_is_better)
         if rows.size:
             s, r = _top_exact(index.vectors, rows, q[i], k)
             scores[i, : s.size], ids[i, : s.size] = s, r
