@@ -54,7 +54,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import cpu_times, steal_share  # noqa: E402
+from bench.machine import cpu_times, percent, steal_share  # noqa: E402
 from engine.retrieval import faiss_index as fi  # noqa: E402
 from engine.retrieval.faiss_runtime import faiss  # noqa: E402  (as the engine imports it)
 
@@ -765,8 +765,7 @@ def render(r: dict) -> str:
         if any(v is not None for v in steal):
             lines.append(
                 f"{key.split()[0]:>4} ms single: CPU time taken by other guests of this virtual machine's host "
-                "during its timed pass (steal), by setting: "
-                + " / ".join("-" if v is None else f"{100 * v:.1f} %" for v in steal)
+                "during its timed pass (steal), by setting: " + " / ".join(percent(v) for v in steal)
             )
         ex = s.get("exact_own", {})
         lines.append(

@@ -21,3 +21,8 @@ def steal_share(before: np.ndarray | None, after: np.ndarray | None) -> float | 
         return None
     d = after - before
     return float(d[7] / d.sum()) if d.sum() > 0 else 0.0
+
+
+def percent(share: float | None) -> str:
+    """A :func:`steal_share` as the benches print it ("-" where it was not measured)."""
+    return "-" if share is None else f"{100 * share:.1f} %"

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import cpu_times, steal_share  # noqa: E402
+from bench.machine import cpu_times, percent, steal_share  # noqa: E402
 from engine import api  # noqa: E402
 from engine.imagery import open_source  # noqa: E402
 from engine.retrieval import faiss_index  # noqa: E402
@@ -55,6 +55,17 @@ def timed(encode, seconds: list[float], steal: list[float | None]):
         return out
 
     return run
+
+
+def builds_table(builds: list[dict]) -> list[str]:
+    """The lines of the builds' table, from the ``builds`` this bench writes with ``--json``."""
+    lines = [f"{'build':<36} {'tiles':>6} {'encode s':>9} {'tiles/s':>8} {'ms/image':>9} {'steal':>6}"]
+    for b in builds:
+        lines.append(
+            f"{b['build']:<36} {b['tiles']:>6} {b['encode_s']:>9.1f} {b['tiles'] / b['encode_s']:>8.2f} "
+            f"{1000 * b['encode_s'] / (4 * b['tiles']):>9.1f} {percent(b.get('cpu_steal')):>6}"
+        )
+    return lines
 
 
 def open_all(tile_sizes):
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         ray_cpus=args.cpus,
     )
     work = Path(tempfile.mkdtemp(prefix="ray_encode_"))
-    rows: list[tuple[str, int, float, float | None]] = []  # build, tiles, encode seconds, CPU steal share
+    builds: list[dict] = []
     try:
         srcs = open_all(tile_sizes)
         n = sum(len(s.specs()) for s in srcs)
@@ -128,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         build_index(
             srcs, encoder, work / "local", chunk_tiles=args.chunk, encode_with=timed(_encode_all, secs, steal)
         )
-        rows.append(("local (ONNX Runtime, all cores)", n, secs[-1], steal[-1]))
+        builds.append(
+            dict(build="local (ONNX Runtime, all cores)", tiles=n, encode_s=secs[-1], cpu_steal=steal[-1])
+        )
         print(f"local build: {n} tiles in {secs[-1]:.1f} s", flush=True)
 
         t0 = time.perf_counter()
@@ -149,21 +162,23 @@ def main(argv: list[str] | None = None) -> int:
                     chunk_tiles=args.chunk,
                     encode_with=timed(cluster.encode_all, secs, steal),
                 )
-            rows.append((f"ray x{workers} (1 CPU, 1 thread each)", n, secs[-1], steal[-1]))
+            builds.append(
+                dict(
+                    build=f"ray x{workers} (1 CPU, 1 thread each)",
+                    tiles=n,
+                    encode_s=secs[-1],
+                    cpu_steal=steal[-1],
+                )
+            )
             print(
                 f"ray x{workers}: workers started in {started:.1f} s; {n} tiles in {secs[-1]:.1f} s",
                 flush=True,
             )
         ray.shutdown()
 
-        print(f"\n{'build':<36} {'tiles':>6} {'encode s':>9} {'tiles/s':>8} {'ms/image':>9} {'steal':>6}")
-        for name, tiles, s, st in rows:
-            print(
-                f"{name:<36} {tiles:>6} {s:>9.1f} {tiles / s:>8.2f} {1000 * s / (4 * tiles):>9.1f} "
-                f"{'-' if st is None else f'{100 * st:.1f} %':>6}"
-            )
+        print("\n" + "\n".join(builds_table(builds)))
         print("steal: share of the machine's CPU time taken by the host's other guests during the encode")
-        local, one, two = (n / s for _, n, s, _ in rows)
+        local, one, two = (b["tiles"] / b["encode_s"] for b in builds)
         print(f"\nratio ray x2 / ray x1: {two / one:.2f}x  (target >= 1.6x)")
         print(f"ratio ray x2 / local : {two / local:.2f}x")
         print(f"ratio ray x1 / local : {one / local:.2f}x")
@@ -175,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             figures = dict(
                 meta,
-                builds=[dict(build=name, tiles=t, encode_s=s, cpu_steal=st) for name, t, s, st in rows],
+                builds=builds,
                 tiles_per_s=dict(local=local, ray_x1=one, ray_x2=two),
                 ratio_x2_x1=two / one,
                 ratio_x2_local=two / local,

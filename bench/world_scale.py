@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import percent  # noqa: E402
+
 #: The issue's targets (issue 15).
 RAY_MIN_SPEEDUP = 1.6  # 2 workers vs 1 worker
 TARGET_SIZE = "4M"
@@ -83,32 +85,23 @@ def targets(ray: dict, report: dict) -> list[tuple[str, str, bool]]:
         (
             f"{TARGET_SIZE}: < {MAX_SINGLE_MS:.0f} ms a single query on 2 cores (warm)",
             f"{row['single_ms']:.1f} ms (cold {row['single_cold_ms']:.0f} ms, batch {row['batch_ms']:.1f} ms a "
-            f"query; CPU steal {_percent(row.get('single_cpu_steal'))} during the timed pass)",
+            f"query; CPU steal {percent(row.get('single_cpu_steal'))} during the timed pass)",
             row["single_ms"] < MAX_SINGLE_MS,
         ),
     ]
     return out
 
 
-def _percent(share: float | None) -> str:
-    return "-" if share is None else f"{100 * share:.1f} %"
-
-
 def render(ray: dict, report: dict, checks: list[tuple[str, str, bool]]) -> str:
-    from bench import index_scale
+    from bench import index_scale, ray_encode
 
     lines = [
         "world_scale: Ray encoding on this machine, then the compressed index",
         "",
         f"Ray ({ray['command']}; ray {ray['ray']}, {ray['cpus']} CPUs, load {ray['load']:.2f} at its start; "
         f"{ray['model']}, {ray['input_size']} px, {ray['backend']})",
-        f"{'build':<36} {'tiles':>6} {'encode s':>9} {'tiles/s':>8} {'ms/image':>9} {'steal':>6}",
+        *ray_encode.builds_table(ray["builds"]),
     ]
-    for b in ray["builds"]:
-        lines.append(
-            f"{b['build']:<36} {b['tiles']:>6} {b['encode_s']:>9.1f} {b['tiles'] / b['encode_s']:>8.2f} "
-            f"{1000 * b['encode_s'] / (4 * b['tiles']):>9.1f} {_percent(b.get('cpu_steal')):>6}"
-        )
     lines += [
         f"ratio ray x2 / ray x1 {ray['ratio_x2_x1']:.2f}x, ray x2 / local {ray['ratio_x2_local']:.2f}x; identical "
         "to the local build: " + ", ".join(f"{k} {v}" for k, v in ray["identical"].items()),
