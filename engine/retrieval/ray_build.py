@@ -569,10 +569,7 @@ class RayCluster:
         load = {id(a): 0 for a in self.actors}
 
         def submit(actor: Any, shard: tuple[int, int]) -> None:
-            start, stop = shard
-            items = [(self._source_numbers[id(src)], spec) for src, spec in specs[start:stop]]
-            files = {s.source: self._files[s.source] for _, s in specs[start:stop] if s.source in self._files}
-            in_flight[actor.encode_shard.remote(items, batch_tiles, files)] = (actor, shard)
+            in_flight[self.encode_on(actor, specs[shard[0] : shard[1]], batch_tiles)] = (actor, shard)
             load[id(actor)] += 1
 
         try:
@@ -621,6 +618,14 @@ class RayCluster:
             self._kill_all()  # nothing keeps encoding for a build that stopped
             raise
         return ChunkedVectors(paths)  # read from the chunk files: the driver never holds them all
+
+    def encode_on(self, actor: Any, specs: list[tuple[TileSource, TileSpec]], batch_tiles: int) -> Any:
+        """Send ``specs`` (of the sources given to :meth:`start`) to one worker: the ObjectRef of their
+        descriptors ``(len(specs) * 4, dim)``. ``encode_all`` sends every chunk through it; a benchmark
+        can drive chosen workers with it."""
+        items = [(self._source_numbers[id(src)], spec) for src, spec in specs]
+        files = {s.source: self._files[s.source] for _, s in specs if s.source in self._files}
+        return actor.encode_shard.remote(items, batch_tiles, files)
 
     def _replace(self, dead: Any, load: dict[int, int]) -> None:
         """Swap a dead worker for a new one (it loads the encoder again); its queued chunks come back."""
