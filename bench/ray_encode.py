@@ -43,10 +43,10 @@ from engine.imagery import open_source  # noqa: E402
 from engine.retrieval import faiss_index  # noqa: E402
 from engine.retrieval.index_store import (  # noqa: E402
     FAISS_FILE,
-    ROTATIONS,
     TILES_FILE,
     _encode_all,
     build_index,
+    tiles_per_call,
 )
 from engine.vector_io import read_layer  # noqa: E402
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         srcs = open_all(tile_sizes)
         specs = [(src, spec) for src in srcs for spec in src.specs()]
-        batch_tiles = max(1, getattr(encoder, "max_batch", 64) // len(ROTATIONS))
+        batch_tiles = tiles_per_call(encoder)
         with RayCluster(True, workers=2) as cluster:
             cluster.start(recipe, srcs, encoder)
             paired = paired_summary(

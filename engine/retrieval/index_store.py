@@ -57,6 +57,13 @@ VECTORS_FILE = faiss_index.rerank_file(FAISS_FILE).name
 TILES_FILE = "tiles.gpkg"
 TILES_LAYER = "tiles"
 CHUNK_TILES = 128
+#: Tiles (x 4 rotations = images) per encoder call when the network runs on the CPU. Small calls keep the
+#: network's activations in the caches: 64 images at 384 px write ~300 MB a layer. Measured (session 30,
+#: default model, ONNX Runtime, 2 cores, the bundled NAIP tiles, scratch ``local_bt.py`` / ``scale2.py``,
+#: interleaved): a local build 2.0-2.4 tiles/s with 16 tiles a call, 3.4-3.7 with 4, 3.7-4.0 with 2, 3.8-4.0
+#: with 1; one 1-thread worker (a Ray worker) 1.9-2.0 with 16, 2.5-2.7 with 1, and two at once 3.3-3.7 vs
+#: 4.7-4.9 tiles/s. The descriptors are the same, bit for bit. A GPU takes the encoder's ``max_batch``.
+CPU_TILES_PER_CALL = 1
 
 
 @dataclass
@@ -275,8 +282,8 @@ def _build_locked(
     staged = out_dir.with_name(out_dir.name + ".partial")
     _prepare_staging(staged, params, progress)
 
-    if batch_tiles is None:  # each tile is encoded at every rotation in the same call
-        batch_tiles = max(1, getattr(encoder, "max_batch", 64) // len(ROTATIONS))
+    if batch_tiles is None:
+        batch_tiles = tiles_per_call(encoder)
     descriptors = encode_all(specs, encoder, staged / "chunks", batch_tiles, chunk_tiles, progress, cancel)
     if cancel is not None:
         cancel.check()
@@ -388,6 +395,15 @@ def _encode_all(
             np.save(tmp, arr)
         del arr, vecs
     return ChunkedVectors(chunks)
+
+
+def tiles_per_call(encoder: ImageEncoder) -> int:
+    """Tiles an index build hands ``encoder`` per call (each at its 4 rotations, in the same call):
+    ``CPU_TILES_PER_CALL`` on the CPU, else as many as its ``max_batch`` images allow."""
+    most = max(1, getattr(encoder, "max_batch", 64) // len(ROTATIONS))
+    if getattr(encoder, "device", "cpu") == "cpu":
+        return min(CPU_TILES_PER_CALL, most)
+    return most
 
 
 def chunk_file(chunk_dir: Path, start: int, stop: int) -> Path:

@@ -56,7 +56,7 @@ from ..imagery.base import TileSource, TileSpec
 from ..nets.base import ImageEncoder
 from ..progress import CancelToken, ProgressFn, no_progress
 from .chunked import ChunkedVectors
-from .index_store import ROTATIONS, chunk_file, encode_tiles
+from .index_store import ROTATIONS, chunk_file, encode_tiles, tiles_per_call
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,8 @@ class ShardWorker:
         if problems:
             raise SourcesNotOnWorker(_not_on_worker(self.where(), problems))
         pairs = [(self.sources[i], spec) for i, spec in items]
+        if self.device != "cpu":  # the driver sized the calls for its CPU; this worker's GPU takes more
+            batch_tiles = max(batch_tiles, tiles_per_call(self.encoder))
         vecs = [
             encode_tiles(pairs[b : b + batch_tiles], self.encoder) for b in range(0, len(pairs), batch_tiles)
         ]
