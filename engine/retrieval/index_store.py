@@ -62,7 +62,9 @@ CHUNK_TILES = 128
 #: default model, ONNX Runtime, 2 cores, the bundled NAIP tiles, scratch ``local_bt.py`` / ``scale2.py``,
 #: interleaved): a local build 2.0-2.4 tiles/s with 16 tiles a call, 3.4-3.7 with 4, 3.7-4.0 with 2, 3.8-4.0
 #: with 1; one 1-thread worker (a Ray worker) 1.9-2.0 with 16, 2.5-2.7 with 1, and two at once 3.3-3.7 vs
-#: 4.7-4.9 tiles/s. The descriptors are the same, bit for bit. A GPU takes the encoder's ``max_batch``.
+#: 4.7-4.9 tiles/s; the torch backend (2 threads) 0.60-0.75 with 16, 2.6-2.8 with 1 (``torch_bt.py``). The
+#: descriptors are the same, bit for bit. Not measured on the AstroLoc ViT (8 images a call before: 2 tiles).
+#: A GPU takes the encoder's ``max_batch``.
 CPU_TILES_PER_CALL = 1
 
 
