@@ -107,14 +107,14 @@ def paired_rounds(cluster, specs: list, chunk: int, batch_tiles: int, rounds: in
         shards = shards[6:]
         order = ("x1", "x2") if r % 2 == 0 else ("x2", "x1")
         ticks = cpu_times()
-        timed = {name: timed_phase(phases[name]) for name in order}
+        took = {name: timed_phase(phases[name]) for name in order}  # seconds, tiles
         out.append(
             dict(
                 order=",".join(order),
-                x1_s=timed["x1"][0],
-                x1_tiles=timed["x1"][1],
-                x2_s=timed["x2"][0],
-                x2_tiles=timed["x2"][1],
+                x1_s=took["x1"][0],
+                x1_tiles=took["x1"][1],
+                x2_s=took["x2"][0],
+                x2_tiles=took["x2"][1],
                 cpu_steal=steal_share(ticks, cpu_times()),
             )
         )
